@@ -1,0 +1,196 @@
+//! Start-up and shutdown of `keel serve`, told in order. Each step logs one line, so
+//! the log of a start reads like this function.
+//!
+//! Order matters: the data directory is locked before any port is bound (a second keel
+//! stops at once and says why), the api listener is up before storage opens (so
+//! `/healthz` answers and `/readyz` says "starting"), and on shutdown listeners stop
+//! before storage closes (no request can reach a closed database).
+
+mod reload;
+mod systemd;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, ConfigSources};
+use crate::http::{self, ApiState};
+use crate::listener::{HttpOptions, Listener, ListenerError, serve_http};
+use crate::observe::{BuildInfo, DependencyState, LogHandle, Metrics, Readiness};
+use crate::storage::{Storage, StorageError};
+
+/// Why `keel serve` stopped with an error; the CLI maps each to an exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// The configuration names something unusable (a certificate that does not load).
+    #[error(transparent)]
+    Config(ListenerError),
+    #[error(transparent)]
+    Listener(ListenerError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("{0}")]
+    Runtime(String),
+}
+
+impl From<ListenerError> for AppError {
+    fn from(error: ListenerError) -> Self {
+        match error {
+            ListenerError::Tls { .. } => AppError::Config(error),
+            ListenerError::Bind { .. } => AppError::Listener(error),
+        }
+    }
+}
+
+/// Where a started keel can be reached; handed to `announce` once it is ready.
+#[derive(Debug, Clone)]
+pub struct Endpoints {
+    pub api: SocketAddr,
+    pub api_tls: bool,
+}
+
+/// Everything `run` needs besides the configuration.
+pub struct Launch {
+    /// Kept to re-read the configuration on SIGHUP.
+    pub sources: ConfigSources,
+    pub log: LogHandle,
+    /// Called once when keel is ready (`keel demo` prints its URLs here).
+    pub announce: Option<Box<dyn FnOnce(&Endpoints) + Send>>,
+}
+
+pub async fn run(config: Config, launch: Launch) -> Result<(), AppError> {
+    let build = BuildInfo::CURRENT;
+    tracing::info!(
+        version = build.version,
+        commit = build.commit,
+        profile = build.profile,
+        "keel starting"
+    );
+
+    let mut terminate = signal(SignalKind::terminate())
+        .map_err(|e| AppError::Runtime(format!("SIGTERM handler: {e}")))?;
+    let mut interrupt = signal(SignalKind::interrupt())
+        .map_err(|e| AppError::Runtime(format!("SIGINT handler: {e}")))?;
+    let mut hangup = signal(SignalKind::hangup())
+        .map_err(|e| AppError::Runtime(format!("SIGHUP handler: {e}")))?;
+
+    let data_dir = Storage::lock(&config)?;
+    tracing::info!(path = %data_dir.path().display(), "data directory locked");
+
+    let metrics = Arc::new(Metrics::new(build));
+    let readiness = Readiness::new(&["storage"]);
+    let (config_tx, config_rx) = watch::channel(Arc::new(config.clone()));
+    let shutdown = CancellationToken::new();
+
+    let api_config = &config.listeners.api;
+    let api_addr = api_config
+        .bind
+        .0
+        .expect("validated: the api listener has an address");
+    let api = Listener::bind(
+        "api",
+        api_addr,
+        api_config.tls.as_ref(),
+        &[b"h2", b"http/1.1"],
+        api_config.max_connections,
+    )
+    .await?;
+    let endpoints = Endpoints {
+        api: api.local_addr(),
+        api_tls: api.certificate().is_some(),
+    };
+    tracing::info!(addr = %endpoints.api, tls = endpoints.api_tls, "api listener bound");
+    let certificates: Vec<_> = api.certificate().into_iter().collect();
+    let api_options = HttpOptions {
+        header_read_timeout: api_config.header_read_timeout.0,
+        max_headers: api_config.max_headers as usize,
+        drain_timeout: config.lifecycle.drain_timeout.0,
+    };
+    let router = http::router(ApiState {
+        metrics: metrics.clone(),
+        readiness: readiness.clone(),
+        config: config_rx,
+    });
+    let mut servers = tokio::task::JoinSet::new();
+    servers.spawn(serve_http(api, router, api_options, shutdown.clone()));
+
+    let opening = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || Storage::open(data_dir, &config))
+    };
+    let storage = tokio::select! {
+        opened = opening => match opened {
+            Ok(Ok(storage)) => storage,
+            Ok(Err(error)) => {
+                readiness.set("storage", DependencyState::Failed(error.to_string()));
+                stop_servers(&shutdown, &mut servers).await;
+                return Err(error.into());
+            }
+            Err(panic) => {
+                stop_servers(&shutdown, &mut servers).await;
+                return Err(AppError::Runtime(format!("opening storage panicked: {panic}")));
+            }
+        },
+        _ = terminate.recv() => return stop_early(&shutdown, &mut servers).await,
+        _ = interrupt.recv() => return stop_early(&shutdown, &mut servers).await,
+    };
+    readiness.set("storage", DependencyState::Ready);
+    tracing::info!("storage ready");
+
+    systemd::notify_ready();
+    let watchdog = systemd::spawn_watchdog(shutdown.clone());
+    tracing::info!(api = %endpoints.api, "keel ready");
+    if let Some(announce) = launch.announce {
+        announce(&endpoints);
+    }
+
+    let mut current = config;
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => { tracing::info!("SIGTERM received; shutting down"); break; }
+            _ = interrupt.recv() => { tracing::info!("SIGINT received; shutting down"); break; }
+            _ = hangup.recv() => {
+                tracing::info!("SIGHUP received; reloading configuration and certificates");
+                if let Some(next) = reload::reload(&launch.sources, &current, &launch.log, &certificates) {
+                    current = next;
+                    config_tx.send_replace(Arc::new(current.clone()));
+                }
+            }
+        }
+    }
+
+    systemd::notify_stopping();
+    stop_servers(&shutdown, &mut servers).await;
+    if let Some(watchdog) = watchdog {
+        watchdog.abort();
+    }
+    drop(storage);
+    tracing::info!("storage closed; keel stopped");
+    Ok(())
+}
+
+async fn stop_servers(shutdown: &CancellationToken, servers: &mut tokio::task::JoinSet<()>) {
+    shutdown.cancel();
+    while let Some(result) = servers.join_next().await {
+        if let Err(error) = result {
+            tracing::error!(%error, "a listener task failed");
+        }
+    }
+    tracing::info!("listeners stopped");
+}
+
+async fn stop_early(
+    shutdown: &CancellationToken,
+    servers: &mut tokio::task::JoinSet<()>,
+) -> Result<(), AppError> {
+    tracing::info!("stop requested while opening storage");
+    stop_servers(shutdown, servers).await;
+    Ok(())
+}
+
+/// Used by `keel demo` and tests: how long to wait for a freshly started keel.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);

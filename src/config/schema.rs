@@ -1,0 +1,499 @@
+//! The configuration contract (PRODUCT.md, Appendix A) as typed structs.
+//!
+//! Every field has a built-in default, so an empty file is a valid configuration. Fields
+//! are deserialized leniently here (unknown keys are collected, not fatal) and checked
+//! for meaning in `validate.rs`; `load.rs` stitches file, environment and flags together.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use super::units::{ByteSize, Rate, Span};
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Config {
+    /// Schema version of this file; only 1 exists.
+    pub version: u32,
+    /// Where keel keeps its databases and lock file. `$STATE_DIRECTORY` wins when set.
+    pub data_dir: PathBuf,
+    pub log: LogConfig,
+    pub listeners: ListenersConfig,
+    pub auth: AuthConfig,
+    pub lifecycle: LifecycleConfig,
+    pub cache: CacheConfig,
+    pub queue: QueueConfig,
+    pub gateway: GatewayConfig,
+    pub sql: SqlConfig,
+    pub ratelimit: RateLimitConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            version: 1,
+            data_dir: PathBuf::from("/var/lib/keel"),
+            log: LogConfig::default(),
+            listeners: ListenersConfig::default(),
+            auth: AuthConfig::default(),
+            lifecycle: LifecycleConfig::default(),
+            cache: CacheConfig::default(),
+            queue: QueueConfig::default(),
+            gateway: GatewayConfig::default(),
+            sql: SqlConfig::default(),
+            ratelimit: RateLimitConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct LogConfig {
+    pub level: LogLevel,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Trace,
+    Debug,
+    #[default]
+    Info,
+    Warn,
+    Error,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// A listen address; `""` in the file means "this listener is off".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bind(pub Option<SocketAddr>);
+
+impl Bind {
+    fn on(addr: &str) -> Self {
+        Bind(Some(addr.parse().expect("built-in default address")))
+    }
+}
+
+impl<'de> Deserialize<'de> for Bind {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        if text.trim().is_empty() {
+            return Ok(Bind(None));
+        }
+        text.trim().parse::<SocketAddr>().map(|addr| Bind(Some(addr))).map_err(|_| {
+            serde::de::Error::custom(format!(
+                "invalid socket address {text:?}; expected IP:PORT such as \"127.0.0.1:3100\" or \"[::1]:3100\", or \"\" to disable"
+            ))
+        })
+    }
+}
+
+impl Serialize for Bind {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            Some(addr) => serializer.collect_str(&addr),
+            None => serializer.serialize_str(""),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct ListenersConfig {
+    pub api: ApiListenerConfig,
+    pub resp: RespListenerConfig,
+    pub gateway: GatewayListenerConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct ApiListenerConfig {
+    pub bind: Bind,
+    pub tls: Option<TlsFiles>,
+    /// Connections beyond this wait in the kernel backlog instead of being accepted.
+    pub max_connections: u32,
+    /// A client that has not sent its whole request head by then is disconnected (slowloris).
+    pub header_read_timeout: Span,
+    pub max_headers: u32,
+    pub max_body_bytes: ByteSize,
+}
+
+impl Default for ApiListenerConfig {
+    fn default() -> Self {
+        ApiListenerConfig {
+            bind: Bind::on("127.0.0.1:3100"),
+            tls: None,
+            max_connections: 10_000,
+            header_read_timeout: Span(Duration::from_secs(10)),
+            max_headers: 100,
+            max_body_bytes: ByteSize(64 << 20),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct RespListenerConfig {
+    pub bind: Bind,
+    pub tls: Option<TlsFiles>,
+    pub max_connections: u32,
+}
+
+impl Default for RespListenerConfig {
+    fn default() -> Self {
+        RespListenerConfig {
+            bind: Bind::on("127.0.0.1:6380"),
+            tls: None,
+            max_connections: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct GatewayListenerConfig {
+    pub bind: Bind,
+    pub tls_bind: Bind,
+    /// Certificates for the TLS listener, chosen by SNI.
+    pub certificates: Vec<TlsFiles>,
+    pub max_connections: u32,
+}
+
+impl Default for GatewayListenerConfig {
+    fn default() -> Self {
+        GatewayListenerConfig {
+            bind: Bind::on("0.0.0.0:8090"),
+            tls_bind: Bind(None),
+            certificates: Vec::new(),
+            max_connections: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct AuthConfig {
+    /// Unset means: on when the api or resp listener binds beyond loopback.
+    pub enabled: Option<bool>,
+    /// Static admin secret, also accepted by RESP `AUTH`.
+    pub password: Option<Secret>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct LifecycleConfig {
+    /// How long SIGTERM waits for in-flight requests before closing connections.
+    pub drain_timeout: Span,
+}
+
+impl Default for LifecycleConfig {
+    fn default() -> Self {
+        LifecycleConfig {
+            drain_timeout: Span(Duration::from_secs(30)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct CacheConfig {
+    pub l1_max_bytes: ByteSize,
+    /// `none`, `redb` or a `redis://` URL.
+    pub l2: String,
+    pub max_key_bytes: ByteSize,
+    pub max_value_bytes: ByteSize,
+    pub namespaces: BTreeMap<String, NamespaceConfig>,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            l1_max_bytes: ByteSize(256 << 20),
+            l2: "redb".to_owned(),
+            max_key_bytes: ByteSize(64 << 10),
+            max_value_bytes: ByteSize(64 << 20),
+            namespaces: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct NamespaceConfig {
+    pub loader: Option<Loader>,
+    pub ttl: Option<Span>,
+    pub refresh_ahead: Option<f64>,
+    /// How long a loader error is remembered; unset means errors are not cached.
+    pub negative_ttl: Option<Span>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Loader {
+    /// URL template; `{key}` is replaced by the percent-encoded key.
+    Http(String),
+    /// Name of a `[sql.queries.NAME]` entry.
+    Query(String),
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct QueueConfig {
+    pub backend: QueueBackend,
+    pub queues: BTreeMap<String, QueueDefinition>,
+    pub schedules: Vec<ScheduleConfig>,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            backend: QueueBackend::Redb,
+            queues: BTreeMap::new(),
+            schedules: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueBackend {
+    Redb,
+    Postgres,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct QueueDefinition {
+    pub processor: Option<Processor>,
+    pub concurrency: u32,
+    pub rate_limit: Option<Rate>,
+    pub remove_on_complete: Option<Retention>,
+    pub remove_on_fail: Option<Retention>,
+}
+
+impl Default for QueueDefinition {
+    fn default() -> Self {
+        QueueDefinition {
+            processor: None,
+            concurrency: 1,
+            rate_limit: None,
+            remove_on_complete: None,
+            remove_on_fail: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub enum Processor {
+    #[serde(rename = "webhook")]
+    Webhook { url: String, timeout: Option<Span> },
+    #[serde(rename = "cache.warm")]
+    CacheWarm { namespace: String },
+    #[serde(rename = "sql.maintenance")]
+    SqlMaintenance {},
+    #[serde(rename = "cleanup")]
+    Cleanup {},
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct Retention {
+    pub count: Option<u64>,
+    pub age: Option<Span>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct ScheduleConfig {
+    pub name: Option<String>,
+    pub queue: Option<String>,
+    /// Six fields, seconds first: `"0 0 2 * * *"`.
+    pub cron: Option<String>,
+    #[serde(default = "utc")]
+    pub timezone: String,
+    /// The job's name; defaults to the schedule's.
+    pub job: Option<String>,
+    pub payload: Option<toml::Value>,
+}
+
+fn utc() -> String {
+    "UTC".to_owned()
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct GatewayConfig {
+    pub trusted_proxies: Vec<IpNet>,
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct UpstreamConfig {
+    #[serde(default)]
+    pub servers: Vec<String>,
+    #[serde(default)]
+    pub balance: Balance,
+    pub health: Option<HealthCheckConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    #[default]
+    RoundRobin,
+    LeastConn,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct HealthCheckConfig {
+    #[serde(default = "health_path")]
+    pub path: String,
+    #[serde(default = "health_interval")]
+    pub interval: Span,
+    #[serde(default = "two")]
+    pub rise: u32,
+    #[serde(default = "three")]
+    pub fall: u32,
+    #[serde(default = "ok_status")]
+    pub expect_status: u16,
+}
+
+fn health_path() -> String {
+    "/healthz".to_owned()
+}
+fn health_interval() -> Span {
+    Span(Duration::from_secs(2))
+}
+fn two() -> u32 {
+    2
+}
+fn three() -> u32 {
+    3
+}
+fn ok_status() -> u16 {
+    200
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RouteConfig {
+    pub host: Option<String>,
+    #[serde(default = "root_prefix")]
+    pub path_prefix: String,
+    pub upstream: Option<String>,
+    pub cache: Option<RouteCacheConfig>,
+    pub rate_limit: Option<RouteRateLimitConfig>,
+    #[serde(default)]
+    pub compress: bool,
+}
+
+fn root_prefix() -> String {
+    "/".to_owned()
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RouteCacheConfig {
+    pub ttl: Span,
+    pub stale_while_revalidate: Option<Span>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RouteRateLimitConfig {
+    /// `ip`, `header:NAME`, `route` or `global`.
+    #[serde(default = "ip_key")]
+    pub key: String,
+    pub rate: Rate,
+    pub burst: Option<u32>,
+}
+
+fn ip_key() -> String {
+    "ip".to_owned()
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct SqlConfig {
+    /// `sqlite://PATH` (relative to `data_dir`) or `postgres://...`.
+    pub url: Secret,
+    pub replica: Option<Secret>,
+    pub readers: u32,
+    pub migrations_dir: Option<PathBuf>,
+    pub queries: BTreeMap<String, NamedQueryConfig>,
+}
+
+impl Default for SqlConfig {
+    fn default() -> Self {
+        SqlConfig {
+            url: Secret("sqlite://data.sqlite".to_owned()),
+            replica: None,
+            readers: 4,
+            migrations_dir: None,
+            queries: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct NamedQueryConfig {
+    pub sql: Option<String>,
+    pub cache_ttl: Option<Span>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct RateLimitConfig {
+    /// `redis://...` to share limits between nodes.
+    pub shared: Option<Secret>,
+}
+
+/// A string that may carry a password: printed with the credentials blanked.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// URLs keep their scheme, host and path so an operator can still tell which
+    /// server is meant; anything else is replaced entirely.
+    pub fn redacted(&self) -> String {
+        match self.0.split_once("://") {
+            Some((scheme, rest)) if !rest.contains('@') => format!("{scheme}://{rest}"),
+            Some((scheme, rest)) => {
+                let after_credentials = rest.rsplit_once('@').map(|(_, host)| host).unwrap_or(rest);
+                format!("{scheme}://<redacted>@{after_credentials}")
+            }
+            None => "<redacted>".to_owned(),
+        }
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.redacted())
+    }
+}

@@ -1,0 +1,85 @@
+//! The api listener's HTTP surface: the axum router, its shared state, and the layers
+//! every route gets (request metrics, body limit, problem+json for unknown routes).
+//!
+//! Handlers turn requests into calls on subsystem handles and back; they hold no state
+//! of their own. Wire formats stop here: subsystems never see axum types.
+
+mod error;
+mod system;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::observe::{Metrics, Readiness};
+
+pub use error::ApiError;
+
+/// What handlers share. Cheap to clone: every field is a handle.
+#[derive(Clone)]
+pub struct ApiState {
+    pub metrics: Arc<Metrics>,
+    pub readiness: Readiness,
+    /// The live configuration; SIGHUP publishes a new one.
+    pub config: watch::Receiver<Arc<Config>>,
+}
+
+/// The whole api router.
+pub fn router(state: ApiState) -> Router {
+    let body_limit = state.config.borrow().listeners.api.max_body_bytes.0 as usize;
+    let metrics = state.metrics.clone();
+    Router::new()
+        .merge(system::routes())
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(middleware::from_fn_with_state(metrics, track_request))
+        .with_state(state)
+}
+
+async fn not_found(request: Request) -> ApiError {
+    ApiError::not_found(format!(
+        "no route for {} {}",
+        request.method(),
+        request.uri().path()
+    ))
+}
+
+async fn method_not_allowed(request: Request) -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!(
+            "{} is not allowed on {}",
+            request.method(),
+            request.uri().path()
+        ),
+    )
+}
+
+/// Counts and times every request by its route pattern.
+async fn track_request(
+    State(metrics): State<Arc<Metrics>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let started = Instant::now();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|path| path.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let method = request.method().clone();
+    let response = next.run(request).await;
+    let elapsed = started.elapsed();
+    let status = response.status().as_u16();
+    metrics.observe_http(&route, status, elapsed);
+    tracing::debug!(%method, route, status, elapsed_us = elapsed.as_micros() as u64, "request");
+    response
+}

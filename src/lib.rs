@@ -1,0 +1,23 @@
+//! Keel: one binary for a site's backend — cache, job queue, reverse proxy, SQL data
+//! API, metrics and dashboard — on embedded storage, or on PostgreSQL and Redis when
+//! scaled out.
+//!
+//! # Layout
+//! - `cli`: the command line; maps outcomes to exit codes. The only module that prints.
+//! - `app`: start-up and shutdown in order, signals, SIGHUP reload, systemd notify.
+//! - `config`: the configuration contract, its layering (file, `KEEL_*`, flags) and
+//!   validation with key paths and lines.
+//! - `listener`: bound sockets with TLS, connection limits and graceful shutdown.
+//! - `http`: the api listener's router and the problem+json error mapping.
+//! - `observe`: Prometheus registry, logging, readiness.
+//! - `storage`: the data directory, its lock, database files and migrations.
+//!
+//! See ARCHITECTURE.md for the invariants that hold between them.
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod http;
+pub mod listener;
+pub mod observe;
+pub mod storage;

@@ -1,0 +1,163 @@
+//! The storage home: the data directory, its lock, and the database files in it.
+//!
+//! Layout of `data_dir`:
+//! - `keel.lock`: held (flock) for the life of the process; holds the pid.
+//! - `keel.sqlite`: keel's own schema (top-level `migrations/`), WAL.
+//! - `data.sqlite`: the SQL data API's database (`sql.url`), WAL.
+//! - `cache.redb`: the L2 cache; a file of its own so cache writes never queue behind
+//!   job commits.
+//! - `queue.redb`: the job queue.
+//!
+//! Opening is blocking work (fsync, migrations); callers run it off the async threads.
+
+mod home;
+mod migrate;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use rusqlite::Connection;
+
+use crate::config::Config;
+
+pub use home::DataDir;
+pub use migrate::{Migration, apply_migrations, keel_migrations};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("cannot use data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "data directory {path} is in use by another keel ({holder}); stop it or choose another data_dir"
+    )]
+    InUse { path: PathBuf, holder: String },
+    #[error("cannot open {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("cannot open {path}: {source}")]
+    Redb {
+        path: PathBuf,
+        source: Box<redb::DatabaseError>,
+    },
+    #[error(
+        "migration {version} ({name}) was changed after it was applied to {path}: \
+         recorded checksum {recorded}, now {current}. Applied migrations must never change; \
+         restore the original file or restore the database from a backup"
+    )]
+    MigrationChanged {
+        path: PathBuf,
+        version: u32,
+        name: String,
+        recorded: String,
+        current: String,
+    },
+    #[error(
+        "{path} has migration {version} ({name}) applied, which this keel does not know: was it opened by a newer keel?"
+    )]
+    UnknownMigration {
+        path: PathBuf,
+        version: u32,
+        name: String,
+    },
+    #[error("migration {version} ({name}) failed on {path}: {source}")]
+    MigrationFailed {
+        path: PathBuf,
+        version: u32,
+        name: String,
+        source: rusqlite::Error,
+    },
+    #[error(
+        "sql.url {url:?} is not a SQLite database; external databases arrive with the scaled-out mode"
+    )]
+    NotSqlite { url: String },
+}
+
+/// Everything opened in the data directory. Dropping it closes the files and releases
+/// the lock, in that order (fields drop in declaration order).
+pub struct Storage {
+    /// Keel's own tables. A std `Mutex`: statements are short and run on blocking threads.
+    pub meta: Arc<Mutex<Connection>>,
+    pub data_sqlite_path: PathBuf,
+    pub cache_db: Arc<redb::Database>,
+    pub queue_db: Arc<redb::Database>,
+    /// Last, so the lock is released only after every file above is closed.
+    pub data_dir: DataDir,
+}
+
+impl Storage {
+    /// Locks the data directory. Cheap, and done first so a second keel stops before it
+    /// binds any port.
+    pub fn lock(config: &Config) -> Result<DataDir, StorageError> {
+        DataDir::open(&config.data_dir)
+    }
+
+    /// Opens every database and applies keel's migrations. Blocking.
+    pub fn open(data_dir: DataDir, config: &Config) -> Result<Storage, StorageError> {
+        let meta_path = data_dir.path().join("keel.sqlite");
+        let mut meta = open_sqlite(&meta_path)?;
+        apply_migrations(&mut meta, &meta_path, &keel_migrations())?;
+        tracing::info!(path = %meta_path.display(), "keel schema up to date");
+
+        let data_sqlite_path = sqlite_path(data_dir.path(), config.sql.url.expose())?;
+        drop(open_sqlite(&data_sqlite_path)?);
+        tracing::info!(path = %data_sqlite_path.display(), "sql database opened");
+
+        let cache_db = open_redb(&data_dir.path().join("cache.redb"))?;
+        let queue_db = open_redb(&data_dir.path().join("queue.redb"))?;
+        tracing::info!("cache and queue stores opened");
+        Ok(Storage {
+            meta: Arc::new(Mutex::new(meta)),
+            data_sqlite_path,
+            cache_db,
+            queue_db,
+            data_dir,
+        })
+    }
+}
+
+/// `sqlite://data.sqlite` is relative to the data directory; `sqlite:///abs/path` is not.
+fn sqlite_path(data_dir: &Path, url: &str) -> Result<PathBuf, StorageError> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .ok_or_else(|| StorageError::NotSqlite {
+            url: url.to_owned(),
+        })?;
+    let path = Path::new(rest);
+    Ok(if path.is_absolute() {
+        path.to_owned()
+    } else {
+        data_dir.join(path)
+    })
+}
+
+/// Opens a SQLite file in WAL mode with the settings keel relies on everywhere.
+pub fn open_sqlite(path: &Path) -> Result<Connection, StorageError> {
+    let wrap = |source| StorageError::Sqlite {
+        path: path.to_owned(),
+        source,
+    };
+    let connection = Connection::open(path).map_err(wrap)?;
+    connection
+        .execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
+        )
+        .map_err(wrap)?;
+    connection
+        .busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(wrap)?;
+    Ok(connection)
+}
+
+fn open_redb(path: &Path) -> Result<Arc<redb::Database>, StorageError> {
+    redb::Database::create(path)
+        .map(Arc::new)
+        .map_err(|source| StorageError::Redb {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })
+}
