@@ -1,1 +1,10 @@
+#![allow(unreachable_pub)] // Helpers are `pub` for the sibling modules of this test binary.
 
+//! One integration-test binary (it links once). Tests run the real `keel` binary, or the
+//! library's router in process where a state cannot be reached from outside.
+
+mod support;
+
+mod config;
+mod lifecycle;
+mod tls;
