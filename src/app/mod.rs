@@ -53,13 +53,15 @@ pub struct Endpoints {
     pub api_tls: bool,
 }
 
+/// Called once when keel is ready (`keel demo` prints its URLs here).
+pub type Announce = Box<dyn FnOnce(&Endpoints) + Send>;
+
 /// Everything `run` needs besides the configuration.
 pub struct Launch {
     /// Kept to re-read the configuration on SIGHUP.
     pub sources: ConfigSources,
     pub log: LogHandle,
-    /// Called once when keel is ready (`keel demo` prints its URLs here).
-    pub announce: Option<Box<dyn FnOnce(&Endpoints) + Send>>,
+    pub announce: Option<Announce>,
 }
 
 pub async fn run(config: Config, launch: Launch) -> Result<(), AppError> {

@@ -47,7 +47,7 @@ pub(super) fn reload(
     }
     let pending: Vec<&String> = changed
         .iter()
-        .filter(|path| !LIVE_KEYS.iter().any(|live| path.as_str() == *live))
+        .filter(|path| !LIVE_KEYS.contains(&path.as_str()))
         .collect();
     for path in &pending {
         tracing::warn!(key = %path, "changed in the configuration file; takes effect after a restart");

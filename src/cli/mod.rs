@@ -8,8 +8,8 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::app::{self, AppError, Endpoints, Launch};
-use crate::config::{self, Config, ConfigErrors, ConfigSources, LogLevel};
+use crate::app::{self, Announce, AppError, Endpoints, Launch};
+use crate::config::{self, Config, ConfigErrors, ConfigSources, LogLevel, TlsFiles};
 use crate::listener::load_certified_key;
 use crate::observe::{BuildInfo, init_logging};
 
@@ -113,24 +113,17 @@ fn load_checked(sources: &ConfigSources) -> Result<Config, ConfigErrors> {
     let config = config::load(sources)?;
     let mut problems = Vec::new();
     let listeners = &config.listeners;
-    let named = [
-        ("listeners.api.tls", listeners.api.tls.as_ref()),
-        ("listeners.resp.tls", listeners.resp.tls.as_ref()),
-    ];
-    let gateway = listeners
-        .gateway
-        .certificates
-        .iter()
-        .enumerate()
-        .map(|(index, files)| (index, files));
-    for (path, files) in named
-        .into_iter()
-        .filter_map(|(path, files)| Some((path.to_owned(), files?)))
-        .chain(
-            gateway
-                .map(|(index, files)| (format!("listeners.gateway.certificates[{index}]"), files)),
-        )
-    {
+    let mut certificates: Vec<(String, &TlsFiles)> = Vec::new();
+    if let Some(files) = &listeners.api.tls {
+        certificates.push(("listeners.api.tls".to_owned(), files));
+    }
+    if let Some(files) = &listeners.resp.tls {
+        certificates.push(("listeners.resp.tls".to_owned(), files));
+    }
+    for (index, files) in listeners.gateway.certificates.iter().enumerate() {
+        certificates.push((format!("listeners.gateway.certificates[{index}]"), files));
+    }
+    for (path, files) in certificates {
         if let Err(error) = load_certified_key(files) {
             problems.push(config::Problem {
                 path,
@@ -175,11 +168,7 @@ fn config_failure(errors: &ConfigErrors) -> ExitCode {
     ExitCode::from(2)
 }
 
-fn serve(
-    config: Config,
-    sources: ConfigSources,
-    announce: Option<Box<dyn FnOnce(&Endpoints) + Send>>,
-) -> ExitCode {
+fn serve(config: Config, sources: ConfigSources, announce: Option<Announce>) -> ExitCode {
     let log = init_logging(config.log.level, config.log.format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -147,10 +147,10 @@ pub fn parse_str(name: &Path, text: &str) -> Result<Config, ConfigErrors> {
 
 /// systemd's `StateDirectory=` hands us the directory to use; it wins over the file.
 fn apply_state_directory(config: &mut Config) {
-    if let Ok(dirs) = std::env::var("STATE_DIRECTORY") {
-        if let Some(first) = dirs.split(':').find(|dir| !dir.is_empty()) {
-            config.data_dir = PathBuf::from(first);
-        }
+    if let Ok(dirs) = std::env::var("STATE_DIRECTORY")
+        && let Some(first) = dirs.split(':').find(|dir| !dir.is_empty())
+    {
+        config.data_dir = PathBuf::from(first);
     }
 }
 

@@ -85,7 +85,7 @@ impl fmt::Display for ByteSize {
             ("MiB", 1 << 20),
             ("KiB", 1 << 10),
         ] {
-            if self.0 >= multiplier && self.0 % multiplier == 0 {
+            if self.0 >= multiplier && self.0.is_multiple_of(multiplier) {
                 return write!(f, "{}{name}", self.0 / multiplier);
             }
         }
@@ -150,12 +150,12 @@ impl fmt::Display for Span {
         if millis == 0 {
             return f.write_str("0s");
         }
-        if millis % 1000 != 0 {
+        if !millis.is_multiple_of(1000) {
             return write!(f, "{millis}ms");
         }
         let seconds = millis / 1000;
         for (name, unit) in [("d", 86_400), ("h", 3_600), ("m", 60)] {
-            if seconds % unit == 0 {
+            if seconds.is_multiple_of(unit) {
                 return write!(f, "{}{name}", seconds / unit);
             }
         }

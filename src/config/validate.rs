@@ -39,13 +39,13 @@ pub(super) fn check(config: &Config) -> Problems {
     check_queue(config, &mut problem);
     check_gateway(config, &mut problem);
     check_sql(config, &mut problem);
-    if let Some(shared) = &config.ratelimit.shared {
-        if !is_redis_url(shared.expose()) {
-            problem(
-                "ratelimit.shared",
-                "must be a redis:// or rediss:// URL".to_owned(),
-            );
-        }
+    if let Some(shared) = &config.ratelimit.shared
+        && !is_redis_url(shared.expose())
+    {
+        problem(
+            "ratelimit.shared",
+            "must be a redis:// or rediss:// URL".to_owned(),
+        );
     }
     problems
 }
@@ -106,16 +106,17 @@ fn check_listeners(config: &Config, problem: &mut impl FnMut(&str, String)) {
         ("listeners.api.bind", listeners.api.bind.0),
         ("listeners.resp.bind", listeners.resp.bind.0),
     ] {
-        if let Some(addr) = bind {
-            if !addr.ip().is_loopback() && !auth_on {
-                problem(
-                    path,
-                    format!(
-                        "{addr} is reachable beyond this machine and no authentication is configured; \
+        if let Some(addr) = bind
+            && !addr.ip().is_loopback()
+            && !auth_on
+        {
+            problem(
+                path,
+                format!(
+                    "{addr} is reachable beyond this machine and no authentication is configured; \
                          set auth.password (and leave auth.enabled unset or true), or bind to 127.0.0.1"
-                    ),
-                );
-            }
+                ),
+            );
         }
     }
 }
@@ -398,10 +399,10 @@ fn check_sql(config: &Config, problem: &mut impl FnMut(&str, String)) {
             "must be sqlite://PATH or a postgres:// URL".to_owned(),
         );
     }
-    if let Some(replica) = &sql.replica {
-        if !is_postgres_url(replica.expose()) {
-            problem("sql.replica", "must be a postgres:// URL".to_owned());
-        }
+    if let Some(replica) = &sql.replica
+        && !is_postgres_url(replica.expose())
+    {
+        problem("sql.replica", "must be a postgres:// URL".to_owned());
     }
     if !(1..=256).contains(&sql.readers) {
         problem(

@@ -27,10 +27,10 @@ impl LogHandle {
     }
 
     pub fn set_level(&self, level: LogLevel) {
-        if let Some(filter) = &self.filter {
-            if let Err(error) = filter.reload(targets(level)) {
-                tracing::error!(%error, "cannot change the log level");
-            }
+        if let Some(filter) = &self.filter
+            && let Err(error) = filter.reload(targets(level))
+        {
+            tracing::error!(%error, "cannot change the log level");
         }
     }
 }

@@ -4,10 +4,26 @@ use crate::support::{keel_output, scratch};
 
 /// Each case: a file, and the key path (with line) the error must name.
 const BAD: &[(&str, &str, &str)] = &[
-    ("unknown top-level key", "colour = \"blue\"\n", ":1: colour: unknown key"),
-    ("unknown nested key", "[listeners.api]\nbnd = \"127.0.0.1:1\"\n", ":2: listeners.api.bnd: unknown key"),
-    ("size that is not a size", "[cache]\nl1_max_bytes = \"lots\"\n", ":2: cache.l1_max_bytes: invalid size"),
-    ("socket address", "[listeners.api]\nbind = \"localhost:99999\"\n", ":2: listeners.api.bind: invalid socket address"),
+    (
+        "unknown top-level key",
+        "colour = \"blue\"\n",
+        ":1: colour: unknown key",
+    ),
+    (
+        "unknown nested key",
+        "[listeners.api]\nbnd = \"127.0.0.1:1\"\n",
+        ":2: listeners.api.bnd: unknown key",
+    ),
+    (
+        "size that is not a size",
+        "[cache]\nl1_max_bytes = \"lots\"\n",
+        ":2: cache.l1_max_bytes: invalid size",
+    ),
+    (
+        "socket address",
+        "[listeners.api]\nbind = \"localhost:99999\"\n",
+        ":2: listeners.api.bind: invalid socket address",
+    ),
     (
         "rate period",
         "[queue.queues.email]\nrate_limit = \"100/fortnight\"\n",
@@ -18,9 +34,21 @@ const BAD: &[(&str, &str, &str)] = &[
         "[cache.namespaces.users]\nloader = { http = \"http://127.0.0.1:1/{key}\" }\nttl = \"-5s\"\n",
         ":3: cache.namespaces.users.ttl: negative duration",
     ),
-    ("wrong type", "data_dir = 5\n", ":1: data_dir: invalid type: integer"),
-    ("enum value", "[log]\nformat = \"xml\"\n", ":2: log.format: unknown variant `xml`"),
-    ("version", "version = 2\n", ":1: version: unsupported configuration version 2"),
+    (
+        "wrong type",
+        "data_dir = 5\n",
+        ":1: data_dir: invalid type: integer",
+    ),
+    (
+        "enum value",
+        "[log]\nformat = \"xml\"\n",
+        ":2: log.format: unknown variant `xml`",
+    ),
+    (
+        "version",
+        "version = 2\n",
+        ":1: version: unsupported configuration version 2",
+    ),
     (
         "reference to a missing upstream",
         "[[gateway.routes]]\npath_prefix = \"/api\"\nupstream = \"app\"\n",
@@ -41,8 +69,16 @@ const BAD: &[(&str, &str, &str)] = &[
         "[listeners.api]\nbind = \"0.0.0.0:3100\"\n",
         ":2: listeners.api.bind: 0.0.0.0:3100 is reachable beyond this machine and no authentication is configured",
     ),
-    ("TOML syntax", "[log\nlevel = \"info\"\n", ":1: TOML syntax error"),
-    ("readers out of range", "[sql]\nreaders = 0\n", ":2: sql.readers: 0 must be between 1 and 256"),
+    (
+        "TOML syntax",
+        "[log\nlevel = \"info\"\n",
+        ":1: TOML syntax error",
+    ),
+    (
+        "readers out of range",
+        "[sql]\nreaders = 0\n",
+        ":2: sql.readers: 0 must be between 1 and 256",
+    ),
 ];
 
 #[test]
@@ -53,8 +89,15 @@ fn every_kind_of_bad_configuration_exits_2_naming_the_key() {
         std::fs::write(&path, text).unwrap();
         let output = keel_output(&["check-config", "--config", path.to_str().unwrap()], &[]);
         let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(2), "{what}: exit code; stderr: {stderr}");
-        assert!(stderr.contains(expected), "{what}: expected {expected:?} in:\n{stderr}");
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{what}: exit code; stderr: {stderr}"
+        );
+        assert!(
+            stderr.contains(expected),
+            "{what}: expected {expected:?} in:\n{stderr}"
+        );
     }
 }
 
@@ -64,11 +107,16 @@ fn all_problems_of_a_file_are_reported_at_once() {
     let path = dir.path().join("bad.toml");
     let text = "colour = \"blue\"\n[listeners.api]\nbnd = \"x\"\n[cache]\nl1_max_bytes = \"lots\"\n\
                 [queue.queues.email]\nrate_limit = \"100/fortnight\"\n";
-    std::fs::write(&path, &text).unwrap();
+    std::fs::write(&path, text).unwrap();
     let output = keel_output(&["check-config", "--config", path.to_str().unwrap()], &[]);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
-    for needle in ["colour: unknown key", "listeners.api.bnd", "cache.l1_max_bytes", "queue.queues.email.rate_limit"] {
+    for needle in [
+        "colour: unknown key",
+        "listeners.api.bnd",
+        "cache.l1_max_bytes",
+        "queue.queues.email.rate_limit",
+    ] {
         assert!(stderr.contains(needle), "missing {needle:?} in:\n{stderr}");
     }
 }
@@ -82,7 +130,10 @@ fn serve_refuses_a_bad_configuration_with_exit_2() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("listeners.resp.bind"), "{stderr}");
-    assert!(stderr.contains("auth.password"), "the message says what to configure: {stderr}");
+    assert!(
+        stderr.contains("auth.password"),
+        "the message says what to configure: {stderr}"
+    );
 }
 
 #[test]
@@ -93,13 +144,20 @@ fn a_missing_explicit_file_is_an_error_but_the_shipped_examples_are_valid() {
 
     let dir = scratch();
     for (name, text) in [
-        ("appendix-a.toml", include_str!("../fixtures/appendix-a.toml")),
+        (
+            "appendix-a.toml",
+            include_str!("../fixtures/appendix-a.toml"),
+        ),
         ("keel.toml", include_str!("../../packaging/keel.toml")),
     ] {
         let path = dir.path().join(name);
         std::fs::write(&path, text).unwrap();
         let output = keel_output(&["check-config", "--config", path.to_str().unwrap()], &[]);
-        assert!(output.status.success(), "{name}: {}", String::from_utf8_lossy(&output.stderr));
+        assert!(
+            output.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
 }
 
@@ -109,7 +167,13 @@ fn environment_beats_the_file_and_flags_beat_the_environment() {
     let path = dir.path().join("keel.toml");
     std::fs::write(&path, "[listeners.api]\nbind = \"127.0.0.1:1111\"\n[sql]\nreaders = 2\n[auth]\npassword = \"hunter2\"\n").unwrap();
     let output = keel_output(
-        &["check-config", "--config", path.to_str().unwrap(), "--set", "sql.readers=9"],
+        &[
+            "check-config",
+            "--config",
+            path.to_str().unwrap(),
+            "--set",
+            "sql.readers=9",
+        ],
         &[
             ("KEEL_LISTENERS__API__BIND", "127.0.0.1:3999"),
             ("KEEL_SQL__READERS", "5"),
@@ -117,10 +181,17 @@ fn environment_beats_the_file_and_flags_beat_the_environment() {
         ],
     );
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert!(stdout.contains("bind = \"127.0.0.1:3999\""), "{stdout}");
     assert!(stdout.contains("readers = 9"), "{stdout}");
-    assert!(!stdout.contains("hunter2"), "secrets are redacted: {stdout}");
+    assert!(
+        !stdout.contains("hunter2"),
+        "secrets are redacted: {stdout}"
+    );
 
     let output = keel_output(
         &["check-config", "--config", path.to_str().unwrap()],
@@ -128,5 +199,8 @@ fn environment_beats_the_file_and_flags_beat_the_environment() {
     );
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("environment KEEL_LOG__LEVLE: log.levle: unknown key"), "{stderr}");
+    assert!(
+        stderr.contains("environment KEEL_LOG__LEVLE: log.levle: unknown key"),
+        "{stderr}"
+    );
 }

@@ -29,12 +29,20 @@ fn healthz_readyz_and_metrics_answer_once_started() {
 
     let missing = get(addr, "/no/such/route");
     assert_eq!(missing.status, 404);
-    assert_eq!(missing.header("content-type"), Some("application/problem+json"));
+    assert_eq!(
+        missing.header("content-type"),
+        Some("application/problem+json")
+    );
     assert_eq!(missing.json()["code"], "not_found");
 
     let metrics = get(addr, "/metrics");
     assert_eq!(metrics.status, 200);
-    assert!(metrics.header("content-type").unwrap().starts_with("text/plain; version=0.0.4"));
+    assert!(
+        metrics
+            .header("content-type")
+            .unwrap()
+            .starts_with("text/plain; version=0.0.4")
+    );
     let samples = parse_prometheus(&metrics.body);
     for name in [
         "keel_build_info",
@@ -45,15 +53,26 @@ fn healthz_readyz_and_metrics_answer_once_started() {
         "keel_http_requests_total",
         "keel_http_request_duration_seconds_bucket",
     ] {
-        assert!(samples.iter().any(|(sample, _)| sample.starts_with(name)), "{name} missing from:\n{}", metrics.body);
+        assert!(
+            samples.iter().any(|(sample, _)| sample.starts_with(name)),
+            "{name} missing from:\n{}",
+            metrics.body
+        );
     }
     let healthz_count = samples
         .iter()
-        .find(|(sample, _)| sample.starts_with("keel_http_requests_total{route=\"/healthz\",status=\"2xx\"}"))
+        .find(|(sample, _)| {
+            sample.starts_with("keel_http_requests_total{route=\"/healthz\",status=\"2xx\"}")
+        })
         .map(|(_, value)| *value);
     assert_eq!(healthz_count, Some(1.0), "{}", metrics.body);
-    let unmatched = samples.iter().any(|(sample, _)| sample.contains("route=\"unmatched\",status=\"4xx\""));
-    assert!(unmatched, "unknown paths are counted under one label, not by raw path");
+    let unmatched = samples
+        .iter()
+        .any(|(sample, _)| sample.contains("route=\"unmatched\",status=\"4xx\""));
+    assert!(
+        unmatched,
+        "unknown paths are counted under one label, not by raw path"
+    );
 }
 
 /// A strict reading of the Prometheus text format: every line is a comment, blank, or
@@ -64,11 +83,16 @@ fn parse_prometheus(text: &str) -> Vec<(String, f64)> {
         if line.is_empty() || line.starts_with("# HELP ") || line.starts_with("# TYPE ") {
             continue;
         }
-        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("bad sample line {line:?}"));
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("bad sample line {line:?}"));
         let name_end = series.find('{').unwrap_or(series.len());
         let name = &series[..name_end];
         assert!(
-            !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
             "bad metric name in {line:?}"
         );
         if name_end < series.len() {
@@ -77,7 +101,9 @@ fn parse_prometheus(text: &str) -> Vec<(String, f64)> {
         let value: f64 = match value {
             "+Inf" => f64::INFINITY,
             "-Inf" => f64::NEG_INFINITY,
-            other => other.parse().unwrap_or_else(|_| panic!("bad value in {line:?}")),
+            other => other
+                .parse()
+                .unwrap_or_else(|_| panic!("bad value in {line:?}")),
         };
         samples.push((series.to_owned(), value));
     }
@@ -88,14 +114,25 @@ fn parse_prometheus(text: &str) -> Vec<(String, f64)> {
 async fn readyz_is_503_until_storage_is_ready() {
     let readiness = Readiness::new(&["storage"]);
     let (_config_tx, config) = tokio::sync::watch::channel(Arc::new(Config::default()));
-    let state = ApiState { metrics: Arc::new(Metrics::new(BuildInfo::CURRENT)), readiness: readiness.clone(), config };
+    let state = ApiState {
+        metrics: Arc::new(Metrics::new(BuildInfo::CURRENT)),
+        readiness: readiness.clone(),
+        config,
+    };
     let app = router(state);
     let call = |app: axum::Router| async move {
-        let request = axum::http::Request::get("/readyz").body(axum::body::Body::empty()).unwrap();
+        let request = axum::http::Request::get("/readyz")
+            .body(axum::body::Body::empty())
+            .unwrap();
         let response = app.oneshot(request).await.unwrap();
         let status = response.status().as_u16();
-        let body = axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap();
-        (status, serde_json::from_slice::<serde_json::Value>(&body).unwrap())
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (
+            status,
+            serde_json::from_slice::<serde_json::Value>(&body).unwrap(),
+        )
     };
 
     let (status, body) = call(app.clone()).await;
@@ -133,12 +170,19 @@ fn sigterm_completes_the_request_in_flight_then_exits_0() {
     .unwrap();
     let mut interim = [0u8; 25];
     stream.read_exact(&mut interim).unwrap();
-    assert!(interim.starts_with(b"HTTP/1.1 100 Continue"), "{:?}", String::from_utf8_lossy(&interim));
+    assert!(
+        interim.starts_with(b"HTTP/1.1 100 Continue"),
+        "{:?}",
+        String::from_utf8_lossy(&interim)
+    );
     stream.write_all(first.as_bytes()).unwrap();
 
     keel.signal("TERM");
     keel.wait_for_log("stopped accepting");
-    assert!(TcpStream::connect(addr).is_err(), "new connections are refused while draining");
+    assert!(
+        TcpStream::connect(addr).is_err(),
+        "new connections are refused while draining"
+    );
 
     stream.write_all(rest.as_bytes()).unwrap();
     let mut raw = Vec::new();
@@ -147,7 +191,9 @@ fn sigterm_completes_the_request_in_flight_then_exits_0() {
     assert_eq!(reply.status, 200, "{}", reply.body);
     assert_eq!(reply.json()["valid"], true);
 
-    let status = keel.wait_exit(Duration::from_secs(5)).expect("exit within 5 s of SIGTERM");
+    let status = keel
+        .wait_exit(Duration::from_secs(5))
+        .expect("exit within 5 s of SIGTERM");
     assert_eq!(status.code(), Some(0), "log:\n{}", keel.log_text());
 }
 
@@ -165,7 +211,10 @@ fn sighup_changes_the_log_level() {
 
     let line = keel.wait_for_log("route=\"/healthz\"");
     assert!(line.contains("DEBUG"), "{line}");
-    assert!(!keel.log_text().contains("route=\"/readyz\""), "the request before SIGHUP was logged at info level");
+    assert!(
+        !keel.log_text().contains("route=\"/readyz\""),
+        "the request before SIGHUP was logged at info level"
+    );
 }
 
 #[test]
@@ -175,12 +224,17 @@ fn a_second_keel_on_the_same_data_dir_fails_naming_the_first() {
 
     let other = scratch();
     let mut second = Keel::spawn(other.path(), &base_config(dir.path()));
-    let status = second.wait_exit(DEADLINE).expect("the second keel stops by itself");
+    let status = second
+        .wait_exit(DEADLINE)
+        .expect("the second keel stops by itself");
     assert_eq!(status.code(), Some(1));
     let log = second.log_text();
     assert!(log.contains("is in use by another keel"), "{log}");
     assert!(log.contains(&format!("pid {}", first.pid())), "{log}");
-    assert!(!log.contains("api listener bound"), "the lock is taken before any port is bound:\n{log}");
+    assert!(
+        !log.contains("api listener bound"),
+        "the lock is taken before any port is bound:\n{log}"
+    );
 }
 
 #[test]
@@ -189,21 +243,37 @@ fn a_changed_applied_migration_stops_start_up() {
     let config = base_config(dir.path());
     let (mut keel, _addr) = Keel::start(dir.path(), &config);
     keel.signal("TERM");
-    assert_eq!(keel.wait_exit(DEADLINE).and_then(|status| status.code()), Some(0));
+    assert_eq!(
+        keel.wait_exit(DEADLINE).and_then(|status| status.code()),
+        Some(0)
+    );
 
     let database = dir.path().join("data").join("keel.sqlite");
     let connection = rusqlite::Connection::open(&database).unwrap();
-    let recorded: String =
-        connection.query_row("SELECT checksum FROM _keel_migrations WHERE version = 1", [], |row| row.get(0)).unwrap();
+    let recorded: String = connection
+        .query_row(
+            "SELECT checksum FROM _keel_migrations WHERE version = 1",
+            [],
+            |row| row.get(0),
+        )
+        .unwrap();
     assert_eq!(recorded.len(), 64, "a SHA-256 checksum is recorded");
-    connection.execute("UPDATE _keel_migrations SET checksum = 'tampered' WHERE version = 1", []).unwrap();
+    connection
+        .execute(
+            "UPDATE _keel_migrations SET checksum = 'tampered' WHERE version = 1",
+            [],
+        )
+        .unwrap();
     drop(connection);
 
     let mut restarted = Keel::spawn(dir.path(), &config);
     let status = restarted.wait_exit(DEADLINE).expect("start-up stops");
     assert_eq!(status.code(), Some(1));
     let log = restarted.log_text();
-    assert!(log.contains("migration 1 (instance) was changed after it was applied"), "{log}");
+    assert!(
+        log.contains("migration 1 (instance) was changed after it was applied"),
+        "{log}"
+    );
     assert!(!log.contains("keel ready"), "{log}");
 }
 
@@ -217,10 +287,16 @@ fn a_clean_restart_keeps_the_instance_and_applies_nothing_twice() {
         let applied = keel.log_text().matches("migration applied").count();
         assert_eq!(applied, if round == 0 { 1 } else { 0 }, "round {round}");
         keel.signal("INT");
-        assert_eq!(keel.wait_exit(DEADLINE).and_then(|status| status.code()), Some(0));
+        assert_eq!(
+            keel.wait_exit(DEADLINE).and_then(|status| status.code()),
+            Some(0)
+        );
     }
-    let connection = rusqlite::Connection::open(dir.path().join("data").join("keel.sqlite")).unwrap();
-    let instances: i64 = connection.query_row("SELECT count(*) FROM keel_instance", [], |row| row.get(0)).unwrap();
+    let connection =
+        rusqlite::Connection::open(dir.path().join("data").join("keel.sqlite")).unwrap();
+    let instances: i64 = connection
+        .query_row("SELECT count(*) FROM keel_instance", [], |row| row.get(0))
+        .unwrap();
     assert_eq!(instances, 1);
 }
 
@@ -228,7 +304,12 @@ fn a_clean_restart_keeps_the_instance_and_applies_nothing_twice() {
 fn a_config_posted_for_validation_gets_every_problem_with_its_line() {
     let dir = scratch();
     let (_keel, addr) = Keel::start(dir.path(), &base_config(dir.path()));
-    let reply = request(addr, "POST", "/v1/config/validate", "[log]\nlevel = \"loud\"\n[cache]\nl2 = \"floppy\"\n");
+    let reply = request(
+        addr,
+        "POST",
+        "/v1/config/validate",
+        "[log]\nlevel = \"loud\"\n[cache]\nl2 = \"floppy\"\n",
+    );
     assert_eq!(reply.status, 200);
     let body = reply.json();
     assert_eq!(body["valid"], false);

@@ -12,7 +12,10 @@ pub const DEADLINE: Duration = Duration::from_secs(20);
 
 /// A scratch directory with a data dir inside; removed on drop.
 pub fn scratch() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("keel-it-").tempdir().expect("temp dir")
+    tempfile::Builder::new()
+        .prefix("keel-it-")
+        .tempdir()
+        .expect("temp dir")
 }
 
 /// The base configuration every test starts from: loopback, an ephemeral api port, the
@@ -27,7 +30,10 @@ pub fn base_config(dir: &Path) -> String {
 /// Runs `keel ARGS` to completion.
 pub fn keel_output(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut command = Command::new(KEEL);
-    command.args(args).env_clear().env("PATH", std::env::var("PATH").unwrap_or_default());
+    command
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
     for (name, value) in env {
         command.env(name, value);
     }
@@ -72,7 +78,11 @@ impl Keel {
                 reader_log.grew.notify_all();
             }
         });
-        Keel { child, log, config_path }
+        Keel {
+            child,
+            log,
+            config_path,
+        }
     }
 
     /// Starts keel and waits until it says it is ready.
@@ -96,7 +106,11 @@ impl Keel {
                 return line.clone();
             }
             let now = Instant::now();
-            assert!(now < deadline, "no log line with {needle:?} within {DEADLINE:?}; log:\n{}", lines.join("\n"));
+            assert!(
+                now < deadline,
+                "no log line with {needle:?} within {DEADLINE:?}; log:\n{}",
+                lines.join("\n")
+            );
             lines = self.log.grew.wait_timeout(lines, deadline - now).unwrap().0;
         }
     }
@@ -110,11 +124,16 @@ impl Keel {
         let line = self.wait_for_log("api listener bound");
         let start = line.find("addr=").expect("addr field") + "addr=".len();
         let addr = line[start..].split_whitespace().next().unwrap();
-        addr.parse().unwrap_or_else(|_| panic!("bad address in {line:?}"))
+        addr.parse()
+            .unwrap_or_else(|_| panic!("bad address in {line:?}"))
     }
 
     pub fn signal(&self, name: &str) {
-        let status = Command::new("kill").arg(format!("-{name}")).arg(self.pid().to_string()).status().unwrap();
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
         assert!(status.success(), "kill -{name} failed");
     }
 
@@ -153,11 +172,15 @@ pub struct Reply {
 
 impl Reply {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(key, _)| key.eq_ignore_ascii_case(name)).map(|(_, value)| value.as_str())
+        self.headers
+            .iter()
+            .find(|(key, _)| key.eq_ignore_ascii_case(name))
+            .map(|(_, value)| value.as_str())
     }
 
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|error| panic!("not JSON ({error}): {}", self.body))
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|error| panic!("not JSON ({error}): {}", self.body))
     }
 }
 
@@ -186,13 +209,23 @@ pub fn read_reply(stream: &mut impl Read) -> Reply {
 
 pub fn parse_reply(raw: &[u8]) -> Reply {
     let text = String::from_utf8_lossy(raw);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no response head in {text:?}"));
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no response head in {text:?}"));
     let mut lines = head.lines();
     let status_line = lines.next().unwrap();
-    let status = status_line.split_whitespace().nth(1).and_then(|code| code.parse().ok()).expect("status code");
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .expect("status code");
     let headers = lines
         .filter_map(|line| line.split_once(':'))
         .map(|(key, value)| (key.trim().to_owned(), value.trim().to_owned()))
         .collect();
-    Reply { status, headers, body: body.to_owned() }
+    Reply {
+        status,
+        headers,
+        body: body.to_owned(),
+    }
 }

@@ -21,16 +21,23 @@ fn issue(dir: &Path, common_name: &str) -> Pki {
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(rcgen::DnType::CommonName, format!("{common_name} CA"));
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, format!("{common_name} CA"));
     let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
 
     let leaf_key = rcgen::KeyPair::generate().unwrap();
     let mut leaf_params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
-    leaf_params.distinguished_name.push(rcgen::DnType::CommonName, common_name);
+    leaf_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, common_name);
     let leaf = leaf_params.signed_by(&leaf_key, &ca).unwrap();
     std::fs::write(dir.join("api.crt"), leaf.pem()).unwrap();
     std::fs::write(dir.join("api.key"), leaf_key.serialize_pem()).unwrap();
-    Pki { ca: ca.der().clone(), leaf: leaf.der().clone() }
+    Pki {
+        ca: ca.der().clone(),
+        leaf: leaf.der().clone(),
+    }
 }
 
 fn tls_config(dir: &Path) -> String {
@@ -42,32 +49,48 @@ fn tls_config(dir: &Path) -> String {
     )
 }
 
-fn client(ca: &CertificateDer<'static>, versions: &[&'static rustls::SupportedProtocolVersion], alpn: &[&[u8]]) -> Arc<ClientConfig> {
+fn client(
+    ca: &CertificateDer<'static>,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    alpn: &[&[u8]],
+) -> Arc<ClientConfig> {
     let mut roots = RootCertStore::empty();
     roots.add(ca.clone()).unwrap();
-    let mut config = ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_protocol_versions(versions)
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let mut config =
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_protocol_versions(versions)
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Arc::new(config)
 }
 
-fn connect(addr: SocketAddr, config: Arc<ClientConfig>) -> StreamOwned<ClientConnection, TcpStream> {
+fn connect(
+    addr: SocketAddr,
+    config: Arc<ClientConfig>,
+) -> StreamOwned<ClientConnection, TcpStream> {
     let tcp = TcpStream::connect(addr).unwrap();
     tcp.set_read_timeout(Some(DEADLINE)).unwrap();
-    let connection = ClientConnection::new(config, ServerName::try_from("localhost").unwrap()).unwrap();
+    let connection =
+        ClientConnection::new(config, ServerName::try_from("localhost").unwrap()).unwrap();
     let mut stream = StreamOwned::new(connection, tcp);
     while stream.conn.is_handshaking() {
-        stream.conn.complete_io(&mut stream.sock).expect("TLS handshake");
+        stream
+            .conn
+            .complete_io(&mut stream.sock)
+            .expect("TLS handshake");
     }
     stream
 }
 
 fn healthz_over(stream: &mut StreamOwned<ClientConnection, TcpStream>, close: bool) -> u16 {
     let connection = if close { "close" } else { "keep-alive" };
-    write!(stream, "GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: {connection}\r\n\r\n").unwrap();
+    write!(
+        stream,
+        "GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: {connection}\r\n\r\n"
+    )
+    .unwrap();
     // Read exactly one response: the head, then Content-Length bytes.
     let mut raw = Vec::new();
     let mut byte = [0u8; 1];
@@ -93,13 +116,25 @@ fn tls_13_and_12_handshakes_work_and_alpn_offers_http2() {
     let pki = issue(dir.path(), "first");
     let (_keel, addr) = Keel::start(dir.path(), &tls_config(dir.path()));
 
-    let modern = connect(addr, client(&pki.ca, &[&rustls::version::TLS13], &[b"h2", b"http/1.1"]));
-    assert_eq!(modern.conn.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
+    let modern = connect(
+        addr,
+        client(&pki.ca, &[&rustls::version::TLS13], &[b"h2", b"http/1.1"]),
+    );
+    assert_eq!(
+        modern.conn.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_3)
+    );
     assert_eq!(modern.conn.alpn_protocol(), Some(&b"h2"[..]));
     drop(modern.sock.shutdown(std::net::Shutdown::Both));
 
-    let mut tls12 = connect(addr, client(&pki.ca, &[&rustls::version::TLS12], &[b"http/1.1"]));
-    assert_eq!(tls12.conn.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_2));
+    let mut tls12 = connect(
+        addr,
+        client(&pki.ca, &[&rustls::version::TLS12], &[b"http/1.1"]),
+    );
+    assert_eq!(
+        tls12.conn.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_2)
+    );
     assert_eq!(tls12.conn.alpn_protocol(), Some(&b"http/1.1"[..]));
     assert_eq!(healthz_over(&mut tls12, true), 200);
 }
@@ -128,10 +163,16 @@ fn a_tls_11_client_is_refused() {
     let mut answer = Vec::new();
     let _ = tcp.read_to_end(&mut answer);
     assert!(answer.len() >= 7, "expected an alert, got {answer:?}");
-    assert_eq!(answer[0], 0x15, "an alert record, not a ServerHello: {answer:?}");
+    assert_eq!(
+        answer[0], 0x15,
+        "an alert record, not a ServerHello: {answer:?}"
+    );
     assert_eq!(answer[5], 2, "a fatal alert: {answer:?}");
     // rustls answers handshake_failure (40); protocol_version (70) would be as correct.
-    assert!(matches!(answer[6], 40 | 70), "handshake_failure or protocol_version: {answer:?}");
+    assert!(
+        matches!(answer[6], 40 | 70),
+        "handshake_failure or protocol_version: {answer:?}"
+    );
 }
 
 #[test]
@@ -140,7 +181,10 @@ fn sighup_swaps_the_certificate_without_dropping_connections() {
     let first = issue(dir.path(), "first");
     let (keel, addr) = Keel::start(dir.path(), &tls_config(dir.path()));
 
-    let mut before = connect(addr, client(&first.ca, &[&rustls::version::TLS13], &[b"http/1.1"]));
+    let mut before = connect(
+        addr,
+        client(&first.ca, &[&rustls::version::TLS13], &[b"http/1.1"]),
+    );
     assert_eq!(before.conn.peer_certificates().unwrap()[0], first.leaf);
     assert_eq!(healthz_over(&mut before, false), 200);
 
@@ -148,7 +192,10 @@ fn sighup_swaps_the_certificate_without_dropping_connections() {
     keel.signal("HUP");
     keel.wait_for_log("certificate reloaded");
 
-    let mut after = connect(addr, client(&second.ca, &[&rustls::version::TLS13], &[b"http/1.1"]));
+    let mut after = connect(
+        addr,
+        client(&second.ca, &[&rustls::version::TLS13], &[b"http/1.1"]),
+    );
     assert_eq!(after.conn.peer_certificates().unwrap()[0], second.leaf);
     assert_eq!(healthz_over(&mut after, true), 200);
     // The connection made before the reload still works.
@@ -167,10 +214,20 @@ fn an_unusable_certificate_is_a_clear_start_up_error() {
     let status = keel.wait_exit(DEADLINE).expect("exits");
     assert_eq!(status.code(), Some(2));
     let log = keel.log_text();
-    assert!(log.contains("listeners.api.tls") && log.contains("does not belong to certificate"), "{log}");
+    assert!(
+        log.contains("listeners.api.tls") && log.contains("does not belong to certificate"),
+        "{log}"
+    );
 
     std::fs::write(dir.path().join("api.crt"), "not a certificate").unwrap();
     let mut keel = Keel::spawn(dir.path(), &tls_config(dir.path()));
-    assert_eq!(keel.wait_exit(DEADLINE).and_then(|status| status.code()), Some(2));
-    assert!(keel.log_text().contains("no PEM certificate"), "{}", keel.log_text());
+    assert_eq!(
+        keel.wait_exit(DEADLINE).and_then(|status| status.code()),
+        Some(2)
+    );
+    assert!(
+        keel.log_text().contains("no PEM certificate"),
+        "{}",
+        keel.log_text()
+    );
 }
