@@ -8,6 +8,7 @@
 //! - `config`: the configuration contract, its layering (file, `KEEL_*`, flags) and
 //!   validation with key paths and lines.
 //! - `listener`: bound sockets with TLS, connection limits and graceful shutdown.
+//! - `auth`: who may call the api (the admin secret today; tokens later).
 //! - `http`: the api listener's router and the problem+json error mapping.
 //! - `observe`: Prometheus registry, logging, readiness.
 //! - `storage`: the data directory, its lock, database files and migrations.
@@ -15,6 +16,7 @@
 //! See ARCHITECTURE.md for the invariants that hold between them.
 
 pub mod app;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod http;

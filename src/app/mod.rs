@@ -17,6 +17,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::Authenticator;
 use crate::config::{Config, ConfigSources};
 use crate::http::{self, ApiState};
 use crate::listener::{HttpOptions, Listener, ListenerError, serve_http};
@@ -112,9 +113,12 @@ pub async fn run(config: Config, launch: Launch) -> Result<(), AppError> {
         max_headers: api_config.max_headers as usize,
         drain_timeout: config.lifecycle.drain_timeout.0,
     };
+    let auth = Authenticator::from_config(&config);
+    tracing::info!(enabled = auth.is_enabled(), "authentication configured");
     let router = http::router(ApiState {
         metrics: metrics.clone(),
         readiness: readiness.clone(),
+        auth,
         config: config_rx,
     });
     let mut servers = tokio::task::JoinSet::new();

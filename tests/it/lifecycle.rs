@@ -6,6 +6,7 @@ use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::Duration;
 
+use keel::auth::Authenticator;
 use keel::config::Config;
 use keel::http::{ApiState, router};
 use keel::observe::{BuildInfo, DependencyState, Metrics, Readiness};
@@ -117,6 +118,7 @@ async fn readyz_is_503_until_storage_is_ready() {
     let state = ApiState {
         metrics: Arc::new(Metrics::new(BuildInfo::CURRENT)),
         readiness: readiness.clone(),
+        auth: Authenticator::default(),
         config,
     };
     let app = router(state);
@@ -318,4 +320,95 @@ fn a_config_posted_for_validation_gets_every_problem_with_its_line() {
     assert_eq!(problems[0]["path"], "log.level");
     assert_eq!(problems[0]["line"], 2);
     assert_eq!(problems[1]["path"], "cache.l2");
+}
+
+#[test]
+fn with_a_password_the_v1_api_needs_it_and_probes_stay_open() {
+    let dir = scratch();
+    let config = format!(
+        "{}[auth]\npassword = \"correct horse\"\n",
+        base_config(dir.path())
+    );
+    let (keel, addr) = Keel::start(dir.path(), &config);
+    assert!(
+        !keel.log_text().contains("correct horse"),
+        "the secret is never logged"
+    );
+
+    let missing = request(addr, "POST", "/v1/config/validate", "");
+    assert_eq!(missing.status, 401);
+    assert_eq!(missing.json()["code"], "unauthenticated");
+    assert!(
+        missing
+            .header("www-authenticate")
+            .unwrap()
+            .starts_with("Bearer")
+    );
+
+    let check = |token: &str| {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        write!(
+            stream,
+            "POST /v1/config/validate HTTP/1.1\r\nHost: k\r\nAuthorization: Bearer {token}\r\n\
+             Connection: close\r\nContent-Length: 0\r\n\r\n"
+        )
+        .unwrap();
+        crate::support::read_reply(&mut stream)
+    };
+    let wrong = check("correct horse battery");
+    assert_eq!(wrong.status, 401);
+    assert_eq!(wrong.json()["code"], "invalid_credentials");
+    assert_eq!(check("correct horse").status, 200);
+
+    assert_eq!(get(addr, "/healthz").status, 200);
+    assert_eq!(get(addr, "/readyz").status, 200);
+    assert_eq!(get(addr, "/metrics").status, 200);
+}
+
+#[test]
+fn systemd_hears_ready_watchdog_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+
+    let dir = scratch();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut keel = Keel::spawn_with_env(
+        dir.path(),
+        &base_config(dir.path()),
+        &[
+            ("NOTIFY_SOCKET", socket_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "200000"),
+        ],
+    );
+    let mut heard = Vec::new();
+    let receive_until = |wanted: &str, heard: &mut Vec<String>| {
+        let mut buffer = [0u8; 512];
+        while !heard.iter().any(|message| message.contains(wanted)) {
+            let length = socket
+                .recv(&mut buffer)
+                .unwrap_or_else(|_| panic!("no {wanted} in {heard:?}"));
+            heard.push(String::from_utf8_lossy(&buffer[..length]).into_owned());
+        }
+    };
+    receive_until("READY=1", &mut heard);
+    receive_until("WATCHDOG=1", &mut heard);
+    keel.signal("TERM");
+    receive_until("STOPPING=1", &mut heard);
+    assert_eq!(
+        keel.wait_exit(DEADLINE).and_then(|status| status.code()),
+        Some(0)
+    );
+}
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let dir = scratch();
+    let config = format!("{}[log]\nformat = \"json\"\n", base_config(dir.path()));
+    let keel = Keel::spawn(dir.path(), &config);
+    let line = keel.wait_for_log("keel ready");
+    let event: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert_eq!(event["level"], "INFO");
+    assert_eq!(event["message"], "keel ready");
 }

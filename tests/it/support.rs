@@ -57,13 +57,24 @@ pub struct Keel {
 impl Keel {
     /// Starts `keel serve --config <dir>/keel.toml` with `config` written there.
     pub fn spawn(dir: &Path, config: &str) -> Keel {
+        Keel::spawn_with_env(dir, config, &[])
+    }
+
+    pub fn spawn_with_env(dir: &Path, config: &str, env: &[(&str, &str)]) -> Keel {
         let config_path = dir.join("keel.toml");
         std::fs::write(&config_path, config).expect("write config");
-        let mut child = Command::new(KEEL)
+        let mut command = Command::new(KEEL);
+        command
             .args(["serve", "--config"])
             .arg(&config_path)
             .env_remove("STATE_DIRECTORY")
             .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID");
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        let mut child = command
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
