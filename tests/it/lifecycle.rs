@@ -412,3 +412,41 @@ fn json_logs_are_one_object_per_line() {
     assert_eq!(event["level"], "INFO");
     assert_eq!(event["message"], "keel ready");
 }
+
+#[test]
+fn a_client_that_never_finishes_its_headers_is_disconnected() {
+    let dir = scratch();
+    let config = base_config(dir.path()).replace(
+        "bind = \"127.0.0.1:0\"",
+        "bind = \"127.0.0.1:0\"\nheader_read_timeout = \"1s\"",
+    );
+    let (_keel, addr) = Keel::start(dir.path(), &config);
+    let mut slow = TcpStream::connect(addr).unwrap();
+    slow.set_read_timeout(Some(DEADLINE)).unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: slow\r\nX-Slow: ")
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let outcome = slow.read_to_end(&mut rest);
+    assert!(
+        outcome.is_ok() || started.elapsed() < DEADLINE,
+        "the server closed the connection"
+    );
+    assert!(
+        started.elapsed() < DEADLINE,
+        "closed before the client's own deadline"
+    );
+    // The service is unaffected.
+    assert_eq!(get(addr, "/healthz").status, 200);
+}
+
+#[test]
+fn sighup_with_a_broken_file_keeps_the_running_configuration() {
+    let dir = scratch();
+    let (keel, addr) = Keel::start(dir.path(), &base_config(dir.path()));
+    std::fs::write(&keel.config_path, "[log]\nlevel = \"loud\"\n").unwrap();
+    keel.signal("HUP");
+    let line = keel.wait_for_log("configuration not reloaded");
+    assert!(line.contains("log.level"), "{line}");
+    assert_eq!(get(addr, "/healthz").status, 200);
+}
