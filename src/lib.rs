@@ -17,9 +17,11 @@
 
 pub mod app;
 pub mod auth;
+pub mod backends;
 pub mod cli;
 pub mod config;
 pub mod http;
 pub mod listener;
 pub mod observe;
 pub mod storage;
+pub mod cache;

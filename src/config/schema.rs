@@ -219,6 +219,8 @@ pub struct CacheConfig {
     pub l1_max_bytes: ByteSize,
     /// `none`, `redb` or a `redis://` URL.
     pub l2: String,
+    /// Memory redb may use for its page cache of `cache.redb`.
+    pub l2_page_cache_bytes: ByteSize,
     pub max_key_bytes: ByteSize,
     pub max_value_bytes: ByteSize,
     pub namespaces: BTreeMap<String, NamespaceConfig>,
@@ -229,6 +231,7 @@ impl Default for CacheConfig {
         CacheConfig {
             l1_max_bytes: ByteSize(256 << 20),
             l2: "redb".to_owned(),
+            l2_page_cache_bytes: ByteSize(64 << 20),
             max_key_bytes: ByteSize(64 << 10),
             max_value_bytes: ByteSize(64 << 20),
             namespaces: BTreeMap::new(),
@@ -243,6 +246,8 @@ pub struct NamespaceConfig {
     pub refresh_ahead: Option<f64>,
     /// How long a loader error is remembered; unset means errors are not cached.
     pub negative_ttl: Option<Span>,
+    /// How long one loader call may take.
+    pub timeout: Option<Span>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]

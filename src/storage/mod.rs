@@ -4,8 +4,8 @@
 //! - `keel.lock`: held (flock) for the life of the process; holds the pid.
 //! - `keel.sqlite`: keel's own schema (top-level `migrations/`), WAL.
 //! - `data.sqlite`: the SQL data API's database (`sql.url`), WAL.
-//! - `cache.redb`: the L2 cache; a file of its own so cache writes never queue behind
-//!   job commits.
+//! - `cache.redb`: the L2 cache, opened by `backends` for the cache subsystem; a file of
+//!   its own so cache writes never queue behind job commits.
 //! - `queue.redb`: the job queue.
 //!
 //! Opening is blocking work (fsync, migrations); callers run it off the async threads.
@@ -83,7 +83,6 @@ pub struct Storage {
     /// Keel's own tables. A std `Mutex`: statements are short and run on blocking threads.
     pub meta: Arc<Mutex<Connection>>,
     pub data_sqlite_path: PathBuf,
-    pub cache_db: Arc<redb::Database>,
     pub queue_db: Arc<redb::Database>,
     /// Last, so the lock is released only after every file above is closed.
     pub data_dir: DataDir,
@@ -107,13 +106,11 @@ impl Storage {
         drop(open_sqlite(&data_sqlite_path)?);
         tracing::info!(path = %data_sqlite_path.display(), "sql database opened");
 
-        let cache_db = open_redb(&data_dir.path().join("cache.redb"))?;
         let queue_db = open_redb(&data_dir.path().join("queue.redb"))?;
-        tracing::info!("cache and queue stores opened");
+        tracing::info!("queue store opened");
         Ok(Storage {
             meta: Arc::new(Mutex::new(meta)),
             data_sqlite_path,
-            cache_db,
             queue_db,
             data_dir,
         })
@@ -154,7 +151,10 @@ pub fn open_sqlite(path: &Path) -> Result<Connection, StorageError> {
 }
 
 fn open_redb(path: &Path) -> Result<Arc<redb::Database>, StorageError> {
-    redb::Database::create(path)
+    // redb's page cache defaults to 1 GiB; the queue's working set is far smaller.
+    redb::Database::builder()
+        .set_cache_size(32 << 20)
+        .create(path)
         .map(Arc::new)
         .map_err(|source| StorageError::Redb {
             path: path.to_owned(),

@@ -1,0 +1,50 @@
+//! L1: the in-process layer, a `quick_cache` bounded by bytes. Each entry weighs its key,
+//! value and tags plus a fixed overhead, so `l1_max_bytes` tracks real memory rather
+//! than an entry count that a few large values would make meaningless.
+
+use bytes::Bytes;
+use prometheus::IntCounter;
+use quick_cache::sync::Cache as QuickCache;
+use quick_cache::{DefaultHashBuilder, Lifecycle, Weighter};
+
+use super::entry::Entry;
+
+/// Bytes an entry costs beyond its key, value and tags: the entry struct, two `Bytes`
+/// headers, the tag vector, quick_cache's slot and allocator rounding.
+pub(super) const ENTRY_OVERHEAD: u64 = 160;
+
+/// An L1 value: the entry and the write sequence that produced it (0 for entries
+/// promoted from L2), so invalidation can tell older entries from newer ones.
+#[derive(Debug, Clone)]
+pub(super) struct Stored {
+    pub(super) entry: Entry,
+    pub(super) seq: u64,
+}
+
+#[derive(Clone, Copy)]
+pub(super) struct EntryWeighter;
+
+impl Weighter<Bytes, Stored> for EntryWeighter {
+    fn weight(&self, key: &Bytes, stored: &Stored) -> u64 {
+        let tags: usize = stored.entry.tags().iter().map(|tag| tag.len() + 24).sum();
+        key.len() as u64 + stored.entry.value.len() as u64 + tags as u64 + ENTRY_OVERHEAD
+    }
+}
+
+#[derive(Clone)]
+pub(super) struct EvictionCounter(pub(super) IntCounter);
+
+impl Lifecycle<Bytes, Stored> for EvictionCounter {
+    type RequestState = ();
+
+    fn on_evict(&self, _state: &mut Self::RequestState, _key: Bytes, _value: Stored) {
+        self.0.inc();
+    }
+}
+
+pub(super) type L1 = QuickCache<Bytes, Stored, EntryWeighter, DefaultHashBuilder, EvictionCounter>;
+
+pub(super) fn new_l1(max_bytes: u64, evictions: IntCounter) -> L1 {
+    let estimated_items = (max_bytes / 256).clamp(1024, 16 << 20) as usize;
+    L1::with(estimated_items, max_bytes, EntryWeighter, DefaultHashBuilder::default(), EvictionCounter(evictions))
+}

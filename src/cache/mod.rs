@@ -1,0 +1,517 @@
+//! The two-layer cache: L1 in process (`quick_cache`, bounded by bytes) over an optional
+//! persistent L2 behind the `CacheStore` seam (redb embedded; Redis when scaled out).
+//!
+//! Reads go L1 → L2 and promote what L2 had. Writes update L1 and queue the L2 write for
+//! the writer task (`writer.rs`), which commits in batches; until then the write is
+//! *pending* and reads see it. Every write to a key happens under that key's stripe
+//! lock, so read-modify-write commands (INCR, APPEND, SET NX...) are atomic.
+//!
+//! This module knows nothing of HTTP or RESP: `http/cache.rs` and `resp/` translate.
+
+mod entry;
+mod glob;
+mod l1;
+pub mod loader;
+mod metrics;
+mod redb_store;
+mod store;
+mod writer;
+
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Instant;
+
+use bytes::Bytes;
+use quick_cache::DefaultHashBuilder;
+use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+
+pub use entry::{Entry, now_ms};
+pub use glob::Pattern;
+pub use metrics::CacheMetrics;
+pub use redb_store::RedbCacheStore;
+pub use store::{CacheStore, StoreError, StoreOp};
+
+use l1::{L1, Stored};
+use writer::{Message, Writer};
+
+/// Stripes of the per-key write lock: enough that unrelated keys rarely share one.
+const STRIPES: usize = 1024;
+const PENDING_SHARDS: usize = 64;
+/// Bound on bytes queued for the L2 writer; writers wait (backpressure) beyond it.
+const QUEUE_BUDGET_KIB: u32 = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("key is {len} bytes; the limit is {limit} (cache.max_key_bytes)")]
+    KeyTooLarge { len: usize, limit: u64 },
+    #[error("value is {len} bytes; the limit is {limit} (cache.max_value_bytes)")]
+    ValueTooLarge { len: usize, limit: u64 },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the cache is shutting down")]
+    Closed,
+}
+
+/// What a read-modify-write decides, with a result for the caller.
+pub enum Mutation<T> {
+    Keep(T),
+    Put(Entry, T),
+    Delete(T),
+}
+
+/// What an invalidation removes.
+#[derive(Debug, Clone)]
+pub enum Target {
+    Pattern(Pattern),
+    Tags(Vec<String>),
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_key_bytes: u64,
+    pub max_value_bytes: u64,
+}
+
+/// Per-layer figures for `/v1/cache/stats` and INFO.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CacheStats {
+    pub l1: LayerStats,
+    pub l2: Option<LayerStats>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LayerStats {
+    pub kind: &'static str,
+    pub hits: u64,
+    pub misses: u64,
+    pub hit_ratio: f64,
+    pub entries: u64,
+    pub bytes: Option<u64>,
+    pub capacity_bytes: Option<u64>,
+    pub evictions: Option<u64>,
+    pub queued_writes: Option<i64>,
+}
+
+/// State the handle and the writer task share.
+pub(crate) struct Shared {
+    l1: L1,
+    pending: Pending,
+    stripes: Box<[Mutex<()>]>,
+    hasher: DefaultHashBuilder,
+    metrics: CacheMetrics,
+    queued_ops: AtomicI64,
+}
+
+impl Shared {
+    fn stripe(&self, key: &[u8]) -> &Mutex<()> {
+        &self.stripes[(self.hasher.hash_one(key) as usize) % STRIPES]
+    }
+
+    fn queued(&self) -> i64 {
+        self.queued_ops.load(Ordering::Relaxed)
+    }
+}
+
+/// Writes queued for L2 but not yet committed, by key: the newest one wins.
+struct Pending {
+    shards: Box<[std::sync::Mutex<HashMap<Bytes, (u64, Option<Entry>), DefaultHashBuilder>>]>,
+    hasher: DefaultHashBuilder,
+}
+
+impl Pending {
+    fn new() -> Pending {
+        Pending {
+            shards: (0..PENDING_SHARDS).map(|_| std::sync::Mutex::new(HashMap::default())).collect(),
+            hasher: DefaultHashBuilder::default(),
+        }
+    }
+
+    fn shard(&self, key: &[u8]) -> std::sync::MutexGuard<'_, HashMap<Bytes, (u64, Option<Entry>), DefaultHashBuilder>> {
+        let index = (self.hasher.hash_one(key) as usize) % PENDING_SHARDS;
+        // Held for one map operation; a panic there cannot leave the map inconsistent.
+        self.shards[index].lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// `Some(None)`: a delete is pending. `None`: nothing is pending.
+    fn get(&self, key: &[u8]) -> Option<Option<Entry>> {
+        self.shard(key).get(key).map(|(_, entry)| entry.clone())
+    }
+
+    fn set(&self, key: Bytes, seq: u64, entry: Option<Entry>) {
+        self.shard(&key).insert(key, (seq, entry));
+    }
+
+    /// Forgets a committed write, unless a newer one for the key is still queued.
+    fn clear(&self, key: &[u8], seq: u64) {
+        let mut shard = self.shard(key);
+        if shard.get(key).is_some_and(|(pending_seq, _)| *pending_seq == seq) {
+            shard.remove(key);
+        }
+    }
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    store: Option<Arc<dyn CacheStore>>,
+    writer: Option<mpsc::UnboundedSender<Message>>,
+    budget: Arc<Semaphore>,
+    limits: Limits,
+    /// Orders writes: L1 entries remember theirs so invalidation spares newer writes.
+    seq: AtomicU64,
+    l1_capacity: u64,
+}
+
+/// The cache handle: cheap to clone, shared by the REST and RESP front ends.
+#[derive(Clone)]
+pub struct Cache {
+    inner: Arc<Inner>,
+}
+
+impl Cache {
+    /// Builds the cache and, with an L2, spawns its writer (call inside a runtime).
+    pub fn new(l1_max_bytes: u64, store: Option<Arc<dyn CacheStore>>, limits: Limits, metrics: CacheMetrics) -> Cache {
+        let shared = Arc::new(Shared {
+            l1: l1::new_l1(l1_max_bytes, metrics.evictions.clone()),
+            pending: Pending::new(),
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            hasher: DefaultHashBuilder::default(),
+            metrics,
+            queued_ops: AtomicI64::new(0),
+        });
+        let writer = store.as_ref().map(|store| {
+            let (sender, inbox) = mpsc::unbounded_channel();
+            tokio::spawn(Writer { shared: shared.clone(), store: store.clone(), inbox }.run());
+            sender
+        });
+        Cache {
+            inner: Arc::new(Inner {
+                shared,
+                store,
+                writer,
+                budget: Arc::new(Semaphore::new(QUEUE_BUDGET_KIB as usize)),
+                limits,
+                seq: AtomicU64::new(1),
+                l1_capacity: l1_max_bytes,
+            }),
+        }
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.inner.limits
+    }
+
+    fn check_key(&self, key: &[u8]) -> Result<(), CacheError> {
+        let limit = self.inner.limits.max_key_bytes;
+        if key.len() as u64 > limit {
+            return Err(CacheError::KeyTooLarge { len: key.len(), limit });
+        }
+        Ok(())
+    }
+
+    fn check_value(&self, entry: &Entry) -> Result<(), CacheError> {
+        let limit = self.inner.limits.max_value_bytes;
+        if entry.value.len() as u64 > limit {
+            return Err(CacheError::ValueTooLarge { len: entry.value.len(), limit });
+        }
+        Ok(())
+    }
+
+    /// Reads a key: L1, then pending writes, then L2 (promoting what it finds).
+    pub async fn get(&self, key: &[u8]) -> Result<Option<Entry>, CacheError> {
+        self.check_key(key)?;
+        let shared = &self.inner.shared;
+        let now = now_ms();
+        if let Some(stored) = shared.l1.get(key) {
+            return Ok(self.live_l1(key, stored, now));
+        }
+        shared.metrics.misses.with_label_values(&["l1"]).inc();
+        let Some(store) = &self.inner.store else { return Ok(None) };
+        let _guard = shared.stripe(key).lock().await;
+        // Another reader may have promoted it, or a writer written it, while we waited.
+        if let Some(stored) = shared.l1.peek(key) {
+            return Ok(stored.entry.is_expired(now).then_some(()).map_or(Some(stored.entry), |()| None));
+        }
+        if let Some(pending) = shared.pending.get(key) {
+            return Ok(pending.filter(|entry| !entry.is_expired(now)));
+        }
+        match store.get(key).await? {
+            Some(entry) if !entry.is_expired(now) => {
+                shared.metrics.hits.with_label_values(&["l2"]).inc();
+                shared.l1.insert(Bytes::copy_from_slice(key), Stored { entry: entry.clone(), seq: 0 });
+                Ok(Some(entry))
+            }
+            _ => {
+                shared.metrics.misses.with_label_values(&["l2"]).inc();
+                Ok(None)
+            }
+        }
+    }
+
+    fn live_l1(&self, key: &[u8], stored: Stored, now: u64) -> Option<Entry> {
+        let shared = &self.inner.shared;
+        if stored.entry.is_expired(now) {
+            shared.metrics.misses.with_label_values(&["l1"]).inc();
+            // Lazy expiry; only this version, in case a newer write just landed.
+            shared.l1.remove_if(key, |current| current.seq == stored.seq && current.entry.is_expired(now));
+            return None;
+        }
+        shared.metrics.hits.with_label_values(&["l1"]).inc();
+        Some(stored.entry)
+    }
+
+    /// Stores a value unconditionally.
+    pub async fn set(&self, key: &[u8], entry: Entry) -> Result<(), CacheError> {
+        self.check_key(key)?;
+        self.check_value(&entry)?;
+        let budget = self.reserve(key.len() + entry.value.len()).await?;
+        let _guard = self.inner.shared.stripe(key).lock().await;
+        self.write(key, Some(entry), budget);
+        Ok(())
+    }
+
+    /// Atomic read-modify-write of one key: `decide` sees the live current entry (if
+    /// any) and says what to store. Every conditional command is built on this.
+    pub async fn mutate<T>(&self, key: &[u8], decide: impl FnOnce(Option<&Entry>) -> Mutation<T>) -> Result<T, CacheError> {
+        self.check_key(key)?;
+        let budget = self.reserve(key.len()).await?;
+        let _guard = self.inner.shared.stripe(key).lock().await;
+        let current = self.current_locked(key).await?;
+        match decide(current.as_ref()) {
+            Mutation::Keep(result) => Ok(result),
+            Mutation::Put(entry, result) => {
+                self.check_value(&entry)?;
+                self.write(key, Some(entry), budget);
+                Ok(result)
+            }
+            Mutation::Delete(result) => {
+                if current.is_some() {
+                    self.write(key, None, budget);
+                }
+                Ok(result)
+            }
+        }
+    }
+
+    /// Deletes a key; true if it existed.
+    pub async fn delete(&self, key: &[u8]) -> Result<bool, CacheError> {
+        self.mutate(key, |current| Mutation::Delete(current.is_some())).await
+    }
+
+    /// The live entry, read under the key's stripe lock.
+    async fn current_locked(&self, key: &[u8]) -> Result<Option<Entry>, CacheError> {
+        let shared = &self.inner.shared;
+        let now = now_ms();
+        if let Some(stored) = shared.l1.peek(key) {
+            return Ok(Some(stored.entry).filter(|entry| !entry.is_expired(now)));
+        }
+        let Some(store) = &self.inner.store else { return Ok(None) };
+        if let Some(pending) = shared.pending.get(key) {
+            return Ok(pending.filter(|entry| !entry.is_expired(now)));
+        }
+        Ok(store.get(key).await?.filter(|entry| !entry.is_expired(now)))
+    }
+
+    /// Waits for room in the L2 queue. Without an L2 there is nothing to wait for.
+    async fn reserve(&self, bytes: usize) -> Result<Option<OwnedSemaphorePermit>, CacheError> {
+        if self.inner.writer.is_none() {
+            return Ok(None);
+        }
+        let units = (1 + bytes / 1024).min(QUEUE_BUDGET_KIB as usize) as u32;
+        let permit = self.inner.budget.clone().acquire_many_owned(units).await.map_err(|_| CacheError::Closed)?;
+        Ok(Some(permit))
+    }
+
+    /// Applies a decided write. The caller holds the key's stripe lock.
+    fn write(&self, key: &[u8], entry: Option<Entry>, budget: Option<OwnedSemaphorePermit>) {
+        let inner = &self.inner;
+        let shared = &inner.shared;
+        let seq = inner.seq.fetch_add(1, Ordering::Relaxed);
+        let key = Bytes::copy_from_slice(key);
+        match &entry {
+            Some(entry) => shared.l1.insert(key.clone(), Stored { entry: entry.clone(), seq }),
+            None => {
+                shared.l1.remove(&key);
+            }
+        }
+        let (Some(writer), Some(budget)) = (&inner.writer, budget) else { return };
+        shared.pending.set(key.clone(), seq, entry.clone());
+        let op = match entry {
+            Some(entry) => StoreOp::Put { key, entry },
+            None => StoreOp::Delete { key },
+        };
+        shared.queued_ops.fetch_add(1, Ordering::Relaxed);
+        if writer.send(Message::Write { seq, op, _budget: budget }).is_err() {
+            shared.queued_ops.fetch_sub(1, Ordering::Relaxed);
+            tracing::warn!("cache writer stopped; the write stays in L1 only");
+        }
+    }
+
+    /// Removes every key matching a pattern or carrying one of the tags, from both
+    /// layers. Writes made after the call started survive.
+    pub async fn invalidate(&self, target: Target) -> Result<usize, CacheError> {
+        let started = Instant::now();
+        let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed);
+        let removed = match &self.inner.writer {
+            Some(writer) => {
+                let (reply, answer) = oneshot::channel();
+                writer.send(Message::Invalidate { target, seq, reply }).map_err(|_| CacheError::Closed)?;
+                answer.await.map_err(|_| CacheError::Closed)??
+            }
+            None => self.invalidate_l1_only(&target, seq),
+        };
+        self.inner.shared.metrics.invalidation_seconds.observe(started.elapsed().as_secs_f64());
+        Ok(removed)
+    }
+
+    fn invalidate_l1_only(&self, target: &Target, seq: u64) -> usize {
+        let removed = std::cell::Cell::new(0);
+        let matches = |key: &Bytes, stored: &Stored| match target {
+            Target::Pattern(pattern) => pattern.matches(key),
+            Target::Tags(tags) => stored.entry.tags().iter().any(|tag| tags.contains(tag)),
+        };
+        self.inner.shared.l1.retain(|key, stored| {
+            let remove = stored.seq <= seq && matches(key, stored);
+            removed.set(removed.get() + usize::from(remove));
+            !remove
+        });
+        removed.get()
+    }
+
+    /// Waits until every write queued so far is in L2, so scans of L2 see them.
+    async fn barrier(&self) -> Result<(), CacheError> {
+        if let Some(writer) = &self.inner.writer {
+            let (reply, answer) = oneshot::channel();
+            writer.send(Message::Barrier { reply }).map_err(|_| CacheError::Closed)?;
+            answer.await.map_err(|_| CacheError::Closed)?;
+        }
+        Ok(())
+    }
+
+    /// Live keys matching a pattern, at most `limit` (KEYS).
+    pub async fn keys(&self, pattern: &Pattern, limit: usize) -> Result<Vec<Bytes>, CacheError> {
+        let now = now_ms();
+        match &self.inner.store {
+            Some(store) => {
+                self.barrier().await?;
+                Ok(store.keys_matching(pattern, now, limit).await?)
+            }
+            None => {
+                let mut keys = Vec::new();
+                for (key, stored) in self.inner.shared.l1.iter() {
+                    if keys.len() >= limit {
+                        break;
+                    }
+                    if !stored.entry.is_expired(now) && pattern.matches(&key) {
+                        keys.push(key);
+                    }
+                }
+                Ok(keys)
+            }
+        }
+    }
+
+    /// Up to `count` keys after `after`, in key order, and whether more follow (SCAN).
+    pub async fn scan(&self, after: Option<&[u8]>, count: usize) -> Result<(Vec<Bytes>, bool), CacheError> {
+        match &self.inner.store {
+            Some(store) => {
+                self.barrier().await?;
+                Ok(store.scan(after, count).await?)
+            }
+            None => {
+                let mut keys: Vec<Bytes> = self
+                    .inner
+                    .shared
+                    .l1
+                    .iter()
+                    .map(|(key, _)| key)
+                    .filter(|key| after.is_none_or(|after| key.as_ref() > after))
+                    .collect();
+                keys.sort_unstable();
+                let more = keys.len() > count;
+                keys.truncate(count);
+                Ok((keys, more))
+            }
+        }
+    }
+
+    /// Number of keys (DBSIZE). With an L2, keys expired but not yet swept count too,
+    /// as in Redis.
+    pub async fn len(&self) -> Result<u64, CacheError> {
+        match &self.inner.store {
+            Some(store) => {
+                self.barrier().await?;
+                Ok(store.len().await?)
+            }
+            None => Ok(self.inner.shared.l1.len() as u64),
+        }
+    }
+
+    /// Removes everything from both layers (FLUSHALL).
+    pub async fn clear(&self) -> Result<(), CacheError> {
+        match &self.inner.writer {
+            Some(writer) => {
+                let (reply, answer) = oneshot::channel();
+                writer.send(Message::Clear { reply }).map_err(|_| CacheError::Closed)?;
+                answer.await.map_err(|_| CacheError::Closed)??;
+            }
+            None => self.inner.shared.l1.clear(),
+        }
+        Ok(())
+    }
+
+    /// Commits what is queued durably and stops the writer. Part of shutdown.
+    pub async fn close(&self) {
+        if let Some(writer) = &self.inner.writer {
+            let (reply, answer) = oneshot::channel();
+            if writer.send(Message::Close { reply }).is_ok() {
+                let _ = answer.await;
+            }
+        }
+    }
+
+    pub async fn stats(&self) -> CacheStats {
+        let shared = &self.inner.shared;
+        let metrics = &shared.metrics;
+        let l1_bytes = shared.l1.weight();
+        let l1_entries = shared.l1.len() as u64;
+        metrics.bytes.with_label_values(&["l1"]).set(l1_bytes as i64);
+        metrics.entries.with_label_values(&["l1"]).set(l1_entries as i64);
+        let ratio = |hits: u64, misses: u64| if hits + misses == 0 { 0.0 } else { hits as f64 / (hits + misses) as f64 };
+        let (l1_hits, l1_misses) =
+            (metrics.hits.with_label_values(&["l1"]).get(), metrics.misses.with_label_values(&["l1"]).get());
+        let l1 = LayerStats {
+            kind: "memory",
+            hits: l1_hits,
+            misses: l1_misses,
+            hit_ratio: ratio(l1_hits, l1_misses),
+            entries: l1_entries,
+            bytes: Some(l1_bytes),
+            capacity_bytes: Some(self.inner.l1_capacity),
+            evictions: Some(metrics.evictions.get()),
+            queued_writes: None,
+        };
+        let l2 = match &self.inner.store {
+            Some(store) => {
+                let entries = store.len().await.unwrap_or(0);
+                metrics.entries.with_label_values(&["l2"]).set(entries as i64);
+                let (hits, misses) =
+                    (metrics.hits.with_label_values(&["l2"]).get(), metrics.misses.with_label_values(&["l2"]).get());
+                Some(LayerStats {
+                    kind: store.kind(),
+                    hits,
+                    misses,
+                    hit_ratio: ratio(hits, misses),
+                    entries,
+                    bytes: None,
+                    capacity_bytes: None,
+                    evictions: None,
+                    queued_writes: Some(shared.queued()),
+                })
+            }
+            None => None,
+        };
+        CacheStats { l1, l2 }
+    }
+}

@@ -1,0 +1,241 @@
+//! L2 in a redb file of its own (`cache.redb`), so cache commits never queue behind
+//! job-queue commits.
+//!
+//! Three tables: `entries` (key → encoded entry), `expiry` ((expires_at, key) → ()) for
+//! the sweeper, and `tags` ((tag, key) → ()) so invalidation by tag reads only that
+//! tag's keys. All three change in the same transaction, so they never disagree.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use redb::{Database, Durability, ReadableDatabase, ReadableTableMetadata, TableDefinition};
+
+use super::entry::Entry;
+use super::glob::{Pattern, prefix_successor};
+use super::store::{CacheStore, StoreError, StoreOp};
+
+const ENTRIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("entries");
+const EXPIRY: TableDefinition<(u64, &[u8]), ()> = TableDefinition::new("expiry");
+const TAGS: TableDefinition<(&str, &[u8]), ()> = TableDefinition::new("tags");
+
+pub struct RedbCacheStore {
+    db: Arc<Database>,
+}
+
+fn fail(error: impl std::fmt::Display) -> StoreError {
+    StoreError(error.to_string())
+}
+
+impl RedbCacheStore {
+    /// Opens (or creates) the file. `page_cache_bytes` bounds redb's own page cache,
+    /// which is most of this layer's memory.
+    pub fn open(path: &Path, page_cache_bytes: usize) -> Result<RedbCacheStore, StoreError> {
+        let db = Database::builder()
+            .set_cache_size(page_cache_bytes)
+            .create(path)
+            .map_err(|error| StoreError(format!("cannot open {}: {error}", path.display())))?;
+        let store = RedbCacheStore { db: Arc::new(db) };
+        store.create_tables()?;
+        Ok(store)
+    }
+
+    fn create_tables(&self) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(fail)?;
+        txn.open_table(ENTRIES).map_err(fail)?;
+        txn.open_table(EXPIRY).map_err(fail)?;
+        txn.open_table(TAGS).map_err(fail)?;
+        txn.commit().map_err(fail)
+    }
+
+    fn apply_blocking(db: &Database, batch: &[StoreOp], durable: bool) -> Result<(), StoreError> {
+        let mut txn = db.begin_write().map_err(fail)?;
+        txn.set_durability(if durable { Durability::Immediate } else { Durability::None }).map_err(fail)?;
+        {
+            let mut entries = txn.open_table(ENTRIES).map_err(fail)?;
+            let mut expiry = txn.open_table(EXPIRY).map_err(fail)?;
+            let mut tags = txn.open_table(TAGS).map_err(fail)?;
+            for op in batch {
+                let key: &[u8] = match op {
+                    StoreOp::Put { key, .. } | StoreOp::Delete { key } => key,
+                };
+                // Index rows of the old version go first, whatever replaces it.
+                let old = entries.remove(key).map_err(fail)?.and_then(|old| Entry::decode(old.value()));
+                if let Some(old) = old {
+                    if let Some(at) = old.expires_at {
+                        expiry.remove((at, key)).map_err(fail)?;
+                    }
+                    for tag in old.tags() {
+                        tags.remove((tag.as_str(), key)).map_err(fail)?;
+                    }
+                }
+                if let StoreOp::Put { entry, .. } = op {
+                    entries.insert(key, entry.encode().as_slice()).map_err(fail)?;
+                    if let Some(at) = entry.expires_at {
+                        expiry.insert((at, key), ()).map_err(fail)?;
+                    }
+                    for tag in entry.tags() {
+                        tags.insert((tag.as_str(), key), ()).map_err(fail)?;
+                    }
+                }
+            }
+        }
+        txn.commit().map_err(fail)
+    }
+
+    fn keys_matching_blocking(db: &Database, pattern: &Pattern, now_ms: u64, limit: usize) -> Result<Vec<Bytes>, StoreError> {
+        let txn = db.begin_read().map_err(fail)?;
+        let entries = txn.open_table(ENTRIES).map_err(fail)?;
+        let prefix = pattern.literal_prefix();
+        let mut keys = Vec::new();
+        let live = |encoded: &[u8]| match encoded.get(..8) {
+            Some(head) => {
+                let at = u64::from_le_bytes(head.try_into().expect("8 bytes"));
+                at == 0 || now_ms == 0 || at > now_ms
+            }
+            None => false,
+        };
+        if pattern.is_exact() {
+            if entries.get(prefix).map_err(fail)?.is_some_and(|value| live(value.value())) {
+                keys.push(Bytes::copy_from_slice(prefix));
+            }
+            return Ok(keys);
+        }
+        let end = prefix_successor(prefix);
+        let range = match &end {
+            Some(end) => entries.range::<&[u8]>(prefix..end.as_slice()),
+            None => entries.range::<&[u8]>(prefix..),
+        }
+        .map_err(fail)?;
+        for item in range {
+            let (key, value) = item.map_err(fail)?;
+            if pattern.matches(key.value()) && live(value.value()) {
+                keys.push(Bytes::copy_from_slice(key.value()));
+                if keys.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(keys)
+    }
+}
+
+#[async_trait]
+impl CacheStore for RedbCacheStore {
+    fn kind(&self) -> &'static str {
+        "redb"
+    }
+
+    async fn get(&self, key: &[u8]) -> Result<Option<Entry>, StoreError> {
+        // A point read from redb's page cache takes microseconds: not worth a thread hop.
+        let txn = self.db.begin_read().map_err(fail)?;
+        let entries = txn.open_table(ENTRIES).map_err(fail)?;
+        let found = entries.get(key).map_err(fail)?;
+        Ok(found.and_then(|bytes| Entry::decode(bytes.value())))
+    }
+
+    async fn apply(&self, batch: Vec<StoreOp>, durable: bool) -> Result<(), StoreError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || Self::apply_blocking(&db, &batch, durable)).await.map_err(fail)?
+    }
+
+    async fn keys_matching(&self, pattern: &Pattern, now_ms: u64, limit: usize) -> Result<Vec<Bytes>, StoreError> {
+        let db = self.db.clone();
+        let pattern = pattern.clone();
+        tokio::task::spawn_blocking(move || Self::keys_matching_blocking(&db, &pattern, now_ms, limit))
+            .await
+            .map_err(fail)?
+    }
+
+    async fn keys_tagged(&self, tag: &str, limit: usize) -> Result<Vec<Bytes>, StoreError> {
+        let db = self.db.clone();
+        let tag = tag.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let txn = db.begin_read().map_err(fail)?;
+            let tags = txn.open_table(TAGS).map_err(fail)?;
+            let empty: &[u8] = &[];
+            let mut keys = Vec::new();
+            for item in tags.range((tag.as_str(), empty)..).map_err(fail)? {
+                let (row, _) = item.map_err(fail)?;
+                let (row_tag, key) = row.value();
+                if row_tag != tag || keys.len() >= limit {
+                    break;
+                }
+                keys.push(Bytes::copy_from_slice(key));
+            }
+            Ok(keys)
+        })
+        .await
+        .map_err(fail)?
+    }
+
+    async fn scan(&self, after: Option<&[u8]>, count: usize) -> Result<(Vec<Bytes>, bool), StoreError> {
+        let db = self.db.clone();
+        let after = after.map(<[u8]>::to_vec);
+        tokio::task::spawn_blocking(move || {
+            let txn = db.begin_read().map_err(fail)?;
+            let entries = txn.open_table(ENTRIES).map_err(fail)?;
+            let range = match &after {
+                Some(after) => entries.range::<&[u8]>((std::ops::Bound::Excluded(after.as_slice()), std::ops::Bound::Unbounded)),
+                None => entries.range::<&[u8]>(..),
+            }
+            .map_err(fail)?;
+            let mut keys = Vec::with_capacity(count);
+            for item in range {
+                let (key, _) = item.map_err(fail)?;
+                if keys.len() == count {
+                    return Ok((keys, true));
+                }
+                keys.push(Bytes::copy_from_slice(key.value()));
+            }
+            Ok((keys, false))
+        })
+        .await
+        .map_err(fail)?
+    }
+
+    async fn expired(&self, now_ms: u64, limit: usize) -> Result<Vec<Bytes>, StoreError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let txn = db.begin_read().map_err(fail)?;
+            let expiry = txn.open_table(EXPIRY).map_err(fail)?;
+            let empty: &[u8] = &[];
+            let mut keys = Vec::new();
+            for item in expiry.range((0u64, empty)..).map_err(fail)? {
+                let (row, _) = item.map_err(fail)?;
+                let (at, key) = row.value();
+                if at > now_ms || keys.len() >= limit {
+                    break;
+                }
+                keys.push(Bytes::copy_from_slice(key));
+            }
+            Ok(keys)
+        })
+        .await
+        .map_err(fail)?
+    }
+
+    async fn len(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read().map_err(fail)?;
+        let entries = txn.open_table(ENTRIES).map_err(fail)?;
+        entries.len().map_err(fail)
+    }
+
+    async fn clear(&self) -> Result<(), StoreError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut txn = db.begin_write().map_err(fail)?;
+            txn.set_durability(Durability::Immediate).map_err(fail)?;
+            txn.delete_table(ENTRIES).map_err(fail)?;
+            txn.delete_table(EXPIRY).map_err(fail)?;
+            txn.delete_table(TAGS).map_err(fail)?;
+            txn.open_table(ENTRIES).map_err(fail)?;
+            txn.open_table(EXPIRY).map_err(fail)?;
+            txn.open_table(TAGS).map_err(fail)?;
+            txn.commit().map_err(fail)
+        })
+        .await
+        .map_err(fail)?
+    }
+}

@@ -1,0 +1,56 @@
+//! The L2 seam: what a persistent cache layer must do. The embedded implementation
+//! (`RedbCacheStore`) comes first; Redis fits the same trait when scaled out.
+//!
+//! Only the cache's writer task calls the mutating methods, one batch at a time, so an
+//! implementation needs no write coordination of its own. Reads come from any task.
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use super::entry::Entry;
+use super::glob::Pattern;
+
+#[derive(Debug, thiserror::Error)]
+#[error("cache store: {0}")]
+pub struct StoreError(pub String);
+
+/// One change, applied in order within a batch.
+#[derive(Debug, Clone)]
+pub enum StoreOp {
+    Put { key: Bytes, entry: Entry },
+    Delete { key: Bytes },
+}
+
+#[async_trait]
+pub trait CacheStore: Send + Sync + 'static {
+    /// A short name for logs and `/readyz` (`redb`, `redis`).
+    fn kind(&self) -> &'static str;
+
+    async fn get(&self, key: &[u8]) -> Result<Option<Entry>, StoreError>;
+
+    /// Applies a batch atomically. `durable` asks for the batch and everything before it
+    /// to be on stable storage when this returns; otherwise it may be lost on power loss
+    /// (never corrupted).
+    async fn apply(&self, batch: Vec<StoreOp>, durable: bool) -> Result<(), StoreError>;
+
+    /// Keys matching `pattern` that have not expired at `now_ms` (0: include expired
+    /// ones), at most `limit`. Patterns with a literal prefix must be answered without
+    /// reading keys outside that prefix.
+    async fn keys_matching(&self, pattern: &Pattern, now_ms: u64, limit: usize) -> Result<Vec<Bytes>, StoreError>;
+
+    /// Keys carrying `tag`, at most `limit`, without scanning untagged keys.
+    async fn keys_tagged(&self, tag: &str, limit: usize) -> Result<Vec<Bytes>, StoreError>;
+
+    /// Up to `count` keys after `after` in key order (expired ones included), and
+    /// whether more follow.
+    async fn scan(&self, after: Option<&[u8]>, count: usize) -> Result<(Vec<Bytes>, bool), StoreError>;
+
+    /// Keys whose expiry is at or before `now_ms`, oldest first, at most `limit`.
+    async fn expired(&self, now_ms: u64, limit: usize) -> Result<Vec<Bytes>, StoreError>;
+
+    /// Number of keys stored (expired ones not yet swept included).
+    async fn len(&self) -> Result<u64, StoreError>;
+
+    /// Removes everything.
+    async fn clear(&self) -> Result<(), StoreError>;
+}

@@ -1,0 +1,225 @@
+//! The L2 writer: one task owns every change to L2 and commits them in batches.
+//!
+//! Callers update L1 and record the write as *pending* before queueing it, and return
+//! at once; the writer drains whatever has queued, applies it in one transaction, and
+//! only then clears the pending records. A read that misses L1 consults the pending
+//! records before L2, so it never sees an older L2 value while a newer write is queued.
+//!
+//! Commits are not flushed to disk one by one: at most one durable commit per second
+//! (`DURABLE_EVERY`), so a power cut can lose the last second of cache writes. redb's
+//! commit protocol never leaves a torn file: after a crash it holds the last durable
+//! commit.
+//!
+//! Invalidations, barriers and clears travel through the same queue, so they apply
+//! after every write queued before them.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+
+use super::entry::now_ms;
+use super::glob::Pattern;
+use super::store::{CacheStore, StoreError, StoreOp};
+use super::{Shared, Target};
+
+pub(super) const DURABLE_EVERY: Duration = Duration::from_secs(1);
+/// Ops per transaction at most: bounds a commit's size and the time between commits.
+const MAX_BATCH: usize = 4096;
+/// Keys handled per step of an invalidation or a sweep.
+const STEP: usize = 4096;
+/// Expired keys the sweeper removes per tick at most, so it never monopolises the writer.
+const SWEEP_PER_TICK: usize = 16 * 1024;
+
+pub(super) enum Message {
+    Write { seq: u64, op: StoreOp, _budget: OwnedSemaphorePermit },
+    Invalidate { target: Target, seq: u64, reply: oneshot::Sender<Result<usize, StoreError>> },
+    /// Answered once everything queued before it is committed.
+    Barrier { reply: oneshot::Sender<()> },
+    Clear { reply: oneshot::Sender<Result<(), StoreError>> },
+    /// Final durable commit, then the writer stops.
+    Close { reply: oneshot::Sender<()> },
+}
+
+pub(super) struct Writer {
+    pub(super) shared: Arc<Shared>,
+    pub(super) store: Arc<dyn CacheStore>,
+    pub(super) inbox: mpsc::UnboundedReceiver<Message>,
+}
+
+impl Writer {
+    pub(super) async fn run(mut self) {
+        let mut last_durable = Instant::now();
+        let mut dirty = false;
+        let mut ticker = tokio::time::interval(DURABLE_EVERY);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut messages = Vec::with_capacity(MAX_BATCH);
+        loop {
+            tokio::select! {
+                received = self.inbox.recv_many(&mut messages, MAX_BATCH) => {
+                    if received == 0 {
+                        self.commit(Vec::new(), Vec::new(), true).await;
+                        return;
+                    }
+                }
+                _ = ticker.tick() => {
+                    if dirty {
+                        self.commit(Vec::new(), Vec::new(), true).await;
+                        dirty = false;
+                        last_durable = Instant::now();
+                    }
+                    self.sweep().await;
+                    continue;
+                }
+            }
+            let mut ops = Vec::new();
+            let mut seqs = Vec::new();
+            for message in messages.drain(..) {
+                match message {
+                    Message::Write { seq, op, _budget } => {
+                        seqs.push((seq, op_key(&op).clone()));
+                        ops.push(op);
+                        drop(_budget);
+                    }
+                    other => {
+                        let durable = last_durable.elapsed() >= DURABLE_EVERY;
+                        self.commit(std::mem::take(&mut ops), std::mem::take(&mut seqs), durable).await;
+                        if let Message::Close { reply } = other {
+                            self.commit(Vec::new(), Vec::new(), true).await;
+                            let _ = reply.send(());
+                            return;
+                        }
+                        self.control(other).await;
+                    }
+                }
+            }
+            if !ops.is_empty() {
+                let durable = last_durable.elapsed() >= DURABLE_EVERY;
+                self.commit(ops, seqs, durable).await;
+                if durable {
+                    last_durable = Instant::now();
+                    dirty = false;
+                } else {
+                    dirty = true;
+                }
+            }
+            self.shared.metrics.l2_queue_ops.set(self.shared.queued());
+        }
+    }
+
+    /// Applies a batch, then forgets the pending records it covered.
+    async fn commit(&self, ops: Vec<StoreOp>, seqs: Vec<(u64, Bytes)>, durable: bool) {
+        if ops.is_empty() && !durable {
+            return;
+        }
+        let count = ops.len();
+        if let Err(error) = self.store.apply(ops, durable).await {
+            // The writes stay in L1; L2 misses them until they are written again.
+            self.shared.metrics.l2_errors.inc();
+            tracing::error!(%error, count, "cache L2 batch failed");
+        }
+        for (seq, key) in seqs {
+            self.shared.pending.clear(&key, seq);
+        }
+        self.shared.queued_ops.fetch_sub(count as i64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    async fn control(&self, message: Message) {
+        match message {
+            Message::Invalidate { target, seq, reply } => {
+                let _ = reply.send(self.invalidate(target, seq).await);
+            }
+            Message::Barrier { reply } => {
+                let _ = reply.send(());
+            }
+            Message::Clear { reply } => {
+                let outcome = self.store.clear().await;
+                self.shared.l1.clear();
+                let _ = reply.send(outcome);
+            }
+            Message::Write { .. } | Message::Close { .. } => unreachable!("handled by run"),
+        }
+    }
+
+    /// Deletes matching keys from L2 step by step, and each from L1 unless L1 holds a
+    /// write newer than the invalidation.
+    async fn invalidate(&self, target: Target, seq: u64) -> Result<usize, StoreError> {
+        let mut removed = 0;
+        let sources: Vec<Source<'_>> = match &target {
+            Target::Pattern(pattern) => vec![Source::Pattern(pattern)],
+            Target::Tags(tags) => tags.iter().map(|tag| Source::Tag(tag)).collect(),
+        };
+        for source in sources {
+            loop {
+                let keys = match source {
+                    Source::Pattern(pattern) => self.store.keys_matching(pattern, 0, STEP).await?,
+                    Source::Tag(tag) => self.store.keys_tagged(tag, STEP).await?,
+                };
+                if keys.is_empty() {
+                    break;
+                }
+                let full = keys.len() == STEP;
+                let ops = keys.iter().map(|key| StoreOp::Delete { key: key.clone() }).collect();
+                self.store.apply(ops, false).await?;
+                removed += keys.len();
+                self.evict_l1(&keys, seq).await;
+                if !full {
+                    break;
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    async fn evict_l1(&self, keys: &[Bytes], seq: u64) {
+        for key in keys {
+            // Under the key's lock, so a concurrent miss cannot promote the old value
+            // back from a read of L2 it made before the delete.
+            let _guard = self.shared.stripe(key).lock().await;
+            self.shared.l1.remove_if(key, |stored| stored.seq <= seq);
+        }
+    }
+
+    /// Removes expired keys from L2 in bounded steps; readers never wait for it.
+    async fn sweep(&self) {
+        let mut swept = 0;
+        while swept < SWEEP_PER_TICK {
+            let now = now_ms();
+            let keys = match self.store.expired(now, STEP).await {
+                Ok(keys) => keys,
+                Err(error) => {
+                    tracing::warn!(%error, "cache sweep failed");
+                    return;
+                }
+            };
+            if keys.is_empty() {
+                return;
+            }
+            let ops = keys.iter().map(|key| StoreOp::Delete { key: key.clone() }).collect();
+            if let Err(error) = self.store.apply(ops, false).await {
+                tracing::warn!(%error, "cache sweep failed");
+                return;
+            }
+            for key in &keys {
+                let _guard = self.shared.stripe(key).lock().await;
+                self.shared.l1.remove_if(key, |stored| stored.entry.is_expired(now));
+            }
+            swept += keys.len();
+            if keys.len() < STEP {
+                return;
+            }
+        }
+    }
+}
+
+enum Source<'a> {
+    Pattern(&'a Pattern),
+    Tag(&'a str),
+}
+
+fn op_key(op: &StoreOp) -> &Bytes {
+    match op {
+        StoreOp::Put { key, .. } | StoreOp::Delete { key } => key,
+    }
+}
