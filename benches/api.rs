@@ -26,6 +26,7 @@ fn api(c: &mut Criterion) {
         readiness,
         auth: Authenticator::default(),
         config,
+        services: Default::default(),
     });
 
     for path in ["/healthz", "/readyz"] {

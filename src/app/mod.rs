@@ -9,8 +9,9 @@
 mod reload;
 mod systemd;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::signal::unix::{SignalKind, signal};
@@ -18,8 +19,11 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Authenticator;
+use crate::backends::{self, BackendError};
+use crate::cache::loader::Namespaces;
+use crate::cache::{Cache, CacheMetrics, Limits};
 use crate::config::{Config, ConfigSources};
-use crate::http::{self, ApiState};
+use crate::http::{self, ApiState, Services};
 use crate::listener::{HttpOptions, Listener, ListenerError, serve_http};
 use crate::observe::{BuildInfo, DependencyState, LogHandle, Metrics, Readiness};
 use crate::storage::{Storage, StorageError};
@@ -34,6 +38,8 @@ pub enum AppError {
     Listener(ListenerError),
     #[error(transparent)]
     Storage(#[from] StorageError),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
     #[error("{0}")]
     Runtime(String),
 }
@@ -113,6 +119,7 @@ pub async fn run(config: Config, launch: Launch) -> Result<(), AppError> {
         max_headers: api_config.max_headers as usize,
         drain_timeout: config.lifecycle.drain_timeout.0,
     };
+    let services = Arc::new(OnceLock::new());
     let auth = Authenticator::from_config(&config);
     tracing::info!(enabled = auth.is_enabled(), "authentication configured");
     let router = http::router(ApiState {
@@ -120,21 +127,26 @@ pub async fn run(config: Config, launch: Launch) -> Result<(), AppError> {
         readiness: readiness.clone(),
         auth,
         config: config_rx,
+        services: services.clone(),
     });
     let mut servers = tokio::task::JoinSet::new();
     servers.spawn(serve_http(api, router, api_options, shutdown.clone()));
 
     let opening = {
         let config = config.clone();
-        tokio::task::spawn_blocking(move || Storage::open(data_dir, &config))
+        tokio::task::spawn_blocking(move || -> Result<_, AppError> {
+            let storage = Storage::open(data_dir, &config)?;
+            let cache_store = backends::open_cache_store(&config, storage.data_dir.path())?;
+            Ok((storage, cache_store))
+        })
     };
-    let storage = tokio::select! {
+    let (storage, cache_store) = tokio::select! {
         opened = opening => match opened {
-            Ok(Ok(storage)) => storage,
+            Ok(Ok(opened)) => opened,
             Ok(Err(error)) => {
                 readiness.set("storage", DependencyState::Failed(error.to_string()));
                 stop_servers(&shutdown, &mut servers).await;
-                return Err(error.into());
+                return Err(error);
             }
             Err(panic) => {
                 stop_servers(&shutdown, &mut servers).await;
@@ -144,8 +156,19 @@ pub async fn run(config: Config, launch: Launch) -> Result<(), AppError> {
         _ = terminate.recv() => return stop_early(&shutdown, &mut servers).await,
         _ = interrupt.recv() => return stop_early(&shutdown, &mut servers).await,
     };
+    tracing::info!(l2 = cache_store.as_ref().map_or("none", |store| store.kind()), "storage ready");
+
+    let cache_metrics = CacheMetrics::new(metrics.registry());
+    let cache = Cache::new(
+        config.cache.l1_max_bytes.0,
+        cache_store,
+        Limits { max_key_bytes: config.cache.max_key_bytes.0, max_value_bytes: config.cache.max_value_bytes.0 },
+        cache_metrics.clone(),
+    );
+    let namespaces = Namespaces::new(cache.clone(), &config.cache, HashMap::new(), cache_metrics);
+    tracing::info!(l1_max_bytes = config.cache.l1_max_bytes.0, namespaces = ?namespaces.names(), "cache ready");
+    let _ = services.set(Services { cache: cache.clone(), namespaces });
     readiness.set("storage", DependencyState::Ready);
-    tracing::info!("storage ready");
 
     systemd::notify_ready();
     let watchdog = systemd::spawn_watchdog(shutdown.clone());
@@ -174,6 +197,8 @@ pub async fn run(config: Config, launch: Launch) -> Result<(), AppError> {
     if let Some(watchdog) = watchdog {
         watchdog.abort();
     }
+    cache.close().await;
+    tracing::info!("cache flushed");
     drop(storage);
     tracing::info!("storage closed; keel stopped");
     Ok(())

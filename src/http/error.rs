@@ -81,3 +81,33 @@ impl From<axum::extract::rejection::BytesRejection> for ApiError {
         ApiError::new(status, code, rejection.body_text())
     }
 }
+
+impl From<crate::cache::CacheError> for ApiError {
+    fn from(error: crate::cache::CacheError) -> Self {
+        use crate::cache::CacheError;
+        match &error {
+            CacheError::KeyTooLarge { .. } => ApiError::bad_request("key_too_large", error.to_string()),
+            CacheError::ValueTooLarge { .. } => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "value_too_large", error.to_string())
+            }
+            CacheError::Store(_) | CacheError::Closed => {
+                tracing::error!(%error, "cache unavailable");
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "cache_unavailable", "the cache's storage is unavailable")
+            }
+        }
+    }
+}
+
+impl From<crate::cache::loader::LoadError> for ApiError {
+    fn from(error: crate::cache::loader::LoadError) -> Self {
+        use crate::cache::loader::LoadError;
+        let (status, code) = match &error {
+            LoadError::UnknownNamespace(_) => (StatusCode::NOT_FOUND, "unknown_namespace"),
+            LoadError::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+            LoadError::Failed(_) => (StatusCode::BAD_GATEWAY, "loader_failed"),
+            LoadError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "loader_timeout"),
+            LoadError::TooLarge => (StatusCode::BAD_GATEWAY, "loader_too_large"),
+        };
+        ApiError::new(status, code, error.to_string())
+    }
+}

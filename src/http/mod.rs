@@ -4,10 +4,11 @@
 //! Handlers turn requests into calls on subsystem handles and back; they hold no state
 //! of their own. Wire formats stop here: subsystems never see axum types.
 
+mod cache;
 mod error;
 mod system;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use axum::Router;
@@ -17,6 +18,8 @@ use axum::response::{IntoResponse, Response};
 use tokio::sync::watch;
 
 use crate::auth::{AuthError, Authenticator};
+use crate::cache::Cache;
+use crate::cache::loader::Namespaces;
 use crate::config::Config;
 use crate::observe::{Metrics, Readiness};
 
@@ -30,6 +33,22 @@ pub struct ApiState {
     pub auth: Authenticator,
     /// The live configuration; SIGHUP publishes a new one.
     pub config: watch::Receiver<Arc<Config>>,
+    /// Set once storage is open; until then subsystem routes answer 503.
+    pub services: Arc<OnceLock<Services>>,
+}
+
+/// The subsystem handles the routes call into.
+pub struct Services {
+    pub cache: Cache,
+    pub namespaces: Namespaces,
+}
+
+impl ApiState {
+    fn services(&self) -> Result<&Services, ApiError> {
+        self.services.get().ok_or_else(|| {
+            ApiError::new(axum::http::StatusCode::SERVICE_UNAVAILABLE, "not_ready", "keel is starting; see /readyz")
+        })
+    }
 }
 
 /// The whole api router.
@@ -38,6 +57,7 @@ pub fn router(state: ApiState) -> Router {
     let metrics = state.metrics.clone();
     Router::new()
         .merge(system::routes())
+        .merge(cache::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))

@@ -120,6 +120,7 @@ async fn readyz_is_503_until_storage_is_ready() {
         readiness: readiness.clone(),
         auth: Authenticator::default(),
         config,
+        services: Default::default(),
     };
     let app = router(state);
     let call = |app: axum::Router| async move {
