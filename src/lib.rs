@@ -23,5 +23,6 @@ pub mod config;
 pub mod http;
 pub mod listener;
 pub mod observe;
+pub mod resp;
 pub mod storage;
 pub mod cache;

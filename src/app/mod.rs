@@ -26,6 +26,7 @@ use crate::config::{Config, ConfigSources};
 use crate::http::{self, ApiState, Services};
 use crate::listener::{HttpOptions, Listener, ListenerError, serve_http};
 use crate::observe::{BuildInfo, DependencyState, LogHandle, Metrics, Readiness};
+use crate::resp::{ParseLimits, RespContext, RespMetrics, serve_resp};
 use crate::storage::{Storage, StorageError};
 
 /// Why `keel serve` stopped with an error; the CLI maps each to an exit code.
@@ -113,7 +114,7 @@ pub async fn run(config: Config, launch: Launch) -> Result<(), AppError> {
         api_tls: api.certificate().is_some(),
     };
     tracing::info!(addr = %endpoints.api, tls = endpoints.api_tls, "api listener bound");
-    let certificates: Vec<_> = api.certificate().into_iter().collect();
+    let mut certificates: Vec<_> = api.certificate().into_iter().collect();
     let api_options = HttpOptions {
         header_read_timeout: api_config.header_read_timeout.0,
         max_headers: api_config.max_headers as usize,
@@ -168,6 +169,26 @@ pub async fn run(config: Config, launch: Launch) -> Result<(), AppError> {
     let namespaces = Namespaces::new(cache.clone(), &config.cache, HashMap::new(), cache_metrics);
     tracing::info!(l1_max_bytes = config.cache.l1_max_bytes.0, namespaces = ?namespaces.names(), "cache ready");
     let _ = services.set(Services { cache: cache.clone(), namespaces });
+
+    let resp_config = &config.listeners.resp;
+    if let Some(addr) = resp_config.bind.0 {
+        let resp = Listener::bind("resp", addr, resp_config.tls.as_ref(), &[], resp_config.max_connections).await;
+        let resp = match resp {
+            Ok(resp) => resp,
+            Err(error) => {
+                stop_servers(&shutdown, &mut servers).await;
+                cache.close().await;
+                return Err(error.into());
+            }
+        };
+        tracing::info!(addr = %resp.local_addr(), tls = resp.certificate().is_some(), "resp listener bound");
+        certificates.extend(resp.certificate());
+        let max_bulk = config.cache.max_value_bytes.0.max(config.cache.max_key_bytes.0) as usize;
+        let limits = ParseLimits { max_bulk, max_args: 1024 * 1024, max_inline: 64 * 1024 };
+        let context = Arc::new(RespContext::new(cache.clone(), Authenticator::from_config(&config)));
+        let resp_metrics = RespMetrics::new(metrics.registry());
+        servers.spawn(serve_resp(resp, context, limits, resp_metrics, shutdown.clone(), config.lifecycle.drain_timeout.0));
+    }
     readiness.set("storage", DependencyState::Ready);
 
     systemd::notify_ready();

@@ -1,0 +1,162 @@
+//! The RESP listener: accepts connections and runs each one's read → parse → execute →
+//! write loop. Replies to pipelined commands are written in one batch per read, which
+//! is what makes pipelining fast; a client that stops reading its replies stops being
+//! read from once its pending output passes `OUTPUT_FLUSH`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use prometheus::{IntCounter, IntGauge, Registry};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::commands::{Flow, RespContext, Session, execute};
+use super::frame::{ParseLimits, Reply, parse_command};
+use crate::listener::{Listener, TLS_HANDSHAKE_TIMEOUT};
+
+/// Output beyond this is written before more commands run.
+const OUTPUT_FLUSH: usize = 64 * 1024;
+const READ_CHUNK: usize = 16 * 1024;
+
+#[derive(Clone)]
+pub struct RespMetrics {
+    connections: IntGauge,
+    commands: IntCounter,
+    protocol_errors: IntCounter,
+}
+
+impl RespMetrics {
+    pub fn new(registry: &Registry) -> RespMetrics {
+        let metrics = RespMetrics {
+            connections: IntGauge::new("keel_resp_connections", "Open RESP connections.").expect("valid metric"),
+            commands: IntCounter::new("keel_resp_commands_total", "RESP commands executed.").expect("valid metric"),
+            protocol_errors: IntCounter::new(
+                "keel_resp_protocol_errors_total",
+                "RESP connections closed for malformed or oversized input.",
+            )
+            .expect("valid metric"),
+        };
+        let _ = registry.register(Box::new(metrics.connections.clone()));
+        let _ = registry.register(Box::new(metrics.commands.clone()));
+        let _ = registry.register(Box::new(metrics.protocol_errors.clone()));
+        metrics
+    }
+}
+
+/// Serves until `shutdown`, then closes idle connections, lets each busy one finish its
+/// current command, and waits up to `drain` for them.
+pub async fn serve_resp(
+    listener: Listener,
+    context: Arc<RespContext>,
+    limits: ParseLimits,
+    metrics: RespMetrics,
+    shutdown: CancellationToken,
+    drain: Duration,
+) {
+    let tracker = TaskTracker::new();
+    loop {
+        let (stream, peer, permit) = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = shutdown.cancelled() => break,
+        };
+        let context = context.clone();
+        let metrics = metrics.clone();
+        let shutdown = shutdown.clone();
+        let tls = listener.tls_acceptor();
+        tracker.spawn(async move {
+            let _permit = permit;
+            metrics.connections.inc();
+            context.connected.fetch_add(1, Ordering::Relaxed);
+            match tls {
+                None => connection(stream, peer, &context, &limits, &metrics, &shutdown).await,
+                Some(acceptor) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => connection(stream, peer, &context, &limits, &metrics, &shutdown).await,
+                    _ => tracing::debug!(%peer, "RESP TLS handshake failed"),
+                },
+            }
+            context.connected.fetch_sub(1, Ordering::Relaxed);
+            metrics.connections.dec();
+        });
+    }
+    drop(listener);
+    tracker.close();
+    tracing::info!(listener = "resp", open = tracker.len(), "stopped accepting; draining connections");
+    if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
+        tracing::warn!(listener = "resp", "drain timeout reached; closing remaining connections");
+    }
+}
+
+async fn connection<IO>(
+    mut stream: IO,
+    peer: SocketAddr,
+    context: &RespContext,
+    limits: &ParseLimits,
+    metrics: &RespMetrics,
+    shutdown: &CancellationToken,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut session = Session {
+        id: context.next_client_id.fetch_add(1, Ordering::Relaxed),
+        peer,
+        name: None,
+        resp3: false,
+        authenticated: !context.auth.is_enabled(),
+    };
+    let mut input = BytesMut::with_capacity(READ_CHUNK);
+    let mut output = BytesMut::with_capacity(READ_CHUNK);
+    loop {
+        loop {
+            let parsed = match parse_command(&input, limits) {
+                Ok(Some(parsed)) => parsed,
+                Ok(None) => break,
+                Err(error) => {
+                    metrics.protocol_errors.inc();
+                    tracing::debug!(%peer, %error, "closing RESP connection");
+                    Reply::error(format!("ERR {error}")).encode(session.resp3, &mut output);
+                    let _ = stream.write_all(&output).await;
+                    return;
+                }
+            };
+            let frame: Bytes = input.split_to(parsed.consumed).freeze();
+            if parsed.args.is_empty() {
+                continue;
+            }
+            let args: Vec<Bytes> = parsed.args.into_iter().map(|range| frame.slice(range)).collect();
+            metrics.commands.inc();
+            let (reply, flow) = execute(context, &mut session, &args).await;
+            reply.encode(session.resp3, &mut output);
+            if flow == Flow::Close {
+                let _ = stream.write_all(&output).await;
+                return;
+            }
+            if output.len() >= OUTPUT_FLUSH {
+                if stream.write_all(&output).await.is_err() {
+                    return;
+                }
+                output.clear();
+            }
+        }
+        if !output.is_empty() {
+            if stream.write_all(&output).await.is_err() {
+                return;
+            }
+            output.clear();
+        }
+        if shutdown.is_cancelled() {
+            return;
+        }
+        input.reserve(READ_CHUNK);
+        tokio::select! {
+            read = stream.read_buf(&mut input) => match read {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            },
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
