@@ -7,4 +7,5 @@ mod support;
 
 mod config;
 mod lifecycle;
+mod resp;
 mod tls;

@@ -27,6 +27,11 @@ pub fn base_config(dir: &Path) -> String {
     )
 }
 
+/// `base_config` with the RESP listener on an ephemeral port, plus `extra` TOML.
+pub fn resp_config(dir: &Path, extra: &str) -> String {
+    base_config(dir).replace("[listeners.resp]\nbind = \"\"", "[listeners.resp]\nbind = \"127.0.0.1:0\"") + extra
+}
+
 /// Runs `keel ARGS` to completion.
 pub fn keel_output(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut command = Command::new(KEEL);
@@ -132,7 +137,16 @@ impl Keel {
 
     /// The api address, read from the "api listener bound" log line.
     pub fn api_addr(&self) -> SocketAddr {
-        let line = self.wait_for_log("api listener bound");
+        self.bound_addr("api listener bound")
+    }
+
+    /// The RESP address (the config must give `listeners.resp.bind`).
+    pub fn resp_addr(&self) -> SocketAddr {
+        self.bound_addr("resp listener bound")
+    }
+
+    fn bound_addr(&self, needle: &str) -> SocketAddr {
+        let line = self.wait_for_log(needle);
         let start = line.find("addr=").expect("addr field") + "addr=".len();
         let addr = line[start..].split_whitespace().next().unwrap();
         addr.parse()
@@ -179,6 +193,7 @@ pub struct Reply {
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub body: String,
+    pub raw_body: Vec<u8>,
 }
 
 impl Reply {
@@ -196,14 +211,19 @@ impl Reply {
 }
 
 pub fn request(addr: SocketAddr, method: &str, path: &str, body: &str) -> Reply {
+    request_bytes(addr, method, path, body.as_bytes())
+}
+
+pub fn request_bytes(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Reply {
     let mut stream = TcpStream::connect(addr).expect("connect");
     stream.set_read_timeout(Some(DEADLINE)).unwrap();
     write!(
         stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
         body.len()
     )
     .unwrap();
+    stream.write_all(body).unwrap();
     read_reply(&mut stream)
 }
 
@@ -219,10 +239,12 @@ pub fn read_reply(stream: &mut impl Read) -> Reply {
 }
 
 pub fn parse_reply(raw: &[u8]) -> Reply {
-    let text = String::from_utf8_lossy(raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("no response head in {text:?}"));
+    let head_end = raw
+        .windows(4)
+        .position(|window| window == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no response head in {:?}", String::from_utf8_lossy(raw)));
+    let head = String::from_utf8_lossy(&raw[..head_end]);
+    let raw_body = raw[head_end + 4..].to_vec();
     let mut lines = head.lines();
     let status_line = lines.next().unwrap();
     let status = status_line
@@ -234,9 +256,5 @@ pub fn parse_reply(raw: &[u8]) -> Reply {
         .filter_map(|line| line.split_once(':'))
         .map(|(key, value)| (key.trim().to_owned(), value.trim().to_owned()))
         .collect();
-    Reply {
-        status,
-        headers,
-        body: body.to_owned(),
-    }
+    Reply { status, headers, body: String::from_utf8_lossy(&raw_body).into_owned(), raw_body }
 }
