@@ -13,11 +13,18 @@ pub enum BackendError {
     #[error("cache.l2: {0}")]
     CacheStore(String),
     #[error("{key} = {value:?} is not available yet in this keel; use {instead}")]
-    Unsupported { key: &'static str, value: String, instead: &'static str },
+    Unsupported {
+        key: &'static str,
+        value: String,
+        instead: &'static str,
+    },
 }
 
 /// The cache's L2: none, redb in the data directory, or Redis.
-pub fn open_cache_store(config: &Config, data_dir: &Path) -> Result<Option<Arc<dyn CacheStore>>, BackendError> {
+pub fn open_cache_store(
+    config: &Config,
+    data_dir: &Path,
+) -> Result<Option<Arc<dyn CacheStore>>, BackendError> {
     match config.cache.l2.as_str() {
         "none" => Ok(None),
         "redb" => {
@@ -26,6 +33,10 @@ pub fn open_cache_store(config: &Config, data_dir: &Path) -> Result<Option<Arc<d
                 .map_err(|error| BackendError::CacheStore(error.to_string()))?;
             Ok(Some(Arc::new(store)))
         }
-        other => Err(BackendError::Unsupported { key: "cache.l2", value: other.to_owned(), instead: "\"redb\" or \"none\"" }),
+        other => Err(BackendError::Unsupported {
+            key: "cache.l2",
+            value: other.to_owned(),
+            instead: "\"redb\" or \"none\"",
+        }),
     }
 }

@@ -18,6 +18,7 @@
 pub mod app;
 pub mod auth;
 pub mod backends;
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod http;
@@ -25,4 +26,3 @@ pub mod listener;
 pub mod observe;
 pub mod resp;
 pub mod storage;
-pub mod cache;

@@ -157,22 +157,38 @@ pub async fn run(config: Config, launch: Launch) -> Result<(), AppError> {
         _ = terminate.recv() => return stop_early(&shutdown, &mut servers).await,
         _ = interrupt.recv() => return stop_early(&shutdown, &mut servers).await,
     };
-    tracing::info!(l2 = cache_store.as_ref().map_or("none", |store| store.kind()), "storage ready");
+    tracing::info!(
+        l2 = cache_store.as_ref().map_or("none", |store| store.kind()),
+        "storage ready"
+    );
 
     let cache_metrics = CacheMetrics::new(metrics.registry());
     let cache = Cache::new(
         config.cache.l1_max_bytes.0,
         cache_store,
-        Limits { max_key_bytes: config.cache.max_key_bytes.0, max_value_bytes: config.cache.max_value_bytes.0 },
+        Limits {
+            max_key_bytes: config.cache.max_key_bytes.0,
+            max_value_bytes: config.cache.max_value_bytes.0,
+        },
         cache_metrics.clone(),
     );
     let namespaces = Namespaces::new(cache.clone(), &config.cache, HashMap::new(), cache_metrics);
     tracing::info!(l1_max_bytes = config.cache.l1_max_bytes.0, namespaces = ?namespaces.names(), "cache ready");
-    let _ = services.set(Services { cache: cache.clone(), namespaces });
+    let _ = services.set(Services {
+        cache: cache.clone(),
+        namespaces,
+    });
 
     let resp_config = &config.listeners.resp;
     if let Some(addr) = resp_config.bind.0 {
-        let resp = Listener::bind("resp", addr, resp_config.tls.as_ref(), &[], resp_config.max_connections).await;
+        let resp = Listener::bind(
+            "resp",
+            addr,
+            resp_config.tls.as_ref(),
+            &[],
+            resp_config.max_connections,
+        )
+        .await;
         let resp = match resp {
             Ok(resp) => resp,
             Err(error) => {
@@ -183,11 +199,29 @@ pub async fn run(config: Config, launch: Launch) -> Result<(), AppError> {
         };
         tracing::info!(addr = %resp.local_addr(), tls = resp.certificate().is_some(), "resp listener bound");
         certificates.extend(resp.certificate());
-        let max_bulk = config.cache.max_value_bytes.0.max(config.cache.max_key_bytes.0) as usize;
-        let limits = ParseLimits { max_bulk, max_args: 1024 * 1024, max_inline: 64 * 1024 };
-        let context = Arc::new(RespContext::new(cache.clone(), Authenticator::from_config(&config)));
+        let max_bulk = config
+            .cache
+            .max_value_bytes
+            .0
+            .max(config.cache.max_key_bytes.0) as usize;
+        let limits = ParseLimits {
+            max_bulk,
+            max_args: 1024 * 1024,
+            max_inline: 64 * 1024,
+        };
+        let context = Arc::new(RespContext::new(
+            cache.clone(),
+            Authenticator::from_config(&config),
+        ));
         let resp_metrics = RespMetrics::new(metrics.registry());
-        servers.spawn(serve_resp(resp, context, limits, resp_metrics, shutdown.clone(), config.lifecycle.drain_timeout.0));
+        servers.spawn(serve_resp(
+            resp,
+            context,
+            limits,
+            resp_metrics,
+            shutdown.clone(),
+            config.lifecycle.drain_timeout.0,
+        ));
     }
     readiness.set("storage", DependencyState::Ready);
 

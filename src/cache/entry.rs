@@ -8,7 +8,10 @@ use bytes::Bytes;
 /// Milliseconds since the Unix epoch: the clock TTLs are kept in, so they survive
 /// restarts and mean the same on every node.
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|elapsed| elapsed.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,7 +25,11 @@ pub struct Entry {
 
 impl Entry {
     pub fn new(value: Bytes) -> Entry {
-        Entry { value, expires_at: None, tags: None }
+        Entry {
+            value,
+            expires_at: None,
+            tags: None,
+        }
     }
 
     pub fn is_expired(&self, now: u64) -> bool {

@@ -17,7 +17,10 @@ impl Pattern {
         while prefix_len < raw.len() && !matches!(raw[prefix_len], b'*' | b'?' | b'[' | b'\\') {
             prefix_len += 1;
         }
-        Pattern { raw: raw.to_vec(), prefix_len }
+        Pattern {
+            raw: raw.to_vec(),
+            prefix_len,
+        }
     }
 
     /// The bytes every matching key starts with.
@@ -125,7 +128,11 @@ fn class_match(pattern: &[u8], start: usize, byte: u8) -> Option<(bool, usize)> 
             matched |= pattern[i + 1] == byte;
             i += 2;
         } else if i + 2 < pattern.len() && pattern[i + 1] == b'-' && pattern[i + 2] != b']' {
-            let (low, high) = if c <= pattern[i + 2] { (c, pattern[i + 2]) } else { (pattern[i + 2], c) };
+            let (low, high) = if c <= pattern[i + 2] {
+                (c, pattern[i + 2])
+            } else {
+                (pattern[i + 2], c)
+            };
             matched |= (low..=high).contains(&byte);
             i += 3;
         } else {

@@ -46,5 +46,11 @@ pub(super) type L1 = QuickCache<Bytes, Stored, EntryWeighter, DefaultHashBuilder
 
 pub(super) fn new_l1(max_bytes: u64, evictions: IntCounter) -> L1 {
     let estimated_items = (max_bytes / 256).clamp(1024, 16 << 20) as usize;
-    L1::with(estimated_items, max_bytes, EntryWeighter, DefaultHashBuilder::default(), EvictionCounter(evictions))
+    L1::with(
+        estimated_items,
+        max_bytes,
+        EntryWeighter,
+        DefaultHashBuilder::default(),
+        EvictionCounter(evictions),
+    )
 }

@@ -61,30 +61,52 @@ impl HttpLoader {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
         connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(connector);
-        HttpLoader { template: template.to_owned(), client, max_bytes }
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector);
+        HttpLoader {
+            template: template.to_owned(),
+            client,
+            max_bytes,
+        }
     }
 }
 
 #[async_trait]
 impl Loader for HttpLoader {
     async fn load(&self, key: &str) -> Result<Bytes, LoadError> {
-        let encoded = percent_encoding::utf8_percent_encode(key, percent_encoding::NON_ALPHANUMERIC).to_string();
+        let encoded =
+            percent_encoding::utf8_percent_encode(key, percent_encoding::NON_ALPHANUMERIC)
+                .to_string();
         let url = self.template.replace("{key}", &encoded);
-        let uri: hyper::Uri = url.parse().map_err(|error| LoadError::Failed(format!("bad loader URL {url:?}: {error}")))?;
-        let response = self.client.get(uri).await.map_err(|error| LoadError::Failed(format!("{url}: {error}")))?;
+        let uri: hyper::Uri = url
+            .parse()
+            .map_err(|error| LoadError::Failed(format!("bad loader URL {url:?}: {error}")))?;
+        let response = self
+            .client
+            .get(uri)
+            .await
+            .map_err(|error| LoadError::Failed(format!("{url}: {error}")))?;
         let status = response.status();
         let body = Limited::new(response.into_body(), self.max_bytes)
             .collect()
             .await
-            .map_err(|error| if error.is::<http_body_util::LengthLimitError>() { LoadError::TooLarge } else { LoadError::Failed(error.to_string()) })?
+            .map_err(|error| {
+                if error.is::<http_body_util::LengthLimitError>() {
+                    LoadError::TooLarge
+                } else {
+                    LoadError::Failed(error.to_string())
+                }
+            })?
             .to_bytes();
         match status.as_u16() {
             200 => Ok(body),
             404 => Err(LoadError::NotFound),
             code => {
                 let excerpt = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
-                Err(LoadError::Failed(format!("{url} answered {code}: {excerpt}")))
+                Err(LoadError::Failed(format!(
+                    "{url} answered {code}: {excerpt}"
+                )))
             }
         }
     }
@@ -126,12 +148,19 @@ pub enum Source {
 impl Namespaces {
     /// HTTP loaders come from the configuration; `extra` supplies the others (named SQL
     /// queries) by namespace name.
-    pub fn new(cache: Cache, config: &CacheConfig, extra: HashMap<String, Arc<dyn Loader>>, metrics: CacheMetrics) -> Namespaces {
+    pub fn new(
+        cache: Cache,
+        config: &CacheConfig,
+        extra: HashMap<String, Arc<dyn Loader>>,
+        metrics: CacheMetrics,
+    ) -> Namespaces {
         let mut namespaces = HashMap::new();
         for (name, namespace) in &config.namespaces {
             let loader: Arc<dyn Loader> = match (&namespace.loader, extra.get(name)) {
                 (_, Some(loader)) => loader.clone(),
-                (Some(LoaderConfig::Http(template)), None) => Arc::new(HttpLoader::new(template, config.max_value_bytes.0 as usize)),
+                (Some(LoaderConfig::Http(template)), None) => {
+                    Arc::new(HttpLoader::new(template, config.max_value_bytes.0 as usize))
+                }
                 (Some(LoaderConfig::Query(query)), None) => {
                     tracing::warn!(namespace = %name, %query, "query loaders need the SQL subsystem; namespace disabled");
                     continue;
@@ -146,7 +175,9 @@ impl Namespaces {
                     ttl: namespace.ttl.map(|ttl| ttl.0),
                     refresh_ahead: namespace.refresh_ahead,
                     negative_ttl: namespace.negative_ttl.map(|ttl| ttl.0),
-                    timeout: namespace.timeout.map_or(DEFAULT_LOAD_TIMEOUT, |timeout| timeout.0),
+                    timeout: namespace
+                        .timeout
+                        .map_or(DEFAULT_LOAD_TIMEOUT, |timeout| timeout.0),
                 }),
             );
         }
@@ -173,9 +204,17 @@ impl Namespaces {
         Bytes::from(format!("{namespace}:{key}"))
     }
 
-    pub async fn get_or_load(&self, namespace: &str, key: &str) -> Result<(Entry, Source), LoadError> {
+    pub async fn get_or_load(
+        &self,
+        namespace: &str,
+        key: &str,
+    ) -> Result<(Entry, Source), LoadError> {
         let inner = &self.inner;
-        let ns = inner.namespaces.get(namespace).cloned().ok_or_else(|| LoadError::UnknownNamespace(namespace.to_owned()))?;
+        let ns = inner
+            .namespaces
+            .get(namespace)
+            .cloned()
+            .ok_or_else(|| LoadError::UnknownNamespace(namespace.to_owned()))?;
         let cache_key = Self::cache_key(namespace, key);
         match inner.cache.get(&cache_key).await {
             Ok(Some(entry)) => {
@@ -195,15 +234,27 @@ impl Namespaces {
         }
         let (waiter, answer) = oneshot::channel();
         self.start_load(&ns, key, &cache_key, Some(waiter));
-        let entry = answer.await.map_err(|_| LoadError::Failed("the load was abandoned".to_owned()))??;
+        let entry = answer
+            .await
+            .map_err(|_| LoadError::Failed("the load was abandoned".to_owned()))??;
         Ok((entry, Source::Loader))
     }
 
     /// Joins the load in flight for the key, or starts one. A refresh (no waiter) that
     /// finds a load in flight does nothing.
-    fn start_load(&self, ns: &Arc<Namespace>, key: &str, cache_key: &Bytes, waiter: Option<oneshot::Sender<Result<Entry, LoadError>>>) {
+    fn start_load(
+        &self,
+        ns: &Arc<Namespace>,
+        key: &str,
+        cache_key: &Bytes,
+        waiter: Option<oneshot::Sender<Result<Entry, LoadError>>>,
+    ) {
         {
-            let mut in_flight = self.inner.in_flight.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut in_flight = self
+                .inner
+                .in_flight
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             if let Some(waiters) = in_flight.get_mut(cache_key) {
                 if let Some(waiter) = waiter {
                     waiters.push(waiter);
@@ -227,12 +278,23 @@ impl Namespaces {
             Ok(outcome) => outcome,
             Err(_) => Err(LoadError::Timeout(ns.timeout)),
         };
-        inner.metrics.loader_seconds.observe(started.elapsed().as_secs_f64());
+        inner
+            .metrics
+            .loader_seconds
+            .observe(started.elapsed().as_secs_f64());
         let label = if outcome.is_ok() { "ok" } else { "error" };
-        inner.metrics.loader_calls.with_label_values(&[ns.name.as_str(), label]).inc();
+        inner
+            .metrics
+            .loader_calls
+            .with_label_values(&[ns.name.as_str(), label])
+            .inc();
         let result = match outcome {
             Ok(value) => {
-                let entry = Entry { value, expires_at: ns.ttl.map(|ttl| now_ms() + ttl.as_millis() as u64), tags: None };
+                let entry = Entry {
+                    value,
+                    expires_at: ns.ttl.map(|ttl| now_ms() + ttl.as_millis() as u64),
+                    tags: None,
+                };
                 match inner.cache.set(&cache_key, entry.clone()).await {
                     Ok(()) => Ok(entry),
                     Err(error) => Err(LoadError::Failed(error.to_string())),
@@ -241,12 +303,19 @@ impl Namespaces {
             Err(error) => {
                 tracing::debug!(namespace = %ns.name, %key, %error, "loader failed");
                 if let Some(negative_ttl) = ns.negative_ttl {
-                    inner.negative.insert(cache_key.clone(), (error.clone(), now_ms() + negative_ttl.as_millis() as u64));
+                    inner.negative.insert(
+                        cache_key.clone(),
+                        (error.clone(), now_ms() + negative_ttl.as_millis() as u64),
+                    );
                 }
                 Err(error)
             }
         };
-        let waiters = inner.in_flight.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(&cache_key);
+        let waiters = inner
+            .in_flight
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(&cache_key);
         for waiter in waiters.into_iter().flatten() {
             let _ = waiter.send(result.clone());
         }
@@ -255,7 +324,9 @@ impl Namespaces {
 
 /// True once `refresh_ahead` of the entry's TTL has passed.
 fn needs_refresh(ns: &Namespace, entry: &Entry, now: u64) -> bool {
-    let (Some(fraction), Some(ttl), Some(expires_at)) = (ns.refresh_ahead, ns.ttl, entry.expires_at) else {
+    let (Some(fraction), Some(ttl), Some(expires_at)) =
+        (ns.refresh_ahead, ns.ttl, entry.expires_at)
+    else {
         return false;
     };
     let ttl_ms = ttl.as_millis() as f64;

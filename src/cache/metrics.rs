@@ -1,7 +1,9 @@
 //! Cache metrics (`keel_cache_*`): per-layer hits, misses, bytes, entries and evictions,
 //! loader calls and latency, coalesced waiters, invalidation time.
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 #[derive(Clone)]
 pub struct CacheMetrics {
@@ -20,23 +22,41 @@ pub struct CacheMetrics {
 
 impl CacheMetrics {
     pub fn new(registry: &Registry) -> CacheMetrics {
-        let layer = |name: &str, help: &str| IntCounterVec::new(Opts::new(name, help), &["layer"]).expect("valid metric");
-        let gauge = |name: &str, help: &str| IntGaugeVec::new(Opts::new(name, help), &["layer"]).expect("valid metric");
+        let layer = |name: &str, help: &str| {
+            IntCounterVec::new(Opts::new(name, help), &["layer"]).expect("valid metric")
+        };
+        let gauge = |name: &str, help: &str| {
+            IntGaugeVec::new(Opts::new(name, help), &["layer"]).expect("valid metric")
+        };
         let metrics = CacheMetrics {
             hits: layer("keel_cache_hits_total", "Reads answered by a layer."),
             misses: layer("keel_cache_misses_total", "Reads a layer could not answer."),
-            evictions: IntCounter::new("keel_cache_l1_evictions_total", "Entries L1 evicted to stay within l1_max_bytes.")
-                .expect("valid metric"),
-            bytes: gauge("keel_cache_bytes", "Bytes held by a layer (L1: weighted size)."),
+            evictions: IntCounter::new(
+                "keel_cache_l1_evictions_total",
+                "Entries L1 evicted to stay within l1_max_bytes.",
+            )
+            .expect("valid metric"),
+            bytes: gauge(
+                "keel_cache_bytes",
+                "Bytes held by a layer (L1: weighted size).",
+            ),
             entries: gauge("keel_cache_entries", "Entries held by a layer."),
             loader_calls: IntCounterVec::new(
-                Opts::new("keel_cache_loader_calls_total", "Loader calls by namespace and outcome."),
+                Opts::new(
+                    "keel_cache_loader_calls_total",
+                    "Loader calls by namespace and outcome.",
+                ),
                 &["namespace", "outcome"],
             )
             .expect("valid metric"),
             loader_seconds: Histogram::with_opts(
-                HistogramOpts::new("keel_cache_loader_duration_seconds", "Time a loader call took.")
-                    .buckets(vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0]),
+                HistogramOpts::new(
+                    "keel_cache_loader_duration_seconds",
+                    "Time a loader call took.",
+                )
+                .buckets(vec![
+                    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+                ]),
             )
             .expect("valid metric"),
             coalesced_waiters: IntCounter::new(
@@ -45,13 +65,20 @@ impl CacheMetrics {
             )
             .expect("valid metric"),
             invalidation_seconds: Histogram::with_opts(
-                HistogramOpts::new("keel_cache_invalidation_duration_seconds", "Time to invalidate by pattern or tag.")
-                    .buckets(vec![0.0001, 0.001, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]),
+                HistogramOpts::new(
+                    "keel_cache_invalidation_duration_seconds",
+                    "Time to invalidate by pattern or tag.",
+                )
+                .buckets(vec![0.0001, 0.001, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]),
             )
             .expect("valid metric"),
-            l2_queue_ops: IntGauge::new("keel_cache_l2_queue_ops", "Writes waiting for the L2 writer.")
+            l2_queue_ops: IntGauge::new(
+                "keel_cache_l2_queue_ops",
+                "Writes waiting for the L2 writer.",
+            )
+            .expect("valid metric"),
+            l2_errors: IntCounter::new("keel_cache_l2_errors_total", "L2 operations that failed.")
                 .expect("valid metric"),
-            l2_errors: IntCounter::new("keel_cache_l2_errors_total", "L2 operations that failed.").expect("valid metric"),
         };
         for collector in [
             Box::new(metrics.hits.clone()) as Box<dyn prometheus::core::Collector>,

@@ -114,24 +114,34 @@ impl Shared {
     }
 }
 
+/// One shard of pending writes: key → (sequence, entry or `None` for a delete).
+type PendingShard = HashMap<Bytes, (u64, Option<Entry>), DefaultHashBuilder>;
+
 /// Writes queued for L2 but not yet committed, by key: the newest one wins.
 struct Pending {
-    shards: Box<[std::sync::Mutex<HashMap<Bytes, (u64, Option<Entry>), DefaultHashBuilder>>]>,
+    shards: Box<[std::sync::Mutex<PendingShard>]>,
     hasher: DefaultHashBuilder,
 }
 
 impl Pending {
     fn new() -> Pending {
         Pending {
-            shards: (0..PENDING_SHARDS).map(|_| std::sync::Mutex::new(HashMap::default())).collect(),
+            shards: (0..PENDING_SHARDS)
+                .map(|_| std::sync::Mutex::new(HashMap::default()))
+                .collect(),
             hasher: DefaultHashBuilder::default(),
         }
     }
 
-    fn shard(&self, key: &[u8]) -> std::sync::MutexGuard<'_, HashMap<Bytes, (u64, Option<Entry>), DefaultHashBuilder>> {
+    fn shard(
+        &self,
+        key: &[u8],
+    ) -> std::sync::MutexGuard<'_, HashMap<Bytes, (u64, Option<Entry>), DefaultHashBuilder>> {
         let index = (self.hasher.hash_one(key) as usize) % PENDING_SHARDS;
         // Held for one map operation; a panic there cannot leave the map inconsistent.
-        self.shards[index].lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.shards[index]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// `Some(None)`: a delete is pending. `None`: nothing is pending.
@@ -146,7 +156,10 @@ impl Pending {
     /// Forgets a committed write, unless a newer one for the key is still queued.
     fn clear(&self, key: &[u8], seq: u64) {
         let mut shard = self.shard(key);
-        if shard.get(key).is_some_and(|(pending_seq, _)| *pending_seq == seq) {
+        if shard
+            .get(key)
+            .is_some_and(|(pending_seq, _)| *pending_seq == seq)
+        {
             shard.remove(key);
         }
     }
@@ -171,7 +184,12 @@ pub struct Cache {
 
 impl Cache {
     /// Builds the cache and, with an L2, spawns its writer (call inside a runtime).
-    pub fn new(l1_max_bytes: u64, store: Option<Arc<dyn CacheStore>>, limits: Limits, metrics: CacheMetrics) -> Cache {
+    pub fn new(
+        l1_max_bytes: u64,
+        store: Option<Arc<dyn CacheStore>>,
+        limits: Limits,
+        metrics: CacheMetrics,
+    ) -> Cache {
         let shared = Arc::new(Shared {
             l1: l1::new_l1(l1_max_bytes, metrics.evictions.clone()),
             pending: Pending::new(),
@@ -182,7 +200,14 @@ impl Cache {
         });
         let writer = store.as_ref().map(|store| {
             let (sender, inbox) = mpsc::unbounded_channel();
-            tokio::spawn(Writer { shared: shared.clone(), store: store.clone(), inbox }.run());
+            tokio::spawn(
+                Writer {
+                    shared: shared.clone(),
+                    store: store.clone(),
+                    inbox,
+                }
+                .run(),
+            );
             sender
         });
         Cache {
@@ -205,7 +230,10 @@ impl Cache {
     fn check_key(&self, key: &[u8]) -> Result<(), CacheError> {
         let limit = self.inner.limits.max_key_bytes;
         if key.len() as u64 > limit {
-            return Err(CacheError::KeyTooLarge { len: key.len(), limit });
+            return Err(CacheError::KeyTooLarge {
+                len: key.len(),
+                limit,
+            });
         }
         Ok(())
     }
@@ -213,7 +241,10 @@ impl Cache {
     fn check_value(&self, entry: &Entry) -> Result<(), CacheError> {
         let limit = self.inner.limits.max_value_bytes;
         if entry.value.len() as u64 > limit {
-            return Err(CacheError::ValueTooLarge { len: entry.value.len(), limit });
+            return Err(CacheError::ValueTooLarge {
+                len: entry.value.len(),
+                limit,
+            });
         }
         Ok(())
     }
@@ -227,11 +258,17 @@ impl Cache {
             return Ok(self.live_l1(key, stored, now));
         }
         shared.metrics.misses.with_label_values(&["l1"]).inc();
-        let Some(store) = &self.inner.store else { return Ok(None) };
+        let Some(store) = &self.inner.store else {
+            return Ok(None);
+        };
         let _guard = shared.stripe(key).lock().await;
         // Another reader may have promoted it, or a writer written it, while we waited.
         if let Some(stored) = shared.l1.peek(key) {
-            return Ok(stored.entry.is_expired(now).then_some(()).map_or(Some(stored.entry), |()| None));
+            return Ok(stored
+                .entry
+                .is_expired(now)
+                .then_some(())
+                .map_or(Some(stored.entry), |()| None));
         }
         if let Some(pending) = shared.pending.get(key) {
             return Ok(pending.filter(|entry| !entry.is_expired(now)));
@@ -239,7 +276,13 @@ impl Cache {
         match store.get(key).await? {
             Some(entry) if !entry.is_expired(now) => {
                 shared.metrics.hits.with_label_values(&["l2"]).inc();
-                shared.l1.insert(Bytes::copy_from_slice(key), Stored { entry: entry.clone(), seq: 0 });
+                shared.l1.insert(
+                    Bytes::copy_from_slice(key),
+                    Stored {
+                        entry: entry.clone(),
+                        seq: 0,
+                    },
+                );
                 Ok(Some(entry))
             }
             _ => {
@@ -254,7 +297,9 @@ impl Cache {
         if stored.entry.is_expired(now) {
             shared.metrics.misses.with_label_values(&["l1"]).inc();
             // Lazy expiry; only this version, in case a newer write just landed.
-            shared.l1.remove_if(key, |current| current.seq == stored.seq && current.entry.is_expired(now));
+            shared.l1.remove_if(key, |current| {
+                current.seq == stored.seq && current.entry.is_expired(now)
+            });
             return None;
         }
         shared.metrics.hits.with_label_values(&["l1"]).inc();
@@ -273,7 +318,11 @@ impl Cache {
 
     /// Atomic read-modify-write of one key: `decide` sees the live current entry (if
     /// any) and says what to store. Every conditional command is built on this.
-    pub async fn mutate<T>(&self, key: &[u8], decide: impl FnOnce(Option<&Entry>) -> Mutation<T>) -> Result<T, CacheError> {
+    pub async fn mutate<T>(
+        &self,
+        key: &[u8],
+        decide: impl FnOnce(Option<&Entry>) -> Mutation<T>,
+    ) -> Result<T, CacheError> {
         self.check_key(key)?;
         let budget = self.reserve(key.len()).await?;
         let _guard = self.inner.shared.stripe(key).lock().await;
@@ -296,7 +345,8 @@ impl Cache {
 
     /// Deletes a key; true if it existed.
     pub async fn delete(&self, key: &[u8]) -> Result<bool, CacheError> {
-        self.mutate(key, |current| Mutation::Delete(current.is_some())).await
+        self.mutate(key, |current| Mutation::Delete(current.is_some()))
+            .await
     }
 
     /// The live entry, read under the key's stripe lock.
@@ -306,7 +356,9 @@ impl Cache {
         if let Some(stored) = shared.l1.peek(key) {
             return Ok(Some(stored.entry).filter(|entry| !entry.is_expired(now)));
         }
-        let Some(store) = &self.inner.store else { return Ok(None) };
+        let Some(store) = &self.inner.store else {
+            return Ok(None);
+        };
         if let Some(pending) = shared.pending.get(key) {
             return Ok(pending.filter(|entry| !entry.is_expired(now)));
         }
@@ -319,7 +371,13 @@ impl Cache {
             return Ok(None);
         }
         let units = (1 + bytes / 1024).min(QUEUE_BUDGET_KIB as usize) as u32;
-        let permit = self.inner.budget.clone().acquire_many_owned(units).await.map_err(|_| CacheError::Closed)?;
+        let permit = self
+            .inner
+            .budget
+            .clone()
+            .acquire_many_owned(units)
+            .await
+            .map_err(|_| CacheError::Closed)?;
         Ok(Some(permit))
     }
 
@@ -330,19 +388,34 @@ impl Cache {
         let seq = inner.seq.fetch_add(1, Ordering::Relaxed);
         let key = Bytes::copy_from_slice(key);
         match &entry {
-            Some(entry) => shared.l1.insert(key.clone(), Stored { entry: entry.clone(), seq }),
+            Some(entry) => shared.l1.insert(
+                key.clone(),
+                Stored {
+                    entry: entry.clone(),
+                    seq,
+                },
+            ),
             None => {
                 shared.l1.remove(&key);
             }
         }
-        let (Some(writer), Some(budget)) = (&inner.writer, budget) else { return };
+        let (Some(writer), Some(budget)) = (&inner.writer, budget) else {
+            return;
+        };
         shared.pending.set(key.clone(), seq, entry.clone());
         let op = match entry {
             Some(entry) => StoreOp::Put { key, entry },
             None => StoreOp::Delete { key },
         };
         shared.queued_ops.fetch_add(1, Ordering::Relaxed);
-        if writer.send(Message::Write { seq, op, _budget: budget }).is_err() {
+        if writer
+            .send(Message::Write {
+                seq,
+                op,
+                _budget: budget,
+            })
+            .is_err()
+        {
             shared.queued_ops.fetch_sub(1, Ordering::Relaxed);
             tracing::warn!("cache writer stopped; the write stays in L1 only");
         }
@@ -356,12 +429,18 @@ impl Cache {
         let removed = match &self.inner.writer {
             Some(writer) => {
                 let (reply, answer) = oneshot::channel();
-                writer.send(Message::Invalidate { target, seq, reply }).map_err(|_| CacheError::Closed)?;
+                writer
+                    .send(Message::Invalidate { target, seq, reply })
+                    .map_err(|_| CacheError::Closed)?;
                 answer.await.map_err(|_| CacheError::Closed)??
             }
             None => self.invalidate_l1_only(&target, seq),
         };
-        self.inner.shared.metrics.invalidation_seconds.observe(started.elapsed().as_secs_f64());
+        self.inner
+            .shared
+            .metrics
+            .invalidation_seconds
+            .observe(started.elapsed().as_secs_f64());
         Ok(removed)
     }
 
@@ -383,7 +462,9 @@ impl Cache {
     async fn barrier(&self) -> Result<(), CacheError> {
         if let Some(writer) = &self.inner.writer {
             let (reply, answer) = oneshot::channel();
-            writer.send(Message::Barrier { reply }).map_err(|_| CacheError::Closed)?;
+            writer
+                .send(Message::Barrier { reply })
+                .map_err(|_| CacheError::Closed)?;
             answer.await.map_err(|_| CacheError::Closed)?;
         }
         Ok(())
@@ -413,7 +494,11 @@ impl Cache {
     }
 
     /// Up to `count` keys after `after`, in key order, and whether more follow (SCAN).
-    pub async fn scan(&self, after: Option<&[u8]>, count: usize) -> Result<(Vec<Bytes>, bool), CacheError> {
+    pub async fn scan(
+        &self,
+        after: Option<&[u8]>,
+        count: usize,
+    ) -> Result<(Vec<Bytes>, bool), CacheError> {
         match &self.inner.store {
             Some(store) => {
                 self.barrier().await?;
@@ -438,11 +523,11 @@ impl Cache {
 
     /// Number of keys (DBSIZE). With an L2, keys expired but not yet swept count too,
     /// as in Redis.
-    pub async fn len(&self) -> Result<u64, CacheError> {
+    pub async fn key_count(&self) -> Result<u64, CacheError> {
         match &self.inner.store {
             Some(store) => {
                 self.barrier().await?;
-                Ok(store.len().await?)
+                Ok(store.key_count().await?)
             }
             None => Ok(self.inner.shared.l1.len() as u64),
         }
@@ -453,7 +538,9 @@ impl Cache {
         match &self.inner.writer {
             Some(writer) => {
                 let (reply, answer) = oneshot::channel();
-                writer.send(Message::Clear { reply }).map_err(|_| CacheError::Closed)?;
+                writer
+                    .send(Message::Clear { reply })
+                    .map_err(|_| CacheError::Closed)?;
                 answer.await.map_err(|_| CacheError::Closed)??;
             }
             None => self.inner.shared.l1.clear(),
@@ -476,11 +563,25 @@ impl Cache {
         let metrics = &shared.metrics;
         let l1_bytes = shared.l1.weight();
         let l1_entries = shared.l1.len() as u64;
-        metrics.bytes.with_label_values(&["l1"]).set(l1_bytes as i64);
-        metrics.entries.with_label_values(&["l1"]).set(l1_entries as i64);
-        let ratio = |hits: u64, misses: u64| if hits + misses == 0 { 0.0 } else { hits as f64 / (hits + misses) as f64 };
-        let (l1_hits, l1_misses) =
-            (metrics.hits.with_label_values(&["l1"]).get(), metrics.misses.with_label_values(&["l1"]).get());
+        metrics
+            .bytes
+            .with_label_values(&["l1"])
+            .set(l1_bytes as i64);
+        metrics
+            .entries
+            .with_label_values(&["l1"])
+            .set(l1_entries as i64);
+        let ratio = |hits: u64, misses: u64| {
+            if hits + misses == 0 {
+                0.0
+            } else {
+                hits as f64 / (hits + misses) as f64
+            }
+        };
+        let (l1_hits, l1_misses) = (
+            metrics.hits.with_label_values(&["l1"]).get(),
+            metrics.misses.with_label_values(&["l1"]).get(),
+        );
         let l1 = LayerStats {
             kind: "memory",
             hits: l1_hits,
@@ -494,10 +595,15 @@ impl Cache {
         };
         let l2 = match &self.inner.store {
             Some(store) => {
-                let entries = store.len().await.unwrap_or(0);
-                metrics.entries.with_label_values(&["l2"]).set(entries as i64);
-                let (hits, misses) =
-                    (metrics.hits.with_label_values(&["l2"]).get(), metrics.misses.with_label_values(&["l2"]).get());
+                let entries = store.key_count().await.unwrap_or(0);
+                metrics
+                    .entries
+                    .with_label_values(&["l2"])
+                    .set(entries as i64);
+                let (hits, misses) = (
+                    metrics.hits.with_label_values(&["l2"]).get(),
+                    metrics.misses.with_label_values(&["l2"]).get(),
+                );
                 Some(LayerStats {
                     kind: store.kind(),
                     hits,

@@ -51,7 +51,12 @@ impl RedbCacheStore {
 
     fn apply_blocking(db: &Database, batch: &[StoreOp], durable: bool) -> Result<(), StoreError> {
         let mut txn = db.begin_write().map_err(fail)?;
-        txn.set_durability(if durable { Durability::Immediate } else { Durability::None }).map_err(fail)?;
+        txn.set_durability(if durable {
+            Durability::Immediate
+        } else {
+            Durability::None
+        })
+        .map_err(fail)?;
         {
             let mut entries = txn.open_table(ENTRIES).map_err(fail)?;
             let mut expiry = txn.open_table(EXPIRY).map_err(fail)?;
@@ -61,7 +66,10 @@ impl RedbCacheStore {
                     StoreOp::Put { key, .. } | StoreOp::Delete { key } => key,
                 };
                 // Index rows of the old version go first, whatever replaces it.
-                let old = entries.remove(key).map_err(fail)?.and_then(|old| Entry::decode(old.value()));
+                let old = entries
+                    .remove(key)
+                    .map_err(fail)?
+                    .and_then(|old| Entry::decode(old.value()));
                 if let Some(old) = old {
                     if let Some(at) = old.expires_at {
                         expiry.remove((at, key)).map_err(fail)?;
@@ -71,7 +79,9 @@ impl RedbCacheStore {
                     }
                 }
                 if let StoreOp::Put { entry, .. } = op {
-                    entries.insert(key, entry.encode().as_slice()).map_err(fail)?;
+                    entries
+                        .insert(key, entry.encode().as_slice())
+                        .map_err(fail)?;
                     if let Some(at) = entry.expires_at {
                         expiry.insert((at, key), ()).map_err(fail)?;
                     }
@@ -84,7 +94,12 @@ impl RedbCacheStore {
         txn.commit().map_err(fail)
     }
 
-    fn keys_matching_blocking(db: &Database, pattern: &Pattern, now_ms: u64, limit: usize) -> Result<Vec<Bytes>, StoreError> {
+    fn keys_matching_blocking(
+        db: &Database,
+        pattern: &Pattern,
+        now_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<Bytes>, StoreError> {
         let txn = db.begin_read().map_err(fail)?;
         let entries = txn.open_table(ENTRIES).map_err(fail)?;
         let prefix = pattern.literal_prefix();
@@ -97,7 +112,11 @@ impl RedbCacheStore {
             None => false,
         };
         if pattern.is_exact() {
-            if entries.get(prefix).map_err(fail)?.is_some_and(|value| live(value.value())) {
+            if entries
+                .get(prefix)
+                .map_err(fail)?
+                .is_some_and(|value| live(value.value()))
+            {
                 keys.push(Bytes::copy_from_slice(prefix));
             }
             return Ok(keys);
@@ -137,15 +156,24 @@ impl CacheStore for RedbCacheStore {
 
     async fn apply(&self, batch: Vec<StoreOp>, durable: bool) -> Result<(), StoreError> {
         let db = self.db.clone();
-        tokio::task::spawn_blocking(move || Self::apply_blocking(&db, &batch, durable)).await.map_err(fail)?
-    }
-
-    async fn keys_matching(&self, pattern: &Pattern, now_ms: u64, limit: usize) -> Result<Vec<Bytes>, StoreError> {
-        let db = self.db.clone();
-        let pattern = pattern.clone();
-        tokio::task::spawn_blocking(move || Self::keys_matching_blocking(&db, &pattern, now_ms, limit))
+        tokio::task::spawn_blocking(move || Self::apply_blocking(&db, &batch, durable))
             .await
             .map_err(fail)?
+    }
+
+    async fn keys_matching(
+        &self,
+        pattern: &Pattern,
+        now_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<Bytes>, StoreError> {
+        let db = self.db.clone();
+        let pattern = pattern.clone();
+        tokio::task::spawn_blocking(move || {
+            Self::keys_matching_blocking(&db, &pattern, now_ms, limit)
+        })
+        .await
+        .map_err(fail)?
     }
 
     async fn keys_tagged(&self, tag: &str, limit: usize) -> Result<Vec<Bytes>, StoreError> {
@@ -170,14 +198,21 @@ impl CacheStore for RedbCacheStore {
         .map_err(fail)?
     }
 
-    async fn scan(&self, after: Option<&[u8]>, count: usize) -> Result<(Vec<Bytes>, bool), StoreError> {
+    async fn scan(
+        &self,
+        after: Option<&[u8]>,
+        count: usize,
+    ) -> Result<(Vec<Bytes>, bool), StoreError> {
         let db = self.db.clone();
         let after = after.map(<[u8]>::to_vec);
         tokio::task::spawn_blocking(move || {
             let txn = db.begin_read().map_err(fail)?;
             let entries = txn.open_table(ENTRIES).map_err(fail)?;
             let range = match &after {
-                Some(after) => entries.range::<&[u8]>((std::ops::Bound::Excluded(after.as_slice()), std::ops::Bound::Unbounded)),
+                Some(after) => entries.range::<&[u8]>((
+                    std::ops::Bound::Excluded(after.as_slice()),
+                    std::ops::Bound::Unbounded,
+                )),
                 None => entries.range::<&[u8]>(..),
             }
             .map_err(fail)?;
@@ -216,7 +251,7 @@ impl CacheStore for RedbCacheStore {
         .map_err(fail)?
     }
 
-    async fn len(&self) -> Result<u64, StoreError> {
+    async fn key_count(&self) -> Result<u64, StoreError> {
         let txn = self.db.begin_read().map_err(fail)?;
         let entries = txn.open_table(ENTRIES).map_err(fail)?;
         entries.len().map_err(fail)

@@ -36,20 +36,29 @@ pub trait CacheStore: Send + Sync + 'static {
     /// Keys matching `pattern` that have not expired at `now_ms` (0: include expired
     /// ones), at most `limit`. Patterns with a literal prefix must be answered without
     /// reading keys outside that prefix.
-    async fn keys_matching(&self, pattern: &Pattern, now_ms: u64, limit: usize) -> Result<Vec<Bytes>, StoreError>;
+    async fn keys_matching(
+        &self,
+        pattern: &Pattern,
+        now_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<Bytes>, StoreError>;
 
     /// Keys carrying `tag`, at most `limit`, without scanning untagged keys.
     async fn keys_tagged(&self, tag: &str, limit: usize) -> Result<Vec<Bytes>, StoreError>;
 
     /// Up to `count` keys after `after` in key order (expired ones included), and
     /// whether more follow.
-    async fn scan(&self, after: Option<&[u8]>, count: usize) -> Result<(Vec<Bytes>, bool), StoreError>;
+    async fn scan(
+        &self,
+        after: Option<&[u8]>,
+        count: usize,
+    ) -> Result<(Vec<Bytes>, bool), StoreError>;
 
     /// Keys whose expiry is at or before `now_ms`, oldest first, at most `limit`.
     async fn expired(&self, now_ms: u64, limit: usize) -> Result<Vec<Bytes>, StoreError>;
 
     /// Number of keys stored (expired ones not yet swept included).
-    async fn len(&self) -> Result<u64, StoreError>;
+    async fn key_count(&self) -> Result<u64, StoreError>;
 
     /// Removes everything.
     async fn clear(&self) -> Result<(), StoreError>;

@@ -33,11 +33,21 @@ const STEP: usize = 4096;
 const SWEEP_PER_TICK: usize = 16 * 1024;
 
 pub(super) enum Message {
-    Write { seq: u64, op: StoreOp, _budget: OwnedSemaphorePermit },
-    Invalidate { target: Target, seq: u64, reply: oneshot::Sender<Result<usize, StoreError>> },
+    Write {
+        seq: u64,
+        op: StoreOp,
+        _budget: OwnedSemaphorePermit,
+    },
+    Invalidate {
+        target: Target,
+        seq: u64,
+        reply: oneshot::Sender<Result<usize, StoreError>>,
+    },
     /// Answered once everything queued before it is committed.
     Barrier { reply: oneshot::Sender<()> },
-    Clear { reply: oneshot::Sender<Result<(), StoreError>> },
+    Clear {
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
     /// Final durable commit, then the writer stops.
     Close { reply: oneshot::Sender<()> },
 }
@@ -84,7 +94,8 @@ impl Writer {
                     }
                     other => {
                         let durable = last_durable.elapsed() >= DURABLE_EVERY;
-                        self.commit(std::mem::take(&mut ops), std::mem::take(&mut seqs), durable).await;
+                        self.commit(std::mem::take(&mut ops), std::mem::take(&mut seqs), durable)
+                            .await;
                         if let Message::Close { reply } = other {
                             self.commit(Vec::new(), Vec::new(), true).await;
                             let _ = reply.send(());
@@ -122,7 +133,9 @@ impl Writer {
         for (seq, key) in seqs {
             self.shared.pending.clear(&key, seq);
         }
-        self.shared.queued_ops.fetch_sub(count as i64, std::sync::atomic::Ordering::Relaxed);
+        self.shared
+            .queued_ops
+            .fetch_sub(count as i64, std::sync::atomic::Ordering::Relaxed);
     }
 
     async fn control(&self, message: Message) {
@@ -160,7 +173,10 @@ impl Writer {
                     break;
                 }
                 let full = keys.len() == STEP;
-                let ops = keys.iter().map(|key| StoreOp::Delete { key: key.clone() }).collect();
+                let ops = keys
+                    .iter()
+                    .map(|key| StoreOp::Delete { key: key.clone() })
+                    .collect();
                 self.store.apply(ops, false).await?;
                 removed += keys.len();
                 self.evict_l1(&keys, seq).await;
@@ -196,14 +212,19 @@ impl Writer {
             if keys.is_empty() {
                 return;
             }
-            let ops = keys.iter().map(|key| StoreOp::Delete { key: key.clone() }).collect();
+            let ops = keys
+                .iter()
+                .map(|key| StoreOp::Delete { key: key.clone() })
+                .collect();
             if let Err(error) = self.store.apply(ops, false).await {
                 tracing::warn!(%error, "cache sweep failed");
                 return;
             }
             for key in &keys {
                 let _guard = self.shared.stripe(key).lock().await;
-                self.shared.l1.remove_if(key, |stored| stored.entry.is_expired(now));
+                self.shared
+                    .l1
+                    .remove_if(key, |stored| stored.entry.is_expired(now));
             }
             swept += keys.len();
             if keys.len() < STEP {

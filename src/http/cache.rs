@@ -29,28 +29,42 @@ pub(super) fn routes() -> Router<ApiState> {
         .route("/v1/cache/mset", post(mset))
         .route("/v1/cache/invalidate", post(invalidate))
         .route("/v1/cache/ns/{namespace}/{*key}", get(get_or_load))
-        .route("/v1/cache/{*key}", get(get_key).put(put_key).delete(delete_key))
+        .route(
+            "/v1/cache/{*key}",
+            get(get_key).put(put_key).delete(delete_key),
+        )
 }
 
 /// The key from the raw path, percent-decoded to bytes.
 fn key_from(uri: &Uri) -> Result<Vec<u8>, ApiError> {
     let raw = uri.path().strip_prefix("/v1/cache/").unwrap_or_default();
     if raw.is_empty() {
-        return Err(ApiError::bad_request("missing_key", "the path must name a key: /v1/cache/{key}"));
+        return Err(ApiError::bad_request(
+            "missing_key",
+            "the path must name a key: /v1/cache/{key}",
+        ));
     }
     Ok(percent_encoding::percent_decode_str(raw).collect())
 }
 
 fn value_response(entry: Entry, extra: &[(&'static str, HeaderValue)]) -> Response {
     let mut headers = HeaderMap::new();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
     if let Some(at) = entry.expires_at {
-        headers.insert("x-keel-ttl-ms", HeaderValue::from(at.saturating_sub(now_ms())));
+        headers.insert(
+            "x-keel-ttl-ms",
+            HeaderValue::from(at.saturating_sub(now_ms())),
+        );
     }
-    if !entry.tags().is_empty() {
-        if let Ok(tags) = HeaderValue::from_str(&entry.tags().join(",")) {
-            headers.insert("x-keel-tags", tags);
-        }
+    if let Some(tags) = entry
+        .tags
+        .as_ref()
+        .and_then(|tags| HeaderValue::from_str(&tags.join(",")).ok())
+    {
+        headers.insert("x-keel-tags", tags);
     }
     for (name, value) in extra {
         headers.insert(*name, value.clone());
@@ -75,15 +89,24 @@ struct PutParams {
 
 fn expiry_from(ttl: Option<&str>) -> Result<Option<u64>, ApiError> {
     let Some(ttl) = ttl else { return Ok(None) };
-    let span: Span = ttl.parse().map_err(|message: String| ApiError::bad_request("bad_ttl", message))?;
+    let span: Span = ttl
+        .parse()
+        .map_err(|message: String| ApiError::bad_request("bad_ttl", message))?;
     if span.0.is_zero() {
-        return Err(ApiError::bad_request("bad_ttl", "ttl must be longer than 0s"));
+        return Err(ApiError::bad_request(
+            "bad_ttl",
+            "ttl must be longer than 0s",
+        ));
     }
     Ok(Some(now_ms() + span.0.as_millis() as u64))
 }
 
 fn tags_from(tags: impl IntoIterator<Item = String>) -> Option<std::sync::Arc<[String]>> {
-    let tags: Vec<String> = tags.into_iter().map(|tag| tag.trim().to_owned()).filter(|tag| !tag.is_empty()).collect();
+    let tags: Vec<String> = tags
+        .into_iter()
+        .map(|tag| tag.trim().to_owned())
+        .filter(|tag| !tag.is_empty())
+        .collect();
     (!tags.is_empty()).then(|| tags.into())
 }
 
@@ -98,7 +121,13 @@ async fn put_key(
     let entry = Entry {
         value,
         expires_at: expiry_from(params.ttl.as_deref())?,
-        tags: tags_from(params.tags.unwrap_or_default().split(',').map(str::to_owned)),
+        tags: tags_from(
+            params
+                .tags
+                .unwrap_or_default()
+                .split(',')
+                .map(str::to_owned),
+        ),
     };
     state.services()?.cache.set(&key, entry).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -106,8 +135,16 @@ async fn put_key(
 
 async fn delete_key(State(state): State<ApiState>, uri: Uri) -> Result<StatusCode, ApiError> {
     let key = key_from(&uri)?;
-    let existed = state.services()?.cache.mutate(&key, |current| Mutation::Delete(current.is_some())).await?;
-    if existed { Ok(StatusCode::NO_CONTENT) } else { Err(ApiError::not_found("no such key")) }
+    let existed = state
+        .services()?
+        .cache
+        .mutate(&key, |current| Mutation::Delete(current.is_some()))
+        .await?;
+    if existed {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found("no such key"))
+    }
 }
 
 #[derive(Deserialize, Default, Clone, Copy, PartialEq, Eq)]
@@ -118,9 +155,12 @@ enum Encoding {
     Base64,
 }
 
-fn json_body<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+fn json_body<T: serde::de::DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
     let body = body?;
-    serde_json::from_slice(&body).map_err(|error| ApiError::bad_request("bad_json", error.to_string()))
+    serde_json::from_slice(&body)
+        .map_err(|error| ApiError::bad_request("bad_json", error.to_string()))
 }
 
 fn decode_value(value: &str, encoding: Encoding) -> Result<Bytes, ApiError> {
@@ -135,10 +175,18 @@ fn decode_value(value: &str, encoding: Encoding) -> Result<Bytes, ApiError> {
 
 fn encode_value(value: &[u8], encoding: Encoding) -> Result<Value, ApiError> {
     match encoding {
-        Encoding::Utf8 => std::str::from_utf8(value).map(|text| Value::String(text.to_owned())).map_err(|_| {
-            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "not_utf8", "a value is not UTF-8; ask with \"encoding\": \"base64\"")
-        }),
-        Encoding::Base64 => Ok(Value::String(base64::engine::general_purpose::STANDARD.encode(value))),
+        Encoding::Utf8 => std::str::from_utf8(value)
+            .map(|text| Value::String(text.to_owned()))
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "not_utf8",
+                    "a value is not UTF-8; ask with \"encoding\": \"base64\"",
+                )
+            }),
+        Encoding::Base64 => Ok(Value::String(
+            base64::engine::general_purpose::STANDARD.encode(value),
+        )),
     }
 }
 
@@ -150,7 +198,10 @@ struct MgetRequest {
 }
 
 /// `{"keys": [...]}` → `{"values": [value or null, ...]}` in request order.
-async fn mget(State(state): State<ApiState>, body: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
+async fn mget(
+    State(state): State<ApiState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
     let request: MgetRequest = json_body(body)?;
     let cache = &state.services()?.cache;
     let mut values = Vec::with_capacity(request.keys.len());
@@ -180,7 +231,10 @@ struct MsetRequest {
 }
 
 /// Every item is checked before any is stored, so a bad item stores nothing.
-async fn mset(State(state): State<ApiState>, body: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
+async fn mset(
+    State(state): State<ApiState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
     let request: MsetRequest = json_body(body)?;
     let cache = &state.services()?.cache;
     let mut entries = Vec::with_capacity(request.items.len());
@@ -191,8 +245,14 @@ async fn mset(State(state): State<ApiState>, body: Result<Bytes, BytesRejection>
             tags: tags_from(item.tags),
         };
         let limits = cache.limits();
-        if item.key.len() as u64 > limits.max_key_bytes || entry.value.len() as u64 > limits.max_value_bytes {
-            return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "value_too_large", format!("item {:?} is over the key or value limit", item.key)));
+        if item.key.len() as u64 > limits.max_key_bytes
+            || entry.value.len() as u64 > limits.max_value_bytes
+        {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "value_too_large",
+                format!("item {:?} is over the key or value limit", item.key),
+            ));
         }
         entries.push((item.key, entry));
     }
@@ -214,10 +274,16 @@ struct InvalidateRequest {
 }
 
 /// Invalidates by `keys`, `pattern` or `tags` (any combination); answers how many went.
-async fn invalidate(State(state): State<ApiState>, body: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
+async fn invalidate(
+    State(state): State<ApiState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
     let request: InvalidateRequest = json_body(body)?;
     if request.keys.is_empty() && request.pattern.is_none() && request.tags.is_empty() {
-        return Err(ApiError::bad_request("nothing_to_invalidate", "give keys, a pattern or tags"));
+        return Err(ApiError::bad_request(
+            "nothing_to_invalidate",
+            "give keys, a pattern or tags",
+        ));
     }
     let cache = &state.services()?.cache;
     let started = Instant::now();
@@ -226,16 +292,27 @@ async fn invalidate(State(state): State<ApiState>, body: Result<Bytes, BytesReje
         invalidated += usize::from(cache.delete(key.as_bytes()).await?);
     }
     if let Some(pattern) = &request.pattern {
-        invalidated += cache.invalidate(Target::Pattern(Pattern::new(pattern.as_bytes()))).await?;
+        invalidated += cache
+            .invalidate(Target::Pattern(Pattern::new(pattern.as_bytes())))
+            .await?;
     }
     if !request.tags.is_empty() {
         invalidated += cache.invalidate(Target::Tags(request.tags)).await?;
     }
-    Ok(Json(json!({ "invalidated": invalidated, "elapsed_ms": started.elapsed().as_secs_f64() * 1000.0 })))
+    Ok(Json(
+        json!({ "invalidated": invalidated, "elapsed_ms": started.elapsed().as_secs_f64() * 1000.0 }),
+    ))
 }
 
-async fn get_or_load(State(state): State<ApiState>, Path((namespace, key)): Path<(String, String)>) -> Result<Response, ApiError> {
-    let (entry, source) = state.services()?.namespaces.get_or_load(&namespace, &key).await?;
+async fn get_or_load(
+    State(state): State<ApiState>,
+    Path((namespace, key)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let (entry, source) = state
+        .services()?
+        .namespaces
+        .get_or_load(&namespace, &key)
+        .await?;
     let source = match source {
         crate::cache::loader::Source::Cache => HeaderValue::from_static("HIT"),
         crate::cache::loader::Source::Loader => HeaderValue::from_static("MISS"),
@@ -246,5 +323,7 @@ async fn get_or_load(State(state): State<ApiState>, Path((namespace, key)): Path
 async fn stats(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
     let services = state.services()?;
     let stats = services.cache.stats().await;
-    Ok(Json(json!({ "l1": stats.l1, "l2": stats.l2, "namespaces": services.namespaces.names() })))
+    Ok(Json(
+        json!({ "l1": stats.l1, "l2": stats.l2, "namespaces": services.namespaces.names() }),
+    ))
 }

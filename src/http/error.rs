@@ -86,13 +86,21 @@ impl From<crate::cache::CacheError> for ApiError {
     fn from(error: crate::cache::CacheError) -> Self {
         use crate::cache::CacheError;
         match &error {
-            CacheError::KeyTooLarge { .. } => ApiError::bad_request("key_too_large", error.to_string()),
-            CacheError::ValueTooLarge { .. } => {
-                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "value_too_large", error.to_string())
+            CacheError::KeyTooLarge { .. } => {
+                ApiError::bad_request("key_too_large", error.to_string())
             }
+            CacheError::ValueTooLarge { .. } => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "value_too_large",
+                error.to_string(),
+            ),
             CacheError::Store(_) | CacheError::Closed => {
                 tracing::error!(%error, "cache unavailable");
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "cache_unavailable", "the cache's storage is unavailable")
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "cache_unavailable",
+                    "the cache's storage is unavailable",
+                )
             }
         }
     }

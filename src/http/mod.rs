@@ -46,7 +46,11 @@ pub struct Services {
 impl ApiState {
     fn services(&self) -> Result<&Services, ApiError> {
         self.services.get().ok_or_else(|| {
-            ApiError::new(axum::http::StatusCode::SERVICE_UNAVAILABLE, "not_ready", "keel is starting; see /readyz")
+            ApiError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "not_ready",
+                "keel is starting; see /readyz",
+            )
         })
     }
 }

@@ -88,12 +88,17 @@ pub(super) enum Flow {
 }
 
 fn arity(name: &[u8]) -> Reply {
-    Reply::error(format!("ERR wrong number of arguments for '{}' command", String::from_utf8_lossy(name).to_lowercase()))
+    Reply::error(format!(
+        "ERR wrong number of arguments for '{}' command",
+        String::from_utf8_lossy(name).to_lowercase()
+    ))
 }
 
 fn store_error(error: CacheError) -> Reply {
     match error {
-        CacheError::KeyTooLarge { .. } | CacheError::ValueTooLarge { .. } => Reply::error(format!("ERR {error}")),
+        CacheError::KeyTooLarge { .. } | CacheError::ValueTooLarge { .. } => {
+            Reply::error(format!("ERR {error}"))
+        }
         other => {
             tracing::error!(error = %other, "cache unavailable");
             Reply::error("ERR cache storage unavailable")
@@ -142,14 +147,23 @@ fn upper(name: &[u8]) -> ([u8; 24], usize) {
 }
 
 /// Runs one command.
-pub(super) async fn execute(context: &RespContext, session: &mut Session, args: &[Bytes]) -> (Reply, Flow) {
-    let Some(name) = args.first() else { return (Reply::error("ERR empty command"), Flow::Continue) };
+pub(super) async fn execute(
+    context: &RespContext,
+    session: &mut Session,
+    args: &[Bytes],
+) -> (Reply, Flow) {
+    let Some(name) = args.first() else {
+        return (Reply::error("ERR empty command"), Flow::Continue);
+    };
     let (buffer, length) = upper(name);
     let command = &buffer[..length];
     let cache = &context.cache;
 
     if !session.authenticated && !matches!(command, b"AUTH" | b"HELLO" | b"QUIT") {
-        return (Reply::error("NOAUTH Authentication required."), Flow::Continue);
+        return (
+            Reply::error("NOAUTH Authentication required."),
+            Flow::Continue,
+        );
     }
     let reply = match command {
         b"GET" => {
@@ -183,11 +197,14 @@ pub(super) async fn execute(context: &RespContext, session: &mut Session, args: 
             Reply::Array(values)
         }
         b"MSET" => {
-            if args.len() < 3 || args.len() % 2 == 0 {
+            if args.len() < 3 || args.len().is_multiple_of(2) {
                 return (arity(name), Flow::Continue);
             }
             for pair in args[1..].chunks(2) {
-                if let Err(error) = cache.set(&pair[0], Entry::new(Bytes::copy_from_slice(&pair[1]))).await {
+                if let Err(error) = cache
+                    .set(&pair[0], Entry::new(Bytes::copy_from_slice(&pair[1])))
+                    .await
+                {
                     return (store_error(error), Flow::Continue);
                 }
             }
@@ -203,7 +220,9 @@ pub(super) async fn execute(context: &RespContext, session: &mut Session, args: 
             if args.len() != 3 {
                 return (arity(name), Flow::Continue);
             }
-            let Some(delta) = parse_int(&args[2]) else { return (Reply::error(NOT_INTEGER), Flow::Continue) };
+            let Some(delta) = parse_int(&args[2]) else {
+                return (Reply::error(NOT_INTEGER), Flow::Continue);
+            };
             let delta = if command == b"DECRBY" {
                 match delta.checked_neg() {
                     Some(delta) => delta,
@@ -218,7 +237,9 @@ pub(super) async fn execute(context: &RespContext, session: &mut Session, args: 
             if args.len() != 3 {
                 return (arity(name), Flow::Continue);
             }
-            let Some(delta) = parse_float(&args[2]) else { return (Reply::error(NOT_FLOAT), Flow::Continue) };
+            let Some(delta) = parse_float(&args[2]) else {
+                return (Reply::error(NOT_FLOAT), Flow::Continue);
+            };
             incr_by_float(cache, &args[1], delta).await
         }
         b"DEL" | b"UNLINK" => {
@@ -267,12 +288,18 @@ pub(super) async fn execute(context: &RespContext, session: &mut Session, args: 
             if args.len() != 4 {
                 return (arity(name), Flow::Continue);
             }
-            let Some(amount) = parse_int(&args[2]) else { return (Reply::error(NOT_INTEGER), Flow::Continue) };
+            let Some(amount) = parse_int(&args[2]) else {
+                return (Reply::error(NOT_INTEGER), Flow::Continue);
+            };
             let unit = if command == b"SETEX" { 1000 } else { 1 };
             let Some(expires_at) = expiry_in(amount, unit) else {
                 return (invalid_expire(name), Flow::Continue);
             };
-            let entry = Entry { value: Bytes::copy_from_slice(&args[3]), expires_at: Some(expires_at), tags: None };
+            let entry = Entry {
+                value: Bytes::copy_from_slice(&args[3]),
+                expires_at: Some(expires_at),
+                tags: None,
+            };
             match cache.set(&args[1], entry).await {
                 Ok(()) => Reply::Ok,
                 Err(error) => store_error(error),
@@ -282,7 +309,12 @@ pub(super) async fn execute(context: &RespContext, session: &mut Session, args: 
             if args.len() != 2 {
                 return (arity(name), Flow::Continue);
             }
-            match cache.mutate(&args[1], |current| Mutation::Delete(current.map(|entry| entry.value.clone()))).await {
+            match cache
+                .mutate(&args[1], |current| {
+                    Mutation::Delete(current.map(|entry| entry.value.clone()))
+                })
+                .await
+            {
                 Ok(Some(value)) => Reply::Bulk(value),
                 Ok(None) => Reply::Null,
                 Err(error) => store_error(error),
@@ -296,12 +328,21 @@ pub(super) async fn execute(context: &RespContext, session: &mut Session, args: 
             let suffix = &args[2];
             match cache
                 .mutate(&args[1], |current| {
-                    let mut value = current.map(|entry| entry.value.to_vec()).unwrap_or_default();
+                    let mut value = current
+                        .map(|entry| entry.value.to_vec())
+                        .unwrap_or_default();
                     value.extend_from_slice(suffix);
                     let length = value.len() as i64;
                     let expires_at = current.and_then(|entry| entry.expires_at);
                     let tags = current.and_then(|entry| entry.tags.clone());
-                    Mutation::Put(Entry { value: value.into(), expires_at, tags }, length)
+                    Mutation::Put(
+                        Entry {
+                            value: value.into(),
+                            expires_at,
+                            tags,
+                        },
+                        length,
+                    )
                 })
                 .await
             {
@@ -318,17 +359,28 @@ pub(super) async fn execute(context: &RespContext, session: &mut Session, args: 
                 Err(error) => store_error(error),
             }
         }
-        b"EXPIRE" | b"PEXPIRE" | b"EXPIREAT" | b"PEXPIREAT" => try_reply!(expire(cache, command, args).await),
+        b"EXPIRE" | b"PEXPIRE" | b"EXPIREAT" | b"PEXPIREAT" => {
+            try_reply!(expire(cache, command, args).await)
+        }
         b"TTL" | b"PTTL" => {
             if args.len() != 2 {
                 return (arity(name), Flow::Continue);
             }
             match cache.get(&args[1]).await {
                 Ok(None) => Reply::Integer(-2),
-                Ok(Some(Entry { expires_at: None, .. })) => Reply::Integer(-1),
-                Ok(Some(Entry { expires_at: Some(at), .. })) => {
+                Ok(Some(Entry {
+                    expires_at: None, ..
+                })) => Reply::Integer(-1),
+                Ok(Some(Entry {
+                    expires_at: Some(at),
+                    ..
+                })) => {
                     let remaining = at.saturating_sub(now_ms()) as i64;
-                    Reply::Integer(if command == b"TTL" { (remaining + 500) / 1000 } else { remaining })
+                    Reply::Integer(if command == b"TTL" {
+                        (remaining + 500) / 1000
+                    } else {
+                        remaining
+                    })
                 }
                 Err(error) => store_error(error),
             }
@@ -339,9 +391,13 @@ pub(super) async fn execute(context: &RespContext, session: &mut Session, args: 
             }
             match cache
                 .mutate(&args[1], |current| match current {
-                    Some(entry) if entry.expires_at.is_some() => {
-                        Mutation::Put(Entry { expires_at: None, ..entry.clone() }, 1)
-                    }
+                    Some(entry) if entry.expires_at.is_some() => Mutation::Put(
+                        Entry {
+                            expires_at: None,
+                            ..entry.clone()
+                        },
+                        1,
+                    ),
                     _ => Mutation::Keep(0),
                 })
                 .await
@@ -370,13 +426,15 @@ pub(super) async fn execute(context: &RespContext, session: &mut Session, args: 
             }
         }
         b"SCAN" => try_reply!(scan(context, args).await),
-        b"DBSIZE" => match cache.len().await {
+        b"DBSIZE" => match cache.key_count().await {
             Ok(count) => Reply::Integer(count as i64),
             Err(error) => store_error(error),
         },
         b"FLUSHDB" | b"FLUSHALL" => {
             let mode_ok = args.len() == 1
-                || (args.len() == 2 && (args[1].eq_ignore_ascii_case(b"ASYNC") || args[1].eq_ignore_ascii_case(b"SYNC")));
+                || (args.len() == 2
+                    && (args[1].eq_ignore_ascii_case(b"ASYNC")
+                        || args[1].eq_ignore_ascii_case(b"SYNC")));
             if !mode_ok {
                 return (Reply::error(SYNTAX), Flow::Continue);
             }
@@ -409,9 +467,15 @@ pub(super) async fn execute(context: &RespContext, session: &mut Session, args: 
         b"INFO" => info(context, session).await,
         b"QUIT" => return (Reply::Ok, Flow::Close),
         _ => {
-            let mut message = format!("ERR unknown command '{}', with args beginning with: ", String::from_utf8_lossy(name));
+            let mut message = format!(
+                "ERR unknown command '{}', with args beginning with: ",
+                String::from_utf8_lossy(name)
+            );
             for arg in args[1..].iter().take(8) {
-                message.push_str(&format!("'{}' ", String::from_utf8_lossy(&arg[..arg.len().min(128)])));
+                message.push_str(&format!(
+                    "'{}' ",
+                    String::from_utf8_lossy(&arg[..arg.len().min(128)])
+                ));
             }
             Reply::Error(message)
         }
@@ -420,7 +484,10 @@ pub(super) async fn execute(context: &RespContext, session: &mut Session, args: 
 }
 
 fn invalid_expire(name: &[u8]) -> Reply {
-    Reply::error(format!("ERR invalid expire time in '{}' command", String::from_utf8_lossy(name).to_lowercase()))
+    Reply::error(format!(
+        "ERR invalid expire time in '{}' command",
+        String::from_utf8_lossy(name).to_lowercase()
+    ))
 }
 
 /// An absolute expiry `amount × unit_ms` from now; `None` when not positive or too far.
@@ -441,7 +508,11 @@ enum Expiry {
 
 /// Parses `EX s | PX ms | EXAT ts | PXAT ts` at `args[index]`; returns the expiry and
 /// how many arguments it used.
-fn parse_expiry(args: &[Bytes], index: usize, command: &[u8]) -> Result<Option<(u64, usize)>, Reply> {
+fn parse_expiry(
+    args: &[Bytes],
+    index: usize,
+    command: &[u8],
+) -> Result<Option<(u64, usize)>, Reply> {
     let option = &args[index];
     let unit: Option<(i64, bool)> = if option.eq_ignore_ascii_case(b"EX") {
         Some((1000, false))
@@ -454,8 +525,12 @@ fn parse_expiry(args: &[Bytes], index: usize, command: &[u8]) -> Result<Option<(
     } else {
         None
     };
-    let Some((unit, absolute)) = unit else { return Ok(None) };
-    let Some(value) = args.get(index + 1) else { return Err(Reply::error(SYNTAX)) };
+    let Some((unit, absolute)) = unit else {
+        return Ok(None);
+    };
+    let Some(value) = args.get(index + 1) else {
+        return Err(Reply::error(SYNTAX));
+    };
     let amount = parse_int(value).ok_or_else(|| Reply::error(NOT_INTEGER))?;
     let at = if absolute {
         if amount <= 0 {
@@ -465,7 +540,8 @@ fn parse_expiry(args: &[Bytes], index: usize, command: &[u8]) -> Result<Option<(
     } else {
         expiry_in(amount, unit)
     };
-    at.map(|at| Some((at, 2))).ok_or_else(|| invalid_expire(command))
+    at.map(|at| Some((at, 2)))
+        .ok_or_else(|| invalid_expire(command))
 }
 
 async fn set(cache: &Cache, args: &[Bytes]) -> Result<Reply, Reply> {
@@ -500,10 +576,22 @@ async fn set(cache: &Cache, args: &[Bytes]) -> Result<Reply, Reply> {
     }
     let value = Bytes::copy_from_slice(&args[2]);
     if !(nx || xx || get || keep_ttl) {
-        return Ok(match cache.set(&args[1], Entry { value, expires_at, tags: None }).await {
-            Ok(()) => Reply::Ok,
-            Err(error) => store_error(error),
-        });
+        return Ok(
+            match cache
+                .set(
+                    &args[1],
+                    Entry {
+                        value,
+                        expires_at,
+                        tags: None,
+                    },
+                )
+                .await
+            {
+                Ok(()) => Reply::Ok,
+                Err(error) => store_error(error),
+            },
+        );
     }
     let outcome = cache
         .mutate(&args[1], |current| {
@@ -511,8 +599,19 @@ async fn set(cache: &Cache, args: &[Bytes]) -> Result<Reply, Reply> {
             if (nx && current.is_some()) || (xx && current.is_none()) {
                 return Mutation::Keep((false, old));
             }
-            let expires_at = if keep_ttl { current.and_then(|entry| entry.expires_at) } else { expires_at };
-            Mutation::Put(Entry { value, expires_at, tags: None }, (true, old))
+            let expires_at = if keep_ttl {
+                current.and_then(|entry| entry.expires_at)
+            } else {
+                expires_at
+            };
+            Mutation::Put(
+                Entry {
+                    value,
+                    expires_at,
+                    tags: None,
+                },
+                (true, old),
+            )
         })
         .await;
     Ok(match outcome {
@@ -545,12 +644,26 @@ async fn getex(cache: &Cache, args: &[Bytes]) -> Result<Reply, Reply> {
     }
     let outcome = cache
         .mutate(&args[1], |current| {
-            let Some(entry) = current else { return Mutation::Keep(None) };
+            let Some(entry) = current else {
+                return Mutation::Keep(None);
+            };
             let value = Some(entry.value.clone());
             match change {
                 Expiry::Keep => Mutation::Keep(value),
-                Expiry::Clear => Mutation::Put(Entry { expires_at: None, ..entry.clone() }, value),
-                Expiry::At(at) => Mutation::Put(Entry { expires_at: Some(at), ..entry.clone() }, value),
+                Expiry::Clear => Mutation::Put(
+                    Entry {
+                        expires_at: None,
+                        ..entry.clone()
+                    },
+                    value,
+                ),
+                Expiry::At(at) => Mutation::Put(
+                    Entry {
+                        expires_at: Some(at),
+                        ..entry.clone()
+                    },
+                    value,
+                ),
             }
         })
         .await;
@@ -636,16 +749,23 @@ async fn expire(cache: &Cache, command: &[u8], args: &[Bytes]) -> Result<Reply, 
             } else if option.eq_ignore_ascii_case(b"LT") {
                 flags.3 = true;
             } else {
-                return Err(Reply::error(format!("ERR Unsupported option {}", String::from_utf8_lossy(option))));
+                return Err(Reply::error(format!(
+                    "ERR Unsupported option {}",
+                    String::from_utf8_lossy(option)
+                )));
             }
         }
         flags
     };
     if nx && (xx || gt || lt) {
-        return Err(Reply::error("ERR NX and XX, GT or LT options at the same time are not compatible"));
+        return Err(Reply::error(
+            "ERR NX and XX, GT or LT options at the same time are not compatible",
+        ));
     }
     if gt && lt {
-        return Err(Reply::error("ERR GT and LT options at the same time are not compatible"));
+        return Err(Reply::error(
+            "ERR GT and LT options at the same time are not compatible",
+        ));
     }
     let now = now_ms() as i64;
     let at: i64 = match command {
@@ -657,7 +777,9 @@ async fn expire(cache: &Cache, command: &[u8], args: &[Bytes]) -> Result<Reply, 
     .ok_or_else(|| invalid_expire(command))?;
     let outcome = cache
         .mutate(&args[1], |current| {
-            let Some(entry) = current else { return Mutation::Keep(0) };
+            let Some(entry) = current else {
+                return Mutation::Keep(0);
+            };
             let existing = entry.expires_at.map(|at| at as i64);
             let allowed = (!nx || existing.is_none())
                 && (!xx || existing.is_some())
@@ -670,7 +792,13 @@ async fn expire(cache: &Cache, command: &[u8], args: &[Bytes]) -> Result<Reply, 
                 // A time in the past deletes the key, as in Redis.
                 return Mutation::Delete(1);
             }
-            Mutation::Put(Entry { expires_at: Some(at as u64), ..entry.clone() }, 1)
+            Mutation::Put(
+                Entry {
+                    expires_at: Some(at as u64),
+                    ..entry.clone()
+                },
+                1,
+            )
         })
         .await;
     Ok(match outcome {
@@ -683,7 +811,10 @@ async fn scan(context: &RespContext, args: &[Bytes]) -> Result<Reply, Reply> {
     if args.len() < 2 {
         return Err(arity(&args[0]));
     }
-    let cursor: u64 = std::str::from_utf8(&args[1]).ok().and_then(|text| text.parse().ok()).ok_or_else(|| Reply::error("ERR invalid cursor"))?;
+    let cursor: u64 = std::str::from_utf8(&args[1])
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .ok_or_else(|| Reply::error("ERR invalid cursor"))?;
     let mut pattern = None;
     let mut count = 10usize;
     let mut only_strings = true;
@@ -693,7 +824,10 @@ async fn scan(context: &RespContext, args: &[Bytes]) -> Result<Reply, Reply> {
         if args[index].eq_ignore_ascii_case(b"MATCH") {
             pattern = Some(Pattern::new(value));
         } else if args[index].eq_ignore_ascii_case(b"COUNT") {
-            count = parse_int(value).filter(|count| *count > 0).ok_or_else(|| Reply::error(SYNTAX))?.min(100_000) as usize;
+            count = parse_int(value)
+                .filter(|count| *count > 0)
+                .ok_or_else(|| Reply::error(SYNTAX))?
+                .min(100_000) as usize;
         } else if args[index].eq_ignore_ascii_case(b"TYPE") {
             only_strings = value.eq_ignore_ascii_case(b"string");
         } else {
@@ -704,12 +838,29 @@ async fn scan(context: &RespContext, args: &[Bytes]) -> Result<Reply, Reply> {
     let after = if cursor == 0 {
         None
     } else {
-        let cursors = context.cursors.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        Some(cursors.positions.get(&cursor).cloned().ok_or_else(|| Reply::error("ERR invalid cursor"))?)
+        let cursors = context
+            .cursors
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        Some(
+            cursors
+                .positions
+                .get(&cursor)
+                .cloned()
+                .ok_or_else(|| Reply::error("ERR invalid cursor"))?,
+        )
     };
-    let (keys, more) = context.cache.scan(after.as_deref(), count).await.map_err(store_error)?;
+    let (keys, more) = context
+        .cache
+        .scan(after.as_deref(), count)
+        .await
+        .map_err(store_error)?;
     let next = match (more, keys.last()) {
-        (true, Some(last)) => context.cursors.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).open(last.clone()),
+        (true, Some(last)) => context
+            .cursors
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .open(last.clone()),
         _ => 0,
     };
     let keys = keys
@@ -717,7 +868,10 @@ async fn scan(context: &RespContext, args: &[Bytes]) -> Result<Reply, Reply> {
         .filter(|key| only_strings && pattern.as_ref().is_none_or(|pattern| pattern.matches(key)))
         .map(Reply::Bulk)
         .collect();
-    Ok(Reply::Array(vec![Reply::text(&next.to_string()), Reply::Array(keys)]))
+    Ok(Reply::Array(vec![
+        Reply::text(&next.to_string()),
+        Reply::Array(keys),
+    ]))
 }
 
 fn auth(context: &RespContext, session: &mut Session, args: &[Bytes]) -> Reply {
@@ -748,7 +902,11 @@ fn hello(context: &RespContext, session: &mut Session, args: &[Bytes]) -> Result
             Some(2) => resp3 = false,
             Some(3) => resp3 = true,
             Some(_) => return Err(Reply::error("NOPROTO unsupported protocol version")),
-            None => return Err(Reply::error("ERR Protocol version is not an integer or out of range")),
+            None => {
+                return Err(Reply::error(
+                    "ERR Protocol version is not an integer or out of range",
+                ));
+            }
         }
         index = 2;
     }
@@ -756,7 +914,9 @@ fn hello(context: &RespContext, session: &mut Session, args: &[Bytes]) -> Result
     while index < args.len() {
         if args[index].eq_ignore_ascii_case(b"AUTH") && index + 2 < args.len() {
             if context.auth.check(Some(&args[index + 2])).is_err() {
-                return Err(Reply::error("WRONGPASS invalid username-password pair or user is disabled."));
+                return Err(Reply::error(
+                    "WRONGPASS invalid username-password pair or user is disabled.",
+                ));
             }
             session.authenticated = true;
             index += 3;
@@ -764,11 +924,16 @@ fn hello(context: &RespContext, session: &mut Session, args: &[Bytes]) -> Result
             name = Some(args[index + 1].clone());
             index += 2;
         } else {
-            return Err(Reply::error(format!("ERR Syntax error in HELLO option '{}'", String::from_utf8_lossy(&args[index]))));
+            return Err(Reply::error(format!(
+                "ERR Syntax error in HELLO option '{}'",
+                String::from_utf8_lossy(&args[index])
+            )));
         }
     }
     if !session.authenticated {
-        return Err(Reply::error("NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time"));
+        return Err(Reply::error(
+            "NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time",
+        ));
     }
     session.resp3 = resp3;
     if name.is_some() {
@@ -777,7 +942,10 @@ fn hello(context: &RespContext, session: &mut Session, args: &[Bytes]) -> Result
     Ok(Reply::Map(vec![
         (Reply::text("server"), Reply::text("redis")),
         (Reply::text("version"), Reply::text(REDIS_VERSION)),
-        (Reply::text("proto"), Reply::Integer(if resp3 { 3 } else { 2 })),
+        (
+            Reply::text("proto"),
+            Reply::Integer(if resp3 { 3 } else { 2 }),
+        ),
         (Reply::text("id"), Reply::Integer(session.id as i64)),
         (Reply::text("mode"), Reply::text("standalone")),
         (Reply::text("role"), Reply::text("master")),
@@ -786,17 +954,31 @@ fn hello(context: &RespContext, session: &mut Session, args: &[Bytes]) -> Result
 }
 
 fn client_info(session: &Session) -> String {
-    let name = session.name.as_deref().map(String::from_utf8_lossy).unwrap_or_default();
-    format!("id={} addr={} name={} db=0 resp={} lib-name=keel\n", session.id, session.peer, name, if session.resp3 { 3 } else { 2 })
+    let name = session
+        .name
+        .as_deref()
+        .map(String::from_utf8_lossy)
+        .unwrap_or_default();
+    format!(
+        "id={} addr={} name={} db=0 resp={} lib-name=keel\n",
+        session.id,
+        session.peer,
+        name,
+        if session.resp3 { 3 } else { 2 }
+    )
 }
 
 fn client(session: &mut Session, args: &[Bytes]) -> Reply {
-    let Some(sub) = args.get(1) else { return arity(&args[0]) };
+    let Some(sub) = args.get(1) else {
+        return arity(&args[0]);
+    };
     let (buffer, length) = upper(sub);
     match (&buffer[..length], args.len()) {
         (b"SETNAME", 3) => {
             if args[2].iter().any(|byte| *byte == b' ' || *byte == b'\n') {
-                return Reply::error("ERR Client names cannot contain spaces, newlines or special characters.");
+                return Reply::error(
+                    "ERR Client names cannot contain spaces, newlines or special characters.",
+                );
             }
             session.name = (!args[2].is_empty()).then(|| args[2].clone());
             Reply::Ok
@@ -817,29 +999,74 @@ fn client(session: &mut Session, args: &[Bytes]) -> Reply {
 }
 
 const COMMANDS: &[&str] = &[
-    "append", "auth", "client", "command", "config", "dbsize", "decr", "decrby", "del", "echo", "exists", "expire",
-    "expireat", "flushall", "flushdb", "get", "getdel", "getex", "hello", "incr", "incrby", "incrbyfloat", "info",
-    "keys", "mget", "mset", "persist", "pexpire", "pexpireat", "ping", "psetex", "pttl", "quit", "scan", "select",
-    "set", "setex", "setnx", "strlen", "ttl", "type", "unlink",
+    "append",
+    "auth",
+    "client",
+    "command",
+    "config",
+    "dbsize",
+    "decr",
+    "decrby",
+    "del",
+    "echo",
+    "exists",
+    "expire",
+    "expireat",
+    "flushall",
+    "flushdb",
+    "get",
+    "getdel",
+    "getex",
+    "hello",
+    "incr",
+    "incrby",
+    "incrbyfloat",
+    "info",
+    "keys",
+    "mget",
+    "mset",
+    "persist",
+    "pexpire",
+    "pexpireat",
+    "ping",
+    "psetex",
+    "pttl",
+    "quit",
+    "scan",
+    "select",
+    "set",
+    "setex",
+    "setnx",
+    "strlen",
+    "ttl",
+    "type",
+    "unlink",
 ];
 
 /// Enough of COMMAND for clients that ask at connect time (redis-cli asks for DOCS).
 fn command_stub(args: &[Bytes]) -> Reply {
-    let Some(sub) = args.get(1) else { return Reply::Array(Vec::new()) };
+    let Some(sub) = args.get(1) else {
+        return Reply::Array(Vec::new());
+    };
     let (buffer, length) = upper(sub);
     match &buffer[..length] {
         b"COUNT" => Reply::Integer(COMMANDS.len() as i64),
         b"DOCS" => Reply::Map(Vec::new()),
         b"LIST" => Reply::Array(COMMANDS.iter().map(|name| Reply::text(name)).collect()),
         b"INFO" => Reply::Array(args[2..].iter().map(|_| Reply::Null).collect()),
-        _ => Reply::error(format!("ERR unknown subcommand '{}'. Try COMMAND HELP.", String::from_utf8_lossy(sub))),
+        _ => Reply::error(format!(
+            "ERR unknown subcommand '{}'. Try COMMAND HELP.",
+            String::from_utf8_lossy(sub)
+        )),
     }
 }
 
 /// CONFIG GET answers what redis-benchmark and clients ask at start; keel's real
 /// configuration lives in keel.toml, not here.
 fn config(args: &[Bytes]) -> Reply {
-    let Some(sub) = args.get(1) else { return arity(&args[0]) };
+    let Some(sub) = args.get(1) else {
+        return arity(&args[0]);
+    };
     if sub.eq_ignore_ascii_case(b"GET") {
         if args.len() < 3 {
             return Reply::error("ERR wrong number of arguments for 'config|get' command");
@@ -856,10 +1083,16 @@ fn config(args: &[Bytes]) -> Reply {
         }
         return Reply::Map(pairs);
     }
-    if sub.eq_ignore_ascii_case(b"SET") || sub.eq_ignore_ascii_case(b"RESETSTAT") || sub.eq_ignore_ascii_case(b"REWRITE") {
+    if sub.eq_ignore_ascii_case(b"SET")
+        || sub.eq_ignore_ascii_case(b"RESETSTAT")
+        || sub.eq_ignore_ascii_case(b"REWRITE")
+    {
         return Reply::error("ERR keel is configured in keel.toml; CONFIG SET is not supported");
     }
-    Reply::error(format!("ERR unknown subcommand '{}'. Try CONFIG HELP.", String::from_utf8_lossy(sub)))
+    Reply::error(format!(
+        "ERR unknown subcommand '{}'. Try CONFIG HELP.",
+        String::from_utf8_lossy(sub)
+    ))
 }
 
 async fn info(context: &RespContext, session: &Session) -> Reply {

@@ -41,7 +41,10 @@ pub fn parse_command(buf: &[u8], limits: &ParseLimits) -> Result<Option<Parsed>,
 }
 
 fn find_crlf(buf: &[u8], from: usize) -> Option<usize> {
-    buf.get(from..)?.windows(2).position(|pair| pair == b"\r\n").map(|at| from + at)
+    buf.get(from..)?
+        .windows(2)
+        .position(|pair| pair == b"\r\n")
+        .map(|at| from + at)
 }
 
 /// A decimal integer as Redis writes lengths: optional `-`, digits, nothing else.
@@ -62,7 +65,11 @@ fn parse_length(digits: &[u8]) -> Option<i64> {
 
 fn parse_multibulk(buf: &[u8], limits: &ParseLimits) -> Result<Option<Parsed>, ProtocolError> {
     let Some(line_end) = find_crlf(buf, 1) else {
-        return if buf.len() > 32 { Err(ProtocolError("invalid multibulk length")) } else { Ok(None) };
+        return if buf.len() > 32 {
+            Err(ProtocolError("invalid multibulk length"))
+        } else {
+            Ok(None)
+        };
     };
     let count = parse_length(&buf[1..line_end]).ok_or(ProtocolError("invalid multibulk length"))?;
     if count > limits.max_args as i64 {
@@ -70,7 +77,10 @@ fn parse_multibulk(buf: &[u8], limits: &ParseLimits) -> Result<Option<Parsed>, P
     }
     let mut at = line_end + 2;
     if count <= 0 {
-        return Ok(Some(Parsed { args: Vec::new(), consumed: at }));
+        return Ok(Some(Parsed {
+            args: Vec::new(),
+            consumed: at,
+        }));
     }
     let mut args = Vec::with_capacity((count as usize).min(1024));
     for _ in 0..count {
@@ -80,9 +90,14 @@ fn parse_multibulk(buf: &[u8], limits: &ParseLimits) -> Result<Option<Parsed>, P
             Some(_) => return Err(ProtocolError("expected '$', got something else")),
         }
         let Some(header_end) = find_crlf(buf, at + 1) else {
-            return if buf.len() - at > 32 { Err(ProtocolError("invalid bulk length")) } else { Ok(None) };
+            return if buf.len() - at > 32 {
+                Err(ProtocolError("invalid bulk length"))
+            } else {
+                Ok(None)
+            };
         };
-        let length = parse_length(&buf[at + 1..header_end]).ok_or(ProtocolError("invalid bulk length"))?;
+        let length =
+            parse_length(&buf[at + 1..header_end]).ok_or(ProtocolError("invalid bulk length"))?;
         if length < 0 || length as usize > limits.max_bulk {
             return Err(ProtocolError("invalid bulk length"));
         }
@@ -102,12 +117,20 @@ fn parse_multibulk(buf: &[u8], limits: &ParseLimits) -> Result<Option<Parsed>, P
 
 fn parse_inline(buf: &[u8], limits: &ParseLimits) -> Result<Option<Parsed>, ProtocolError> {
     let Some(newline) = buf.iter().position(|&byte| byte == b'\n') else {
-        return if buf.len() > limits.max_inline { Err(ProtocolError("too big inline request")) } else { Ok(None) };
+        return if buf.len() > limits.max_inline {
+            Err(ProtocolError("too big inline request"))
+        } else {
+            Ok(None)
+        };
     };
     if newline > limits.max_inline {
         return Err(ProtocolError("too big inline request"));
     }
-    let line_end = if newline > 0 && buf[newline - 1] == b'\r' { newline - 1 } else { newline };
+    let line_end = if newline > 0 && buf[newline - 1] == b'\r' {
+        newline - 1
+    } else {
+        newline
+    };
     let mut args = Vec::new();
     let mut at = 0;
     while at < line_end {
@@ -125,7 +148,10 @@ fn parse_inline(buf: &[u8], limits: &ParseLimits) -> Result<Option<Parsed>, Prot
     if args.len() > limits.max_args {
         return Err(ProtocolError("too big inline request"));
     }
-    Ok(Some(Parsed { args, consumed: newline + 1 }))
+    Ok(Some(Parsed {
+        args,
+        consumed: newline + 1,
+    }))
 }
 
 /// A reply, encoded per the connection's protocol version.
@@ -165,23 +191,39 @@ impl Reply {
             Reply::Error(text) => line(out, b'-', sanitize(text).as_bytes()),
             Reply::Integer(value) => line(out, b':', itoa::Buffer::new().format(*value).as_bytes()),
             Reply::Bulk(bytes) => {
-                line(out, b'$', itoa::Buffer::new().format(bytes.len()).as_bytes());
+                line(
+                    out,
+                    b'$',
+                    itoa::Buffer::new().format(bytes.len()).as_bytes(),
+                );
                 out.put_slice(bytes);
                 out.put_slice(b"\r\n");
             }
             Reply::Null if resp3 => out.put_slice(b"_\r\n"),
             Reply::Null => out.put_slice(b"$-1\r\n"),
             Reply::Array(items) => {
-                line(out, b'*', itoa::Buffer::new().format(items.len()).as_bytes());
+                line(
+                    out,
+                    b'*',
+                    itoa::Buffer::new().format(items.len()).as_bytes(),
+                );
                 for item in items {
                     item.encode(resp3, out);
                 }
             }
             Reply::Map(pairs) => {
                 if resp3 {
-                    line(out, b'%', itoa::Buffer::new().format(pairs.len()).as_bytes());
+                    line(
+                        out,
+                        b'%',
+                        itoa::Buffer::new().format(pairs.len()).as_bytes(),
+                    );
                 } else {
-                    line(out, b'*', itoa::Buffer::new().format(pairs.len() * 2).as_bytes());
+                    line(
+                        out,
+                        b'*',
+                        itoa::Buffer::new().format(pairs.len() * 2).as_bytes(),
+                    );
                 }
                 for (key, value) in pairs {
                     key.encode(resp3, out);
@@ -201,33 +243,55 @@ fn line(out: &mut BytesMut, prefix: u8, body: &[u8]) {
 
 /// Simple strings and errors cannot carry CR or LF.
 fn sanitize(text: &str) -> std::borrow::Cow<'_, str> {
-    if text.contains(['\r', '\n']) { text.replace(['\r', '\n'], " ").into() } else { text.into() }
+    if text.contains(['\r', '\n']) {
+        text.replace(['\r', '\n'], " ").into()
+    } else {
+        text.into()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const LIMITS: ParseLimits = ParseLimits { max_bulk: 1024, max_args: 16, max_inline: 64 };
+    const LIMITS: ParseLimits = ParseLimits {
+        max_bulk: 1024,
+        max_args: 16,
+        max_inline: 64,
+    };
 
     fn args(buf: &[u8]) -> Vec<&[u8]> {
         let parsed = parse_command(buf, &LIMITS).unwrap().unwrap();
-        parsed.args.iter().map(|range| &buf[range.clone()]).collect()
+        parsed
+            .args
+            .iter()
+            .map(|range| &buf[range.clone()])
+            .collect()
     }
 
     #[test]
     fn multibulk_and_inline() {
-        assert_eq!(args(b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n"), vec![&b"GET"[..], b"k"]);
+        assert_eq!(
+            args(b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n"),
+            vec![&b"GET"[..], b"k"]
+        );
         assert_eq!(args(b"*1\r\n$0\r\n\r\n"), vec![&b""[..]]);
         assert_eq!(args(b"PING  hello\r\n"), vec![&b"PING"[..], b"hello"]);
-        assert_eq!(args(b"*2\r\n$3\r\na\r\nb\r\n$1\r\nx\r\n"), vec![&b"a\r\nb"[..], b"x"]);
+        assert_eq!(
+            args(b"*2\r\n$3\r\na\r\nb\r\n$1\r\nx\r\n"),
+            vec![&b"a\r\nb"[..], b"x"]
+        );
     }
 
     #[test]
     fn incomplete_input_waits() {
         let full = b"*2\r\n$3\r\nGET\r\n$5\r\nhello\r\n";
         for cut in 0..full.len() {
-            assert_eq!(parse_command(&full[..cut], &LIMITS), Ok(None), "cut at {cut}");
+            assert_eq!(
+                parse_command(&full[..cut], &LIMITS),
+                Ok(None),
+                "cut at {cut}"
+            );
         }
     }
 
@@ -240,7 +304,10 @@ mod tests {
         assert!(parse_command(b"*1\r\n$-5\r\n", &LIMITS).is_err());
         assert!(parse_command(b"*1\r\n$1\r\nab\r\n", &LIMITS).is_err());
         assert!(parse_command(&[b'a'; 100], &LIMITS).is_err());
-        assert!(parse_command(b"*1\r\n*1\r\n$1\r\na\r\n", &LIMITS).is_err(), "nested arrays are refused");
+        assert!(
+            parse_command(b"*1\r\n*1\r\n$1\r\na\r\n", &LIMITS).is_err(),
+            "nested arrays are refused"
+        );
     }
 
     #[test]
@@ -251,6 +318,9 @@ mod tests {
         Reply::Map(vec![(Reply::text("a"), Reply::Integer(1))]).encode(false, &mut out);
         Reply::Map(vec![(Reply::text("a"), Reply::Integer(1))]).encode(true, &mut out);
         Reply::error("ERR bad\r\nthing").encode(false, &mut out);
-        assert_eq!(&out[..], b"$-1\r\n_\r\n*2\r\n$1\r\na\r\n:1\r\n%1\r\n$1\r\na\r\n:1\r\n-ERR bad  thing\r\n");
+        assert_eq!(
+            &out[..],
+            b"$-1\r\n_\r\n*2\r\n$1\r\na\r\n:1\r\n%1\r\n$1\r\na\r\n:1\r\n-ERR bad  thing\r\n"
+        );
     }
 }

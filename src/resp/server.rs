@@ -32,8 +32,10 @@ pub struct RespMetrics {
 impl RespMetrics {
     pub fn new(registry: &Registry) -> RespMetrics {
         let metrics = RespMetrics {
-            connections: IntGauge::new("keel_resp_connections", "Open RESP connections.").expect("valid metric"),
-            commands: IntCounter::new("keel_resp_commands_total", "RESP commands executed.").expect("valid metric"),
+            connections: IntGauge::new("keel_resp_connections", "Open RESP connections.")
+                .expect("valid metric"),
+            commands: IntCounter::new("keel_resp_commands_total", "RESP commands executed.")
+                .expect("valid metric"),
             protocol_errors: IntCounter::new(
                 "keel_resp_protocol_errors_total",
                 "RESP connections closed for malformed or oversized input.",
@@ -73,10 +75,15 @@ pub async fn serve_resp(
             context.connected.fetch_add(1, Ordering::Relaxed);
             match tls {
                 None => connection(stream, peer, &context, &limits, &metrics, &shutdown).await,
-                Some(acceptor) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(stream)) => connection(stream, peer, &context, &limits, &metrics, &shutdown).await,
-                    _ => tracing::debug!(%peer, "RESP TLS handshake failed"),
-                },
+                Some(acceptor) => {
+                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
+                    {
+                        Ok(Ok(stream)) => {
+                            connection(stream, peer, &context, &limits, &metrics, &shutdown).await
+                        }
+                        _ => tracing::debug!(%peer, "RESP TLS handshake failed"),
+                    }
+                }
             }
             context.connected.fetch_sub(1, Ordering::Relaxed);
             metrics.connections.dec();
@@ -84,9 +91,16 @@ pub async fn serve_resp(
     }
     drop(listener);
     tracker.close();
-    tracing::info!(listener = "resp", open = tracker.len(), "stopped accepting; draining connections");
+    tracing::info!(
+        listener = "resp",
+        open = tracker.len(),
+        "stopped accepting; draining connections"
+    );
     if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
-        tracing::warn!(listener = "resp", "drain timeout reached; closing remaining connections");
+        tracing::warn!(
+            listener = "resp",
+            "drain timeout reached; closing remaining connections"
+        );
     }
 }
 
@@ -126,7 +140,11 @@ async fn connection<IO>(
             if parsed.args.is_empty() {
                 continue;
             }
-            let args: Vec<Bytes> = parsed.args.into_iter().map(|range| frame.slice(range)).collect();
+            let args: Vec<Bytes> = parsed
+                .args
+                .into_iter()
+                .map(|range| frame.slice(range))
+                .collect();
             metrics.commands.inc();
             let (reply, flow) = execute(context, &mut session, &args).await;
             reply.encode(session.resp3, &mut output);

@@ -29,7 +29,10 @@ pub fn base_config(dir: &Path) -> String {
 
 /// `base_config` with the RESP listener on an ephemeral port, plus `extra` TOML.
 pub fn resp_config(dir: &Path, extra: &str) -> String {
-    base_config(dir).replace("[listeners.resp]\nbind = \"\"", "[listeners.resp]\nbind = \"127.0.0.1:0\"") + extra
+    base_config(dir).replace(
+        "[listeners.resp]\nbind = \"\"",
+        "[listeners.resp]\nbind = \"127.0.0.1:0\"",
+    ) + extra
 }
 
 /// Runs `keel ARGS` to completion.
@@ -256,5 +259,10 @@ pub fn parse_reply(raw: &[u8]) -> Reply {
         .filter_map(|line| line.split_once(':'))
         .map(|(key, value)| (key.trim().to_owned(), value.trim().to_owned()))
         .collect();
-    Reply { status, headers, body: String::from_utf8_lossy(&raw_body).into_owned(), raw_body }
+    Reply {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&raw_body).into_owned(),
+        raw_body,
+    }
 }
