@@ -100,3 +100,16 @@ ensure_services() {
     log "WARNING: skipping the tests that need: ${missing[*]}"
   fi
 }
+
+# ensure_clients: the real clients the RESP tests drive (redis-cli; Python's redis
+# package, whose version 8 opens with HELLO 3). Installed when missing and possible;
+# the tests that need one skip (or fail under KEEL_REQUIRE_EXTERNAL=1) without it.
+ensure_clients() {
+  command -v redis-cli >/dev/null || apt_install redis-tools || log "WARNING: no redis-cli"
+  if ! python3 -c 'import redis' >/dev/null 2>&1; then
+    log "installing Python's redis package"
+    python3 -m pip install --quiet --disable-pip-version-check 'redis>=5' >/dev/null 2>&1 ||
+      python3 -m pip install --quiet --disable-pip-version-check --break-system-packages 'redis>=5' >/dev/null 2>&1 ||
+      log "WARNING: cannot install Python's redis package"
+  fi
+}
