@@ -56,6 +56,13 @@ impl Entry {
         out
     }
 
+    /// The expiry and tag count from an encoded entry's header, without copying it.
+    pub fn peek_header(bytes: &[u8]) -> Option<(Option<u64>, usize)> {
+        let expires_at = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?);
+        let tags = u16::from_le_bytes(bytes.get(8..10)?.try_into().ok()?) as usize;
+        Some(((expires_at != 0).then_some(expires_at), tags))
+    }
+
     /// `None` for bytes this layout cannot have produced.
     pub fn decode(bytes: &[u8]) -> Option<Entry> {
         let expires_at = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?);

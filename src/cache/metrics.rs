@@ -18,6 +18,11 @@ pub struct CacheMetrics {
     pub invalidation_seconds: Histogram,
     pub l2_queue_ops: IntGauge,
     pub l2_errors: IntCounter,
+    /// The per-layer children, resolved once: label lookups cost more than the read.
+    pub l1_hits: IntCounter,
+    pub l1_misses: IntCounter,
+    pub l2_hits: IntCounter,
+    pub l2_misses: IntCounter,
 }
 
 impl CacheMetrics {
@@ -28,9 +33,15 @@ impl CacheMetrics {
         let gauge = |name: &str, help: &str| {
             IntGaugeVec::new(Opts::new(name, help), &["layer"]).expect("valid metric")
         };
+        let hits = layer("keel_cache_hits_total", "Reads answered by a layer.");
+        let misses = layer("keel_cache_misses_total", "Reads a layer could not answer.");
         let metrics = CacheMetrics {
-            hits: layer("keel_cache_hits_total", "Reads answered by a layer."),
-            misses: layer("keel_cache_misses_total", "Reads a layer could not answer."),
+            l1_hits: hits.with_label_values(&["l1"]),
+            l1_misses: misses.with_label_values(&["l1"]),
+            l2_hits: hits.with_label_values(&["l2"]),
+            l2_misses: misses.with_label_values(&["l2"]),
+            hits,
+            misses,
             evictions: IntCounter::new(
                 "keel_cache_l1_evictions_total",
                 "Entries L1 evicted to stay within l1_max_bytes.",

@@ -257,7 +257,7 @@ impl Cache {
         if let Some(stored) = shared.l1.get(key) {
             return Ok(self.live_l1(key, stored, now));
         }
-        shared.metrics.misses.with_label_values(&["l1"]).inc();
+        shared.metrics.l1_misses.inc();
         let Some(store) = &self.inner.store else {
             return Ok(None);
         };
@@ -275,7 +275,7 @@ impl Cache {
         }
         match store.get(key).await? {
             Some(entry) if !entry.is_expired(now) => {
-                shared.metrics.hits.with_label_values(&["l2"]).inc();
+                shared.metrics.l2_hits.inc();
                 shared.l1.insert(
                     Bytes::copy_from_slice(key),
                     Stored {
@@ -286,7 +286,7 @@ impl Cache {
                 Ok(Some(entry))
             }
             _ => {
-                shared.metrics.misses.with_label_values(&["l2"]).inc();
+                shared.metrics.l2_misses.inc();
                 Ok(None)
             }
         }
@@ -295,14 +295,14 @@ impl Cache {
     fn live_l1(&self, key: &[u8], stored: Stored, now: u64) -> Option<Entry> {
         let shared = &self.inner.shared;
         if stored.entry.is_expired(now) {
-            shared.metrics.misses.with_label_values(&["l1"]).inc();
+            shared.metrics.l1_misses.inc();
             // Lazy expiry; only this version, in case a newer write just landed.
             shared.l1.remove_if(key, |current| {
                 current.seq == stored.seq && current.entry.is_expired(now)
             });
             return None;
         }
-        shared.metrics.hits.with_label_values(&["l1"]).inc();
+        shared.metrics.l1_hits.inc();
         Some(stored.entry)
     }
 
@@ -578,10 +578,7 @@ impl Cache {
                 hits as f64 / (hits + misses) as f64
             }
         };
-        let (l1_hits, l1_misses) = (
-            metrics.hits.with_label_values(&["l1"]).get(),
-            metrics.misses.with_label_values(&["l1"]).get(),
-        );
+        let (l1_hits, l1_misses) = (metrics.l1_hits.get(), metrics.l1_misses.get());
         let l1 = LayerStats {
             kind: "memory",
             hits: l1_hits,
@@ -600,10 +597,7 @@ impl Cache {
                     .entries
                     .with_label_values(&["l2"])
                     .set(entries as i64);
-                let (hits, misses) = (
-                    metrics.hits.with_label_values(&["l2"]).get(),
-                    metrics.misses.with_label_values(&["l2"]).get(),
-                );
+                let (hits, misses) = (metrics.l2_hits.get(), metrics.l2_misses.get());
                 Some(LayerStats {
                     kind: store.kind(),
                     hits,

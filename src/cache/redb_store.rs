@@ -10,7 +10,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use redb::{Database, Durability, ReadableDatabase, ReadableTableMetadata, TableDefinition};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+};
 
 use super::entry::Entry;
 use super::glob::{Pattern, prefix_successor};
@@ -58,40 +60,37 @@ impl RedbCacheStore {
         })
         .map_err(fail)?;
         {
-            let mut entries = txn.open_table(ENTRIES).map_err(fail)?;
-            let mut expiry = txn.open_table(EXPIRY).map_err(fail)?;
-            let mut tags = txn.open_table(TAGS).map_err(fail)?;
+            let mut tables = Tables::open(&txn)?;
             for op in batch {
-                let key: &[u8] = match op {
-                    StoreOp::Put { key, .. } | StoreOp::Delete { key } => key,
-                };
-                // Index rows of the old version go first, whatever replaces it.
-                let old = entries
-                    .remove(key)
-                    .map_err(fail)?
-                    .and_then(|old| Entry::decode(old.value()));
-                if let Some(old) = old {
-                    if let Some(at) = old.expires_at {
-                        expiry.remove((at, key)).map_err(fail)?;
-                    }
-                    for tag in old.tags() {
-                        tags.remove((tag.as_str(), key)).map_err(fail)?;
-                    }
-                }
-                if let StoreOp::Put { entry, .. } = op {
-                    entries
-                        .insert(key, entry.encode().as_slice())
-                        .map_err(fail)?;
-                    if let Some(at) = entry.expires_at {
-                        expiry.insert((at, key), ()).map_err(fail)?;
-                    }
-                    for tag in entry.tags() {
-                        tags.insert((tag.as_str(), key), ()).map_err(fail)?;
+                match op {
+                    StoreOp::Put { key, entry } => tables.put(key, entry)?,
+                    StoreOp::Delete { key } => {
+                        tables.delete(key)?;
                     }
                 }
             }
         }
         txn.commit().map_err(fail)
+    }
+
+    /// Deletes `keys` (already known to exist) in one transaction.
+    fn delete_blocking(
+        db: &Database,
+        find: impl FnOnce(&Tables<'_>) -> Result<Vec<Vec<u8>>, StoreError>,
+    ) -> Result<Vec<Bytes>, StoreError> {
+        let mut txn = db.begin_write().map_err(fail)?;
+        txn.set_durability(Durability::None).map_err(fail)?;
+        let mut deleted = Vec::new();
+        {
+            let mut tables = Tables::open(&txn)?;
+            for key in find(&tables)? {
+                if tables.delete(&key)? {
+                    deleted.push(Bytes::from(key));
+                }
+            }
+        }
+        txn.commit().map_err(fail)?;
+        Ok(deleted)
     }
 
     fn keys_matching_blocking(
@@ -140,6 +139,72 @@ impl RedbCacheStore {
     }
 }
 
+/// The three tables of one write transaction, kept consistent with each other.
+struct Tables<'txn> {
+    entries: redb::Table<'txn, &'static [u8], &'static [u8]>,
+    expiry: redb::Table<'txn, (u64, &'static [u8]), ()>,
+    tags: redb::Table<'txn, (&'static str, &'static [u8]), ()>,
+}
+
+impl<'txn> Tables<'txn> {
+    fn open(txn: &'txn redb::WriteTransaction) -> Result<Tables<'txn>, StoreError> {
+        Ok(Tables {
+            entries: txn.open_table(ENTRIES).map_err(fail)?,
+            expiry: txn.open_table(EXPIRY).map_err(fail)?,
+            tags: txn.open_table(TAGS).map_err(fail)?,
+        })
+    }
+
+    fn put(&mut self, key: &[u8], entry: &Entry) -> Result<(), StoreError> {
+        // Index rows are touched only when the old or the new version has some.
+        let old = self
+            .entries
+            .insert(key, entry.encode().as_slice())
+            .map_err(fail)?
+            .and_then(|old| indexed(old.value()));
+        if let Some(old) = old {
+            self.unindex(key, &old)?;
+        }
+        if let Some(at) = entry.expires_at {
+            self.expiry.insert((at, key), ()).map_err(fail)?;
+        }
+        for tag in entry.tags() {
+            self.tags.insert((tag.as_str(), key), ()).map_err(fail)?;
+        }
+        Ok(())
+    }
+
+    /// True when the key existed.
+    fn delete(&mut self, key: &[u8]) -> Result<bool, StoreError> {
+        let old = match self.entries.remove(key).map_err(fail)? {
+            None => return Ok(false),
+            Some(old) => indexed(old.value()),
+        };
+        if let Some(old) = old {
+            self.unindex(key, &old)?;
+        }
+        Ok(true)
+    }
+
+    fn unindex(&mut self, key: &[u8], old: &Entry) -> Result<(), StoreError> {
+        if let Some(at) = old.expires_at {
+            self.expiry.remove((at, key)).map_err(fail)?;
+        }
+        for tag in old.tags() {
+            self.tags.remove((tag.as_str(), key)).map_err(fail)?;
+        }
+        Ok(())
+    }
+}
+
+/// The decoded entry when it has index rows (an expiry or tags), else `None`: most
+/// entries have neither and are never decoded.
+fn indexed(encoded: &[u8]) -> Option<Entry> {
+    Entry::peek_header(encoded)
+        .filter(|(at, tags)| at.is_some() || *tags > 0)
+        .and_then(|_| Entry::decode(encoded))
+}
+
 #[async_trait]
 impl CacheStore for RedbCacheStore {
     fn kind(&self) -> &'static str {
@@ -176,23 +241,51 @@ impl CacheStore for RedbCacheStore {
         .map_err(fail)?
     }
 
-    async fn keys_tagged(&self, tag: &str, limit: usize) -> Result<Vec<Bytes>, StoreError> {
+    async fn delete_matching(&self, pattern: &Pattern) -> Result<Vec<Bytes>, StoreError> {
         let db = self.db.clone();
-        let tag = tag.to_owned();
+        let pattern = pattern.clone();
         tokio::task::spawn_blocking(move || {
-            let txn = db.begin_read().map_err(fail)?;
-            let tags = txn.open_table(TAGS).map_err(fail)?;
-            let empty: &[u8] = &[];
-            let mut keys = Vec::new();
-            for item in tags.range((tag.as_str(), empty)..).map_err(fail)? {
-                let (row, _) = item.map_err(fail)?;
-                let (row_tag, key) = row.value();
-                if row_tag != tag || keys.len() >= limit {
-                    break;
+            Self::delete_blocking(&db, |tables| {
+                let prefix = pattern.literal_prefix();
+                let end = prefix_successor(prefix);
+                let range = match &end {
+                    Some(end) => tables.entries.range::<&[u8]>(prefix..end.as_slice()),
+                    None => tables.entries.range::<&[u8]>(prefix..),
                 }
-                keys.push(Bytes::copy_from_slice(key));
-            }
-            Ok(keys)
+                .map_err(fail)?;
+                let mut keys = Vec::new();
+                for item in range {
+                    let (key, _) = item.map_err(fail)?;
+                    if pattern.matches(key.value()) {
+                        keys.push(key.value().to_vec());
+                    }
+                }
+                Ok(keys)
+            })
+        })
+        .await
+        .map_err(fail)?
+    }
+
+    async fn delete_tagged(&self, tags: &[String]) -> Result<Vec<Bytes>, StoreError> {
+        let db = self.db.clone();
+        let tags = tags.to_vec();
+        tokio::task::spawn_blocking(move || {
+            Self::delete_blocking(&db, |tables| {
+                let empty: &[u8] = &[];
+                let mut keys = Vec::new();
+                for tag in &tags {
+                    for item in tables.tags.range((tag.as_str(), empty)..).map_err(fail)? {
+                        let (row, _) = item.map_err(fail)?;
+                        let (row_tag, key) = row.value();
+                        if row_tag != tag {
+                            break;
+                        }
+                        keys.push(key.to_vec());
+                    }
+                }
+                Ok(keys)
+            })
         })
         .await
         .map_err(fail)?

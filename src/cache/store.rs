@@ -43,8 +43,13 @@ pub trait CacheStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<Bytes>, StoreError>;
 
-    /// Keys carrying `tag`, at most `limit`, without scanning untagged keys.
-    async fn keys_tagged(&self, tag: &str, limit: usize) -> Result<Vec<Bytes>, StoreError>;
+    /// Deletes every key matching `pattern` in one atomic step and returns them. A
+    /// literal prefix must bound the scan, as for `keys_matching`.
+    async fn delete_matching(&self, pattern: &Pattern) -> Result<Vec<Bytes>, StoreError>;
+
+    /// Deletes every key carrying any of `tags` in one atomic step and returns them,
+    /// reading only those tags' index rows.
+    async fn delete_tagged(&self, tags: &[String]) -> Result<Vec<Bytes>, StoreError>;
 
     /// Up to `count` keys after `after` in key order (expired ones included), and
     /// whether more follow.

@@ -20,14 +20,13 @@ use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 
 use super::entry::now_ms;
-use super::glob::Pattern;
 use super::store::{CacheStore, StoreError, StoreOp};
 use super::{Shared, Target};
 
 pub(super) const DURABLE_EVERY: Duration = Duration::from_secs(1);
 /// Ops per transaction at most: bounds a commit's size and the time between commits.
 const MAX_BATCH: usize = 4096;
-/// Keys handled per step of an invalidation or a sweep.
+/// Keys handled per step of a sweep.
 const STEP: usize = 4096;
 /// Expired keys the sweeper removes per tick at most, so it never monopolises the writer.
 const SWEEP_PER_TICK: usize = 16 * 1024;
@@ -106,6 +105,7 @@ impl Writer {
                 }
             }
             if !ops.is_empty() {
+                let ops = last_write_per_key(ops);
                 let durable = last_durable.elapsed() >= DURABLE_EVERY;
                 self.commit(ops, seqs, durable).await;
                 if durable {
@@ -124,7 +124,7 @@ impl Writer {
         if ops.is_empty() && !durable {
             return;
         }
-        let count = ops.len();
+        let count = seqs.len();
         if let Err(error) = self.store.apply(ops, durable).await {
             // The writes stay in L1; L2 misses them until they are written again.
             self.shared.metrics.l2_errors.inc();
@@ -155,37 +155,15 @@ impl Writer {
         }
     }
 
-    /// Deletes matching keys from L2 step by step, and each from L1 unless L1 holds a
-    /// write newer than the invalidation.
+    /// Deletes matching keys from L2 in one transaction, then each from L1 unless L1
+    /// holds a write newer than the invalidation.
     async fn invalidate(&self, target: Target, seq: u64) -> Result<usize, StoreError> {
-        let mut removed = 0;
-        let sources: Vec<Source<'_>> = match &target {
-            Target::Pattern(pattern) => vec![Source::Pattern(pattern)],
-            Target::Tags(tags) => tags.iter().map(|tag| Source::Tag(tag)).collect(),
+        let keys = match &target {
+            Target::Pattern(pattern) => self.store.delete_matching(pattern).await?,
+            Target::Tags(tags) => self.store.delete_tagged(tags).await?,
         };
-        for source in sources {
-            loop {
-                let keys = match source {
-                    Source::Pattern(pattern) => self.store.keys_matching(pattern, 0, STEP).await?,
-                    Source::Tag(tag) => self.store.keys_tagged(tag, STEP).await?,
-                };
-                if keys.is_empty() {
-                    break;
-                }
-                let full = keys.len() == STEP;
-                let ops = keys
-                    .iter()
-                    .map(|key| StoreOp::Delete { key: key.clone() })
-                    .collect();
-                self.store.apply(ops, false).await?;
-                removed += keys.len();
-                self.evict_l1(&keys, seq).await;
-                if !full {
-                    break;
-                }
-            }
-        }
-        Ok(removed)
+        self.evict_l1(&keys, seq).await;
+        Ok(keys.len())
     }
 
     async fn evict_l1(&self, keys: &[Bytes], seq: u64) {
@@ -234,9 +212,24 @@ impl Writer {
     }
 }
 
-enum Source<'a> {
-    Pattern(&'a Pattern),
-    Tag(&'a str),
+/// Only the last write to a key in a batch reaches L2: a hot key written a thousand times
+/// between two commits costs one B-tree update.
+fn last_write_per_key(ops: Vec<StoreOp>) -> Vec<StoreOp> {
+    let mut last: std::collections::HashMap<&Bytes, usize, quick_cache::DefaultHashBuilder> =
+        std::collections::HashMap::with_capacity_and_hasher(ops.len(), Default::default());
+    for (index, op) in ops.iter().enumerate() {
+        last.insert(op_key(op), index);
+    }
+    if last.len() == ops.len() {
+        return ops;
+    }
+    let keep: Vec<bool> = (0..ops.len())
+        .map(|index| last.get(op_key(&ops[index])) == Some(&index))
+        .collect();
+    ops.into_iter()
+        .zip(keep)
+        .filter_map(|(op, keep)| keep.then_some(op))
+        .collect()
 }
 
 fn op_key(op: &StoreOp) -> &Bytes {
