@@ -278,7 +278,7 @@ mod tests {
         assert_eq!(args(b"*1\r\n$0\r\n\r\n"), vec![&b""[..]]);
         assert_eq!(args(b"PING  hello\r\n"), vec![&b"PING"[..], b"hello"]);
         assert_eq!(
-            args(b"*2\r\n$3\r\na\r\nb\r\n$1\r\nx\r\n"),
+            args(b"*2\r\n$4\r\na\r\nb\r\n$1\r\nx\r\n"),
             vec![&b"a\r\nb"[..], b"x"]
         );
     }
