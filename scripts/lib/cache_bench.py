@@ -83,6 +83,30 @@ def api(api_port, path, body=None):
         return json.loads(response.read())
 
 
+def memory_row(count, l1, redis_rss):
+    resp, api_port = free_port(), free_port()
+    data = tempfile.mkdtemp(prefix="keel-bench-mem-")
+    keel = subprocess.Popen([KEEL, "serve", "--config", "/dev/null", "--data-dir", data,
+                             "--set", f"listeners.api.bind=127.0.0.1:{api_port}",
+                             "--set", f"listeners.resp.bind=127.0.0.1:{resp}",
+                             "--set", f"cache.l1_max_bytes={l1}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(resp)
+        load_distinct(resp, count, 100)
+        cli(resp, "DBSIZE")  # a barrier: every queued write is in L2 when it answers
+        stats = api(api_port, "/v1/cache/stats")
+        keel_rss = rss_bytes(keel.pid)
+        print(f"| l1_max_bytes = {l1}, l2 = redb (page cache 64MiB) | {keel_rss / 2**20:.0f} MiB | "
+              f"{keel_rss / redis_rss:.2f} | {stats['l1']['entries']:,} | {stats['l1']['bytes'] / 2**20:.0f} MiB | "
+              f"{stats['l2']['entries']:,} | {os.path.getsize(f'{data}/cache.redb') / 2**20:.0f} MiB |")
+        sys.stdout.flush()
+    finally:
+        keel.terminate()
+        keel.wait(timeout=60)
+        shutil.rmtree(data, ignore_errors=True)
+
+
 def main():
     redis_port, keel_resp, keel_api = free_port(), free_port(), free_port()
     workdir = tempfile.mkdtemp(prefix="keel-bench-cache-")
@@ -113,20 +137,17 @@ def main():
 
         count = 200_000 if QUICK else 1_000_000
         cli(redis_port, "FLUSHALL")
-        cli(keel_resp, "FLUSHALL")
         load_distinct(redis_port, count, 100)
-        load_distinct(keel_resp, count, 100)
-        time.sleep(2)  # let keel's L2 writer drain and commit
         redis_rss = int(cli(redis_port, "INFO", "memory").split("used_memory_rss:")[1].split()[0])
-        keel_rss = rss_bytes(keel.pid)
-        stats = api(keel_api, "/v1/cache/stats")
         print()
-        print(f"Memory after {count:,} distinct SETs of 100-byte values (redis-cli --pipe): "
-              f"Redis used_memory_rss {redis_rss / 2**20:.0f} MiB, keel RSS {keel_rss / 2**20:.0f} MiB "
-              f"= {keel_rss / redis_rss:.2f}x. keel L1: {stats['l1']['entries']:,} entries, "
-              f"{stats['l1']['bytes'] / 2**20:.0f} MiB weighted (cap {stats['l1']['capacity_bytes'] / 2**20:.0f} MiB); "
-              f"L2 (redb): {stats['l2']['entries']:,} entries, file "
-              f"{os.path.getsize(f'{workdir}/keel/cache.redb') / 2**20:.0f} MiB.")
+        print(f"Memory after {count:,} distinct SETs of 100-byte values (redis-cli --pipe), keel in a fresh process "
+              f"per configuration; Redis used_memory_rss {redis_rss / 2**20:.0f} MiB:")
+        print()
+        print("| keel configuration | keel RSS | keel/Redis | L1 entries | L1 weighted | L2 entries | cache.redb file |")
+        print("|---|---|---|---|---|---|---|")
+        for l1 in ("256MiB", "128MiB"):
+            memory_row(count, l1, redis_rss)
+        cli(redis_port, "FLUSHALL")
 
         cli(keel_resp, "FLUSHALL")
         load_distinct(keel_resp, 100_000, 10)

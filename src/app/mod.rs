@@ -59,6 +59,7 @@ impl From<ListenerError> for AppError {
 pub struct Endpoints {
     pub api: SocketAddr,
     pub api_tls: bool,
+    pub resp: Option<SocketAddr>,
 }
 
 /// Called once when keel is ready (`keel demo` prints its URLs here).
@@ -109,9 +110,10 @@ pub async fn run(config: Config, launch: Launch) -> Result<(), AppError> {
         api_config.max_connections,
     )
     .await?;
-    let endpoints = Endpoints {
+    let mut endpoints = Endpoints {
         api: api.local_addr(),
         api_tls: api.certificate().is_some(),
+        resp: None,
     };
     tracing::info!(addr = %endpoints.api, tls = endpoints.api_tls, "api listener bound");
     let mut certificates: Vec<_> = api.certificate().into_iter().collect();
@@ -172,6 +174,9 @@ pub async fn run(config: Config, launch: Launch) -> Result<(), AppError> {
         },
         cache_metrics.clone(),
     );
+    if let Err(error) = cache.trust_l1_if_l2_is_empty().await {
+        tracing::warn!(%error, "cannot count L2 keys; every L1 miss will read L2");
+    }
     let namespaces = Namespaces::new(cache.clone(), &config.cache, HashMap::new(), cache_metrics);
     tracing::info!(l1_max_bytes = config.cache.l1_max_bytes.0, namespaces = ?namespaces.names(), "cache ready");
     let _ = services.set(Services {
@@ -198,6 +203,7 @@ pub async fn run(config: Config, launch: Launch) -> Result<(), AppError> {
             }
         };
         tracing::info!(addr = %resp.local_addr(), tls = resp.certificate().is_some(), "resp listener bound");
+        endpoints.resp = Some(resp.local_addr());
         certificates.extend(resp.certificate());
         let max_bulk = config
             .cache

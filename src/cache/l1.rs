@@ -2,6 +2,9 @@
 //! value and tags plus a fixed overhead, so `l1_max_bytes` tracks real memory rather
 //! than an entry count that a few large values would make meaningless.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use bytes::Bytes;
 use prometheus::IntCounter;
 use quick_cache::sync::Cache as QuickCache;
@@ -31,26 +34,37 @@ impl Weighter<Bytes, Stored> for EntryWeighter {
     }
 }
 
+/// Counts evictions, and records that one happened: from then on a key missing from L1
+/// may still be in L2.
 #[derive(Clone)]
-pub(super) struct EvictionCounter(pub(super) IntCounter);
+pub(super) struct EvictionCounter {
+    pub(super) counter: IntCounter,
+    pub(super) evicted: Arc<AtomicBool>,
+}
 
 impl Lifecycle<Bytes, Stored> for EvictionCounter {
-    type RequestState = ();
+    /// The key being written, when the request is a write: quick_cache reports the
+    /// value an insert replaces as "evicted", and that is not an eviction.
+    type RequestState = Option<Bytes>;
 
-    fn on_evict(&self, _state: &mut Self::RequestState, _key: Bytes, _value: Stored) {
-        self.0.inc();
+    fn on_evict(&self, writing: &mut Self::RequestState, key: Bytes, _value: Stored) {
+        if writing.as_ref() == Some(&key) {
+            return;
+        }
+        self.counter.inc();
+        self.evicted.store(true, Ordering::Relaxed);
     }
 }
 
 pub(super) type L1 = QuickCache<Bytes, Stored, EntryWeighter, DefaultHashBuilder, EvictionCounter>;
 
-pub(super) fn new_l1(max_bytes: u64, evictions: IntCounter) -> L1 {
+pub(super) fn new_l1(max_bytes: u64, evictions: EvictionCounter) -> L1 {
     let estimated_items = (max_bytes / 256).clamp(1024, 16 << 20) as usize;
     L1::with(
         estimated_items,
         max_bytes,
         EntryWeighter,
         DefaultHashBuilder::default(),
-        EvictionCounter(evictions),
+        evictions,
     )
 }

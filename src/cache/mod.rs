@@ -20,7 +20,7 @@ mod writer;
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -40,7 +40,7 @@ use writer::{Message, Writer};
 const STRIPES: usize = 1024;
 const PENDING_SHARDS: usize = 64;
 /// Bound on bytes queued for the L2 writer; writers wait (backpressure) beyond it.
-const QUEUE_BUDGET_KIB: u32 = 64 * 1024;
+const QUEUE_BUDGET_KIB: u32 = 128 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
@@ -97,6 +97,12 @@ pub struct LayerStats {
 /// State the handle and the writer task share.
 pub(crate) struct Shared {
     l1: L1,
+    /// True while L1 is known to hold every live key: L2 was empty when the cache
+    /// opened and L1 has evicted nothing since. A miss is then a miss in both layers,
+    /// answered without touching L2. The first eviction clears it for good.
+    l1_complete: AtomicBool,
+    /// Set by L1 on its first eviction.
+    l1_evicted: Arc<AtomicBool>,
     pending: Pending,
     stripes: Box<[Mutex<()>]>,
     hasher: DefaultHashBuilder,
@@ -105,6 +111,11 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Whether a key absent from L1 is absent everywhere.
+    fn l1_is_complete(&self) -> bool {
+        self.l1_complete.load(Ordering::Relaxed) && !self.l1_evicted.load(Ordering::Relaxed)
+    }
+
     fn stripe(&self, key: &[u8]) -> &Mutex<()> {
         &self.stripes[(self.hasher.hash_one(key) as usize) % STRIPES]
     }
@@ -190,8 +201,15 @@ impl Cache {
         limits: Limits,
         metrics: CacheMetrics,
     ) -> Cache {
+        let l1_evicted = Arc::new(AtomicBool::new(false));
+        let evictions = l1::EvictionCounter {
+            counter: metrics.evictions.clone(),
+            evicted: l1_evicted.clone(),
+        };
         let shared = Arc::new(Shared {
-            l1: l1::new_l1(l1_max_bytes, metrics.evictions.clone()),
+            l1: l1::new_l1(l1_max_bytes, evictions),
+            l1_complete: AtomicBool::new(store.is_none()),
+            l1_evicted,
             pending: Pending::new(),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             hasher: DefaultHashBuilder::default(),
@@ -225,6 +243,19 @@ impl Cache {
 
     pub fn limits(&self) -> Limits {
         self.inner.limits
+    }
+
+    /// Lets misses skip L2 while L1 provably holds every key: call once at start-up,
+    /// before any write.
+    pub async fn trust_l1_if_l2_is_empty(&self) -> Result<(), CacheError> {
+        if let Some(store) = &self.inner.store {
+            let empty = store.key_count().await? == 0;
+            self.inner
+                .shared
+                .l1_complete
+                .store(empty, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     fn check_key(&self, key: &[u8]) -> Result<(), CacheError> {
@@ -261,6 +292,9 @@ impl Cache {
         let Some(store) = &self.inner.store else {
             return Ok(None);
         };
+        if shared.l1_is_complete() {
+            return Ok(None);
+        }
         let _guard = shared.stripe(key).lock().await;
         // Another reader may have promoted it, or a writer written it, while we waited.
         if let Some(stored) = shared.l1.peek(key) {
@@ -359,6 +393,9 @@ impl Cache {
         let Some(store) = &self.inner.store else {
             return Ok(None);
         };
+        if shared.l1_is_complete() {
+            return Ok(None);
+        }
         if let Some(pending) = shared.pending.get(key) {
             return Ok(pending.filter(|entry| !entry.is_expired(now)));
         }
@@ -388,13 +425,15 @@ impl Cache {
         let seq = inner.seq.fetch_add(1, Ordering::Relaxed);
         let key = Bytes::copy_from_slice(key);
         match &entry {
-            Some(entry) => shared.l1.insert(
-                key.clone(),
-                Stored {
+            Some(entry) => {
+                let stored = Stored {
                     entry: entry.clone(),
                     seq,
-                },
-            ),
+                };
+                shared
+                    .l1
+                    .insert_with_lifecycle(key.clone(), stored, &mut Some(key.clone()));
+            }
             None => {
                 shared.l1.remove(&key);
             }

@@ -24,8 +24,15 @@ use super::store::{CacheStore, StoreError, StoreOp};
 use super::{Shared, Target};
 
 pub(super) const DURABLE_EVERY: Duration = Duration::from_secs(1);
+/// How long the writer keeps collecting after the first queued write, unless
+/// `EARLY_COMMIT` writes queue up first. Callers never wait for it (reads see pending
+/// writes), and in a B-tree with copy-on-write pages a few large commits cost far less
+/// than many small ones: each commit copies every page it touches.
+const BATCH_WINDOW: Duration = Duration::from_millis(100);
+const EARLY_COMMIT: i64 = 16 * 1024;
+const POLL: Duration = Duration::from_millis(5);
 /// Ops per transaction at most: bounds a commit's size and the time between commits.
-const MAX_BATCH: usize = 4096;
+const MAX_BATCH: usize = 64 * 1024;
 /// Keys handled per step of a sweep.
 const STEP: usize = 4096;
 /// Expired keys the sweeper removes per tick at most, so it never monopolises the writer.
@@ -71,6 +78,7 @@ impl Writer {
                         self.commit(Vec::new(), Vec::new(), true).await;
                         return;
                     }
+                    self.fill(&mut messages).await;
                 }
                 _ = ticker.tick() => {
                     if dirty {
@@ -116,6 +124,28 @@ impl Writer {
                 }
             }
             self.shared.metrics.l2_queue_ops.set(self.shared.queued());
+        }
+    }
+
+    /// Lets writes accumulate for `BATCH_WINDOW` (unless a control message, which
+    /// someone waits for, is already here), then takes everything queued. Sleeping
+    /// rather than listening means senders do not wake the writer once per write.
+    async fn fill(&mut self, messages: &mut Vec<Message>) {
+        if messages
+            .iter()
+            .all(|message| matches!(message, Message::Write { .. }))
+            && messages.len() < MAX_BATCH
+        {
+            let deadline = tokio::time::Instant::now() + BATCH_WINDOW;
+            while tokio::time::Instant::now() < deadline && self.shared.queued() < EARLY_COMMIT {
+                tokio::time::sleep(POLL).await;
+            }
+        }
+        while messages.len() < MAX_BATCH {
+            match self.inbox.try_recv() {
+                Ok(message) => messages.push(message),
+                Err(_) => break,
+            }
         }
     }
 

@@ -242,6 +242,13 @@ fn demo(args: &DemoArgs) -> ExitCode {
         println!("  api:        {base}/");
         println!("  health:     {base}/healthz   readiness: {base}/readyz");
         println!("  metrics:    {base}/metrics");
+        if let Some(resp) = endpoints.resp {
+            println!(
+                "  cache:      {base}/v1/cache/KEY   redis-cli -h {} -p {}",
+                resp.ip(),
+                resp.port()
+            );
+        }
         println!("  data dir:   {} (temporary)", announce_dir.display());
         println!("Press Ctrl-C to stop.");
         println!();

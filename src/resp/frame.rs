@@ -33,10 +33,155 @@ pub struct Parsed {
 
 /// Parses one command from the front of `buf`: `Ok(None)` means more bytes are needed.
 pub fn parse_command(buf: &[u8], limits: &ParseLimits) -> Result<Option<Parsed>, ProtocolError> {
-    match buf.first() {
-        None => Ok(None),
-        Some(b'*') => parse_multibulk(buf, limits),
-        Some(_) => parse_inline(buf, limits),
+    RequestParser::default().parse(buf, limits)
+}
+
+/// A parser that remembers how far it got in an incomplete command, so a large command
+/// arriving in many reads is scanned once, not once per read. The buffer it is given
+/// must only grow at the end between calls until a command completes.
+#[derive(Debug, Default)]
+pub struct RequestParser {
+    /// Arguments of the command in progress.
+    args: Vec<Range<usize>>,
+    /// Where parsing resumes: after the last complete argument, or how far an inline
+    /// line was searched for its end.
+    resume_at: usize,
+    /// Arguments still expected by the multibulk in progress.
+    expected: Option<usize>,
+}
+
+impl RequestParser {
+    pub fn parse(
+        &mut self,
+        buf: &[u8],
+        limits: &ParseLimits,
+    ) -> Result<Option<Parsed>, ProtocolError> {
+        let outcome = match buf.first() {
+            None => Ok(None),
+            Some(b'*') => self.parse_multibulk(buf, limits),
+            Some(_) => self.parse_inline(buf, limits),
+        };
+        if !matches!(outcome, Ok(None)) {
+            *self = RequestParser::default();
+        }
+        outcome
+    }
+
+    fn parse_multibulk(
+        &mut self,
+        buf: &[u8],
+        limits: &ParseLimits,
+    ) -> Result<Option<Parsed>, ProtocolError> {
+        if self.expected.is_none() {
+            let Some(line_end) = find_crlf(buf, 1) else {
+                return if buf.len() > 32 {
+                    Err(ProtocolError("invalid multibulk length"))
+                } else {
+                    Ok(None)
+                };
+            };
+            let count =
+                parse_length(&buf[1..line_end]).ok_or(ProtocolError("invalid multibulk length"))?;
+            if count > limits.max_args as i64 {
+                return Err(ProtocolError("invalid multibulk length"));
+            }
+            self.resume_at = line_end + 2;
+            if count <= 0 {
+                return Ok(Some(Parsed {
+                    args: Vec::new(),
+                    consumed: self.resume_at,
+                }));
+            }
+            self.expected = Some(count as usize);
+            self.args = Vec::with_capacity((count as usize).min(1024));
+        }
+        let mut at = self.resume_at;
+        while self.args.len() < self.expected.unwrap_or(0) {
+            match buf.get(at) {
+                None => break,
+                Some(b'$') => {}
+                Some(_) => return Err(ProtocolError("expected '$', got something else")),
+            }
+            let Some(header_end) = find_crlf(buf, at + 1) else {
+                return if buf.len() - at > 32 {
+                    Err(ProtocolError("invalid bulk length"))
+                } else {
+                    Ok(None)
+                };
+            };
+            let length = parse_length(&buf[at + 1..header_end])
+                .ok_or(ProtocolError("invalid bulk length"))?;
+            if length < 0 || length as usize > limits.max_bulk {
+                return Err(ProtocolError("invalid bulk length"));
+            }
+            let start = header_end + 2;
+            let end = start + length as usize;
+            if buf.len() < end + 2 {
+                break;
+            }
+            if &buf[end..end + 2] != b"\r\n" {
+                return Err(ProtocolError("expected CRLF after bulk string"));
+            }
+            self.args.push(start..end);
+            at = end + 2;
+            self.resume_at = at;
+        }
+        if Some(self.args.len()) == self.expected {
+            return Ok(Some(Parsed {
+                args: std::mem::take(&mut self.args),
+                consumed: self.resume_at,
+            }));
+        }
+        Ok(None)
+    }
+
+    fn parse_inline(
+        &mut self,
+        buf: &[u8],
+        limits: &ParseLimits,
+    ) -> Result<Option<Parsed>, ProtocolError> {
+        let from = self.resume_at.min(buf.len());
+        let Some(newline) = buf[from..]
+            .iter()
+            .position(|&byte| byte == b'\n')
+            .map(|at| from + at)
+        else {
+            self.resume_at = buf.len();
+            return if buf.len() > limits.max_inline {
+                Err(ProtocolError("too big inline request"))
+            } else {
+                Ok(None)
+            };
+        };
+        if newline > limits.max_inline {
+            return Err(ProtocolError("too big inline request"));
+        }
+        let line_end = if newline > 0 && buf[newline - 1] == b'\r' {
+            newline - 1
+        } else {
+            newline
+        };
+        let mut args = Vec::new();
+        let mut at = 0;
+        while at < line_end {
+            while at < line_end && buf[at].is_ascii_whitespace() {
+                at += 1;
+            }
+            let start = at;
+            while at < line_end && !buf[at].is_ascii_whitespace() {
+                at += 1;
+            }
+            if start < at {
+                args.push(start..at);
+            }
+        }
+        if args.len() > limits.max_args {
+            return Err(ProtocolError("too big inline request"));
+        }
+        Ok(Some(Parsed {
+            args,
+            consumed: newline + 1,
+        }))
     }
 }
 
@@ -61,97 +206,6 @@ fn parse_length(digits: &[u8]) -> Option<i64> {
     }
     let value: i64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
     Some(if negative { -value } else { value })
-}
-
-fn parse_multibulk(buf: &[u8], limits: &ParseLimits) -> Result<Option<Parsed>, ProtocolError> {
-    let Some(line_end) = find_crlf(buf, 1) else {
-        return if buf.len() > 32 {
-            Err(ProtocolError("invalid multibulk length"))
-        } else {
-            Ok(None)
-        };
-    };
-    let count = parse_length(&buf[1..line_end]).ok_or(ProtocolError("invalid multibulk length"))?;
-    if count > limits.max_args as i64 {
-        return Err(ProtocolError("invalid multibulk length"));
-    }
-    let mut at = line_end + 2;
-    if count <= 0 {
-        return Ok(Some(Parsed {
-            args: Vec::new(),
-            consumed: at,
-        }));
-    }
-    let mut args = Vec::with_capacity((count as usize).min(1024));
-    for _ in 0..count {
-        match buf.get(at) {
-            None => return Ok(None),
-            Some(b'$') => {}
-            Some(_) => return Err(ProtocolError("expected '$', got something else")),
-        }
-        let Some(header_end) = find_crlf(buf, at + 1) else {
-            return if buf.len() - at > 32 {
-                Err(ProtocolError("invalid bulk length"))
-            } else {
-                Ok(None)
-            };
-        };
-        let length =
-            parse_length(&buf[at + 1..header_end]).ok_or(ProtocolError("invalid bulk length"))?;
-        if length < 0 || length as usize > limits.max_bulk {
-            return Err(ProtocolError("invalid bulk length"));
-        }
-        let start = header_end + 2;
-        let end = start + length as usize;
-        if buf.len() < end + 2 {
-            return Ok(None);
-        }
-        if &buf[end..end + 2] != b"\r\n" {
-            return Err(ProtocolError("expected CRLF after bulk string"));
-        }
-        args.push(start..end);
-        at = end + 2;
-    }
-    Ok(Some(Parsed { args, consumed: at }))
-}
-
-fn parse_inline(buf: &[u8], limits: &ParseLimits) -> Result<Option<Parsed>, ProtocolError> {
-    let Some(newline) = buf.iter().position(|&byte| byte == b'\n') else {
-        return if buf.len() > limits.max_inline {
-            Err(ProtocolError("too big inline request"))
-        } else {
-            Ok(None)
-        };
-    };
-    if newline > limits.max_inline {
-        return Err(ProtocolError("too big inline request"));
-    }
-    let line_end = if newline > 0 && buf[newline - 1] == b'\r' {
-        newline - 1
-    } else {
-        newline
-    };
-    let mut args = Vec::new();
-    let mut at = 0;
-    while at < line_end {
-        while at < line_end && buf[at].is_ascii_whitespace() {
-            at += 1;
-        }
-        let start = at;
-        while at < line_end && !buf[at].is_ascii_whitespace() {
-            at += 1;
-        }
-        if start < at {
-            args.push(start..at);
-        }
-    }
-    if args.len() > limits.max_args {
-        return Err(ProtocolError("too big inline request"));
-    }
-    Ok(Some(Parsed {
-        args,
-        consumed: newline + 1,
-    }))
 }
 
 /// A reply, encoded per the connection's protocol version.
@@ -291,6 +345,39 @@ mod tests {
                 parse_command(&full[..cut], &LIMITS),
                 Ok(None),
                 "cut at {cut}"
+            );
+        }
+    }
+
+    #[test]
+    fn resuming_gives_the_same_commands_as_parsing_at_once() {
+        let full = b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$5\r\nhello\r\nPING\r\n";
+        for chunk in 1..8 {
+            let mut parser = RequestParser::default();
+            let mut commands = Vec::new();
+            let mut start = 0;
+            for end in (chunk..=full.len())
+                .step_by(chunk)
+                .chain(std::iter::once(full.len()))
+            {
+                while let Some(parsed) = parser.parse(&full[start..end], &LIMITS).unwrap() {
+                    let slice = &full[start..end];
+                    commands.push(
+                        parsed
+                            .args
+                            .iter()
+                            .map(|r| slice[r.clone()].to_vec())
+                            .collect::<Vec<_>>(),
+                    );
+                    start += parsed.consumed;
+                }
+            }
+            assert_eq!(
+                commands,
+                vec![
+                    vec![b"SET".to_vec(), b"k".to_vec(), b"hello".to_vec()],
+                    vec![b"PING".to_vec()]
+                ]
             );
         }
     }

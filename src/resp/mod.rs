@@ -8,5 +8,5 @@ mod frame;
 mod server;
 
 pub use commands::RespContext;
-pub use frame::{ParseLimits, ProtocolError, Reply, parse_command};
+pub use frame::{ParseLimits, ProtocolError, Reply, RequestParser, parse_command};
 pub use server::{RespMetrics, serve_resp};

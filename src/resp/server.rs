@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::commands::{Flow, RespContext, Session, execute};
-use super::frame::{ParseLimits, Reply, parse_command};
+use super::frame::{ParseLimits, Reply, RequestParser};
 use crate::listener::{Listener, TLS_HANDSHAKE_TIMEOUT};
 
 /// Output beyond this is written before more commands run.
@@ -121,11 +121,12 @@ async fn connection<IO>(
         resp3: false,
         authenticated: !context.auth.is_enabled(),
     };
+    let mut parser = RequestParser::default();
     let mut input = BytesMut::with_capacity(READ_CHUNK);
     let mut output = BytesMut::with_capacity(READ_CHUNK);
     loop {
         loop {
-            let parsed = match parse_command(&input, limits) {
+            let parsed = match parser.parse(&input, limits) {
                 Ok(Some(parsed)) => parsed,
                 Ok(None) => break,
                 Err(error) => {
