@@ -13,8 +13,10 @@ use quick_cache::{DefaultHashBuilder, Lifecycle, Weighter};
 use super::entry::Entry;
 
 /// Bytes an entry costs beyond its key, value and tags: the entry struct, two `Bytes`
-/// headers, the tag vector, quick_cache's slot and allocator rounding.
-pub(super) const ENTRY_OVERHEAD: u64 = 160;
+/// headers and their heap blocks, quick_cache's slot and hash table share, and allocator
+/// rounding. Measured: 1,000,000 entries of 10-byte keys and 100-byte values take
+/// ~350 bytes each of RSS, so `l1_max_bytes` bounds the real memory.
+pub(super) const ENTRY_OVERHEAD: u64 = 240;
 
 /// An L1 value: the entry and the write sequence that produced it (0 for entries
 /// promoted from L2), so invalidation can tell older entries from newer ones.

@@ -40,7 +40,7 @@ use writer::{Message, Writer};
 const STRIPES: usize = 1024;
 const PENDING_SHARDS: usize = 64;
 /// Bound on bytes queued for the L2 writer; writers wait (backpressure) beyond it.
-const QUEUE_BUDGET_KIB: u32 = 128 * 1024;
+const QUEUE_BUDGET_KIB: u32 = 16 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
@@ -298,11 +298,7 @@ impl Cache {
         let _guard = shared.stripe(key).lock().await;
         // Another reader may have promoted it, or a writer written it, while we waited.
         if let Some(stored) = shared.l1.peek(key) {
-            return Ok(stored
-                .entry
-                .is_expired(now)
-                .then_some(())
-                .map_or(Some(stored.entry), |()| None));
+            return Ok(Some(stored.entry).filter(|entry| !entry.is_expired(now)));
         }
         if let Some(pending) = shared.pending.get(key) {
             return Ok(pending.filter(|entry| !entry.is_expired(now)));

@@ -5,8 +5,9 @@
 //! only then clears the pending records. A read that misses L1 consults the pending
 //! records before L2, so it never sees an older L2 value while a newer write is queued.
 //!
-//! Commits are not flushed to disk one by one: at most one durable commit per second
-//! (`DURABLE_EVERY`), so a power cut can lose the last second of cache writes. redb's
+//! Commits are not flushed to disk one by one: at least one durable commit per second
+//! (`DURABLE_EVERY`) and none in between, so a power cut can lose the last second of
+//! cache writes. redb's
 //! commit protocol never leaves a torn file: after a crash it holds the last durable
 //! commit.
 //!

@@ -464,7 +464,7 @@ pub(super) async fn execute(
         b"CLIENT" => client(session, args),
         b"COMMAND" => command_stub(args),
         b"CONFIG" => config(args),
-        b"INFO" => info(context, session).await,
+        b"INFO" => info(context).await,
         b"QUIT" => return (Reply::Ok, Flow::Close),
         _ => {
             let mut message = format!(
@@ -1095,7 +1095,7 @@ fn config(args: &[Bytes]) -> Reply {
     ))
 }
 
-async fn info(context: &RespContext, session: &Session) -> Reply {
+async fn info(context: &RespContext) -> Reply {
     let stats = context.cache.stats().await;
     let keys = stats.l2.as_ref().map_or(stats.l1.entries, |l2| l2.entries);
     let text = format!(
@@ -1113,6 +1113,5 @@ async fn info(context: &RespContext, session: &Session) -> Reply {
         stats.l2.as_ref().map_or(stats.l1.misses, |l2| l2.misses),
         stats.l1.evictions.unwrap_or(0),
     );
-    let _ = session;
     Reply::bulk(text)
 }
