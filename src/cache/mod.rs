@@ -108,6 +108,9 @@ pub(crate) struct Shared {
     hasher: DefaultHashBuilder,
     metrics: CacheMetrics,
     queued_ops: AtomicI64,
+    /// Control messages (invalidate, barrier, clear, close) queued: someone waits for
+    /// each, so the writer cuts its batching window short.
+    controls_queued: AtomicI64,
 }
 
 impl Shared {
@@ -215,6 +218,7 @@ impl Cache {
             hasher: DefaultHashBuilder::default(),
             metrics,
             queued_ops: AtomicI64::new(0),
+            controls_queued: AtomicI64::new(0),
         });
         let writer = store.as_ref().map(|store| {
             let (sender, inbox) = mpsc::unbounded_channel();
@@ -456,6 +460,25 @@ impl Cache {
         }
     }
 
+    /// Queues a message someone will wait for.
+    fn send_control(
+        &self,
+        writer: &mpsc::UnboundedSender<Message>,
+        message: Message,
+    ) -> Result<(), CacheError> {
+        self.inner
+            .shared
+            .controls_queued
+            .fetch_add(1, Ordering::Relaxed);
+        writer.send(message).map_err(|_| {
+            self.inner
+                .shared
+                .controls_queued
+                .fetch_sub(1, Ordering::Relaxed);
+            CacheError::Closed
+        })
+    }
+
     /// Removes every key matching a pattern or carrying one of the tags, from both
     /// layers. Writes made after the call started survive.
     pub async fn invalidate(&self, target: Target) -> Result<usize, CacheError> {
@@ -464,9 +487,7 @@ impl Cache {
         let removed = match &self.inner.writer {
             Some(writer) => {
                 let (reply, answer) = oneshot::channel();
-                writer
-                    .send(Message::Invalidate { target, seq, reply })
-                    .map_err(|_| CacheError::Closed)?;
+                self.send_control(writer, Message::Invalidate { target, seq, reply })?;
                 answer.await.map_err(|_| CacheError::Closed)??
             }
             None => self.invalidate_l1_only(&target, seq),
@@ -497,9 +518,7 @@ impl Cache {
     async fn barrier(&self) -> Result<(), CacheError> {
         if let Some(writer) = &self.inner.writer {
             let (reply, answer) = oneshot::channel();
-            writer
-                .send(Message::Barrier { reply })
-                .map_err(|_| CacheError::Closed)?;
+            self.send_control(writer, Message::Barrier { reply })?;
             answer.await.map_err(|_| CacheError::Closed)?;
         }
         Ok(())
@@ -573,9 +592,7 @@ impl Cache {
         match &self.inner.writer {
             Some(writer) => {
                 let (reply, answer) = oneshot::channel();
-                writer
-                    .send(Message::Clear { reply })
-                    .map_err(|_| CacheError::Closed)?;
+                self.send_control(writer, Message::Clear { reply })?;
                 answer.await.map_err(|_| CacheError::Closed)??;
             }
             None => self.inner.shared.l1.clear(),
@@ -587,7 +604,7 @@ impl Cache {
     pub async fn close(&self) {
         if let Some(writer) = &self.inner.writer {
             let (reply, answer) = oneshot::channel();
-            if writer.send(Message::Close { reply }).is_ok() {
+            if self.send_control(writer, Message::Close { reply }).is_ok() {
                 let _ = answer.await;
             }
         }

@@ -10,9 +10,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use redb::{
-    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
-};
+use redb::{Database, Durability, ReadableDatabase, ReadableTableMetadata, TableDefinition};
 
 use super::entry::Entry;
 use super::glob::{Pattern, prefix_successor};
@@ -73,21 +71,26 @@ impl RedbCacheStore {
         txn.commit().map_err(fail)
     }
 
-    /// Deletes `keys` (already known to exist) in one transaction.
+    /// Removes the entries `extract` takes out of the entries table, and their index
+    /// rows, in one transaction.
     fn delete_blocking(
         db: &Database,
-        find: impl FnOnce(&Tables<'_>) -> Result<Vec<Vec<u8>>, StoreError>,
+        extract: impl FnOnce(
+            &mut redb::Table<'_, &'static [u8], &'static [u8]>,
+        ) -> Result<Vec<(Bytes, Option<Entry>)>, StoreError>,
     ) -> Result<Vec<Bytes>, StoreError> {
         let mut txn = db.begin_write().map_err(fail)?;
         txn.set_durability(Durability::None).map_err(fail)?;
-        let mut deleted = Vec::new();
+        let deleted;
         {
             let mut tables = Tables::open(&txn)?;
-            for key in find(&tables)? {
-                if tables.delete(&key)? {
-                    deleted.push(Bytes::from(key));
+            let removed = extract(&mut tables.entries)?;
+            for (key, old) in &removed {
+                if let Some(old) = old {
+                    tables.unindex(key, old)?;
                 }
             }
+            deleted = removed.into_iter().map(|(key, _)| key).collect();
         }
         txn.commit().map_err(fail)?;
         Ok(deleted)
@@ -197,6 +200,22 @@ impl<'txn> Tables<'txn> {
     }
 }
 
+/// Drains an `extract_from_if` iterator into keys and, where they have index rows,
+/// their decoded entries.
+fn collect_extracted<F>(
+    extracted: redb::Result<redb::ExtractIf<'_, &'static [u8], &'static [u8], F>>,
+) -> Result<Vec<(Bytes, Option<Entry>)>, StoreError>
+where
+    F: for<'f> FnMut(&'f [u8], &'f [u8]) -> bool,
+{
+    let mut removed = Vec::new();
+    for item in extracted.map_err(fail)? {
+        let (key, value) = item.map_err(fail)?;
+        removed.push((Bytes::copy_from_slice(key.value()), indexed(value.value())));
+    }
+    Ok(removed)
+}
+
 /// The decoded entry when it has index rows (an expiry or tags), else `None`: most
 /// entries have neither and are never decoded.
 fn indexed(encoded: &[u8]) -> Option<Entry> {
@@ -245,22 +264,16 @@ impl CacheStore for RedbCacheStore {
         let db = self.db.clone();
         let pattern = pattern.clone();
         tokio::task::spawn_blocking(move || {
-            Self::delete_blocking(&db, |tables| {
-                let prefix = pattern.literal_prefix();
-                let end = prefix_successor(prefix);
-                let range = match &end {
-                    Some(end) => tables.entries.range::<&[u8]>(prefix..end.as_slice()),
-                    None => tables.entries.range::<&[u8]>(prefix..),
-                }
-                .map_err(fail)?;
-                let mut keys = Vec::new();
-                for item in range {
-                    let (key, _) = item.map_err(fail)?;
-                    if pattern.matches(key.value()) {
-                        keys.push(key.value().to_vec());
-                    }
-                }
-                Ok(keys)
+            let prefix = pattern.literal_prefix().to_vec();
+            let end = prefix_successor(&prefix);
+            Self::delete_blocking(&db, |entries| {
+                let matches = |key: &[u8], _: &[u8]| pattern.matches(key);
+                let extracted = match &end {
+                    Some(end) => entries
+                        .extract_from_if::<&[u8], _>(prefix.as_slice()..end.as_slice(), matches),
+                    None => entries.extract_from_if::<&[u8], _>(prefix.as_slice().., matches),
+                };
+                collect_extracted(extracted)
             })
         })
         .await
@@ -271,21 +284,32 @@ impl CacheStore for RedbCacheStore {
         let db = self.db.clone();
         let tags = tags.to_vec();
         tokio::task::spawn_blocking(move || {
-            Self::delete_blocking(&db, |tables| {
+            let mut txn = db.begin_write().map_err(fail)?;
+            txn.set_durability(Durability::None).map_err(fail)?;
+            let mut deleted = Vec::new();
+            {
+                let mut tables = Tables::open(&txn)?;
                 let empty: &[u8] = &[];
-                let mut keys = Vec::new();
                 for tag in &tags {
-                    for item in tables.tags.range((tag.as_str(), empty)..).map_err(fail)? {
-                        let (row, _) = item.map_err(fail)?;
-                        let (row_tag, key) = row.value();
-                        if row_tag != tag {
-                            break;
+                    // Every (tag, key) row sorts between (tag, "") and (tag + "\0", "").
+                    let after = format!("{tag}\0");
+                    let keys: Vec<Vec<u8>> = tables
+                        .tags
+                        .extract_from_if((tag.as_str(), empty)..(after.as_str(), empty), |_, _| {
+                            true
+                        })
+                        .map_err(fail)?
+                        .map(|row| row.map(|(row, _)| row.value().1.to_vec()).map_err(fail))
+                        .collect::<Result<_, _>>()?;
+                    for key in keys {
+                        if tables.delete(&key)? {
+                            deleted.push(Bytes::from(key));
                         }
-                        keys.push(key.to_vec());
                     }
                 }
-                Ok(keys)
-            })
+            }
+            txn.commit().map_err(fail)?;
+            Ok(deleted)
         })
         .await
         .map_err(fail)?

@@ -101,6 +101,9 @@ impl Writer {
                         drop(_budget);
                     }
                     other => {
+                        self.shared
+                            .controls_queued
+                            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                         let durable = last_durable.elapsed() >= DURABLE_EVERY;
                         self.commit(std::mem::take(&mut ops), std::mem::take(&mut seqs), durable)
                             .await;
@@ -138,7 +141,14 @@ impl Writer {
             && messages.len() < MAX_BATCH
         {
             let deadline = tokio::time::Instant::now() + BATCH_WINDOW;
-            while tokio::time::Instant::now() < deadline && self.shared.queued() < EARLY_COMMIT {
+            while tokio::time::Instant::now() < deadline
+                && self.shared.queued() < EARLY_COMMIT
+                && self
+                    .shared
+                    .controls_queued
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    == 0
+            {
                 tokio::time::sleep(POLL).await;
             }
         }
