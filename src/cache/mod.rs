@@ -39,8 +39,12 @@ use writer::{Message, Writer};
 /// Stripes of the per-key write lock: enough that unrelated keys rarely share one.
 const STRIPES: usize = 1024;
 const PENDING_SHARDS: usize = 64;
-/// Bound on bytes queued for the L2 writer; writers wait (backpressure) beyond it.
-const QUEUE_BUDGET_KIB: u32 = 16 * 1024;
+/// Bound on memory queued for the L2 writer, in `QUEUE_UNIT`s; writers wait
+/// (backpressure) beyond it. 32 MiB: a tenth of a second of heavy writes.
+const QUEUE_BUDGET_UNITS: u32 = 256 * 1024;
+/// One unit of the queue budget in bytes; every queued write also pays one unit for
+/// its own bookkeeping.
+const QUEUE_UNIT: usize = 128;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
@@ -237,7 +241,7 @@ impl Cache {
                 shared,
                 store,
                 writer,
-                budget: Arc::new(Semaphore::new(QUEUE_BUDGET_KIB as usize)),
+                budget: Arc::new(Semaphore::new(QUEUE_BUDGET_UNITS as usize)),
                 limits,
                 seq: AtomicU64::new(1),
                 l1_capacity: l1_max_bytes,
@@ -407,7 +411,7 @@ impl Cache {
         if self.inner.writer.is_none() {
             return Ok(None);
         }
-        let units = (1 + bytes / 1024).min(QUEUE_BUDGET_KIB as usize) as u32;
+        let units = (1 + bytes.div_ceil(QUEUE_UNIT)).min(QUEUE_BUDGET_UNITS as usize) as u32;
         let permit = self
             .inner
             .budget

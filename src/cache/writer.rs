@@ -30,7 +30,7 @@ pub(super) const DURABLE_EVERY: Duration = Duration::from_secs(1);
 /// writes), and in a B-tree with copy-on-write pages a few large commits cost far less
 /// than many small ones: each commit copies every page it touches.
 const BATCH_WINDOW: Duration = Duration::from_millis(100);
-const EARLY_COMMIT: i64 = 16 * 1024;
+const EARLY_COMMIT: i64 = 8 * 1024;
 const POLL: Duration = Duration::from_millis(5);
 /// Ops per transaction at most: bounds a commit's size and the time between commits.
 const MAX_BATCH: usize = 64 * 1024;
