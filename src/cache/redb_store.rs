@@ -10,7 +10,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use redb::{Database, Durability, ReadableDatabase, ReadableTableMetadata, TableDefinition};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+};
 
 use super::entry::Entry;
 use super::glob::{Pattern, prefix_successor};
@@ -200,22 +202,6 @@ impl<'txn> Tables<'txn> {
     }
 }
 
-/// Drains an `extract_from_if` iterator into keys and, where they have index rows,
-/// their decoded entries.
-fn collect_extracted<F>(
-    extracted: redb::Result<redb::ExtractIf<'_, &'static [u8], &'static [u8], F>>,
-) -> Result<Vec<(Bytes, Option<Entry>)>, StoreError>
-where
-    F: for<'f> FnMut(&'f [u8], &'f [u8]) -> bool,
-{
-    let mut removed = Vec::new();
-    for item in extracted.map_err(fail)? {
-        let (key, value) = item.map_err(fail)?;
-        removed.push((Bytes::copy_from_slice(key.value()), indexed(value.value())));
-    }
-    Ok(removed)
-}
-
 /// The decoded entry when it has index rows (an expiry or tags), else `None`: most
 /// entries have neither and are never decoded.
 fn indexed(encoded: &[u8]) -> Option<Entry> {
@@ -267,13 +253,31 @@ impl CacheStore for RedbCacheStore {
             let prefix = pattern.literal_prefix().to_vec();
             let end = prefix_successor(&prefix);
             Self::delete_blocking(&db, |entries| {
-                let matches = |key: &[u8], _: &[u8]| pattern.matches(key);
-                let extracted = match &end {
-                    Some(end) => entries
-                        .extract_from_if::<&[u8], _>(prefix.as_slice()..end.as_slice(), matches),
-                    None => entries.extract_from_if::<&[u8], _>(prefix.as_slice().., matches),
+                // Collect, then remove in key order: redb's extract_from_if measured
+                // several times slower than point removals along the range.
+                let keys: Vec<Vec<u8>> = {
+                    let range = match &end {
+                        Some(end) => entries.range::<&[u8]>(prefix.as_slice()..end.as_slice()),
+                        None => entries.range::<&[u8]>(prefix.as_slice()..),
+                    }
+                    .map_err(fail)?;
+                    let mut keys = Vec::new();
+                    for item in range {
+                        let (key, _) = item.map_err(fail)?;
+                        if pattern.matches(key.value()) {
+                            keys.push(key.value().to_vec());
+                        }
+                    }
+                    keys
                 };
-                collect_extracted(extracted)
+                let mut removed = Vec::with_capacity(keys.len());
+                for key in keys {
+                    if let Some(old) = entries.remove(key.as_slice()).map_err(fail)? {
+                        let old = indexed(old.value());
+                        removed.push((Bytes::from(key), old));
+                    }
+                }
+                Ok(removed)
             })
         })
         .await
@@ -293,14 +297,15 @@ impl CacheStore for RedbCacheStore {
                 for tag in &tags {
                     // Every (tag, key) row sorts between (tag, "") and (tag + "\0", "").
                     let after = format!("{tag}\0");
-                    let keys: Vec<Vec<u8>> = tables
+                    let mut keys = Vec::new();
+                    for row in tables
                         .tags
-                        .extract_from_if((tag.as_str(), empty)..(after.as_str(), empty), |_, _| {
-                            true
-                        })
+                        .range((tag.as_str(), empty)..(after.as_str(), empty))
                         .map_err(fail)?
-                        .map(|row| row.map(|(row, _)| row.value().1.to_vec()).map_err(fail))
-                        .collect::<Result<_, _>>()?;
+                    {
+                        let (row, _) = row.map_err(fail)?;
+                        keys.push(row.value().1.to_vec());
+                    }
                     for key in keys {
                         if tables.delete(&key)? {
                             deleted.push(Bytes::from(key));

@@ -199,11 +199,19 @@ impl Writer {
     /// Deletes matching keys from L2 in one transaction, then each from L1 unless L1
     /// holds a write newer than the invalidation.
     async fn invalidate(&self, target: Target, seq: u64) -> Result<usize, StoreError> {
+        let started = Instant::now();
         let keys = match &target {
             Target::Pattern(pattern) => self.store.delete_matching(pattern).await?,
             Target::Tags(tags) => self.store.delete_tagged(tags).await?,
         };
+        let l2_done = started.elapsed();
         self.evict_l1(&keys, seq).await;
+        tracing::debug!(
+            keys = keys.len(),
+            l2_ms = l2_done.as_millis() as u64,
+            l1_ms = (started.elapsed() - l2_done).as_millis() as u64,
+            "invalidated"
+        );
         Ok(keys.len())
     }
 
