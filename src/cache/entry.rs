@@ -32,6 +32,15 @@ impl Entry {
         }
     }
 
+    /// A new value that keeps `current`'s expiry and tags, as INCR and APPEND do.
+    pub fn replacing(current: Option<&Entry>, value: Bytes) -> Entry {
+        Entry {
+            value,
+            expires_at: current.and_then(|entry| entry.expires_at),
+            tags: current.and_then(|entry| entry.tags.clone()),
+        }
+    }
+
     pub fn is_expired(&self, now: u64) -> bool {
         self.expires_at.is_some_and(|at| at <= now)
     }

@@ -333,16 +333,7 @@ pub(super) async fn execute(
                         .unwrap_or_default();
                     value.extend_from_slice(suffix);
                     let length = value.len() as i64;
-                    let expires_at = current.and_then(|entry| entry.expires_at);
-                    let tags = current.and_then(|entry| entry.tags.clone());
-                    Mutation::Put(
-                        Entry {
-                            value: value.into(),
-                            expires_at,
-                            tags,
-                        },
-                        length,
-                    )
+                    Mutation::Put(Entry::replacing(current, value.into()), length)
                 })
                 .await
             {
@@ -687,11 +678,7 @@ async fn incr_by(cache: &Cache, key: &[u8], delta: i64) -> Reply {
             let Some(next) = base.checked_add(delta) else {
                 return Mutation::Keep(Err("ERR increment or decrement would overflow"));
             };
-            let entry = Entry {
-                value: Bytes::from(next.to_string()),
-                expires_at: current.and_then(|entry| entry.expires_at),
-                tags: current.and_then(|entry| entry.tags.clone()),
-            };
+            let entry = Entry::replacing(current, Bytes::from(next.to_string()));
             Mutation::Put(entry, Ok(next))
         })
         .await;
@@ -717,11 +704,7 @@ async fn incr_by_float(cache: &Cache, key: &[u8], delta: f64) -> Reply {
                 return Mutation::Keep(Err("ERR increment would produce NaN or Infinity"));
             }
             let text = format_float(next);
-            let entry = Entry {
-                value: Bytes::from(text.clone()),
-                expires_at: current.and_then(|entry| entry.expires_at),
-                tags: current.and_then(|entry| entry.tags.clone()),
-            };
+            let entry = Entry::replacing(current, Bytes::from(text.clone()));
             Mutation::Put(entry, Ok(text))
         })
         .await;
