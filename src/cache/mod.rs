@@ -451,14 +451,7 @@ impl Cache {
             None => StoreOp::Delete { key },
         };
         shared.queued_ops.fetch_add(1, Ordering::Relaxed);
-        if writer
-            .send(Message::Write {
-                seq,
-                op,
-                _budget: budget,
-            })
-            .is_err()
-        {
+        if writer.send(Message::Write { seq, op, budget }).is_err() {
             shared.queued_ops.fetch_sub(1, Ordering::Relaxed);
             tracing::warn!("cache writer stopped; the write stays in L1 only");
         }

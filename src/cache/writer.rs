@@ -43,7 +43,7 @@ pub(super) enum Message {
     Write {
         seq: u64,
         op: StoreOp,
-        _budget: OwnedSemaphorePermit,
+        budget: OwnedSemaphorePermit,
     },
     Invalidate {
         target: Target,
@@ -65,10 +65,18 @@ pub(super) struct Writer {
     pub(super) inbox: mpsc::UnboundedReceiver<Message>,
 }
 
+/// When the last durable commit happened, and whether non-durable ones came after it.
+struct FlushState {
+    last_durable: Instant,
+    dirty: bool,
+}
+
 impl Writer {
     pub(super) async fn run(mut self) {
-        let mut last_durable = Instant::now();
-        let mut dirty = false;
+        let mut durability = FlushState {
+            last_durable: Instant::now(),
+            dirty: false,
+        };
         let mut ticker = tokio::time::interval(DURABLE_EVERY);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut messages = Vec::with_capacity(MAX_BATCH);
@@ -76,16 +84,14 @@ impl Writer {
             tokio::select! {
                 received = self.inbox.recv_many(&mut messages, MAX_BATCH) => {
                     if received == 0 {
-                        self.commit(Vec::new(), Vec::new(), true).await;
+                        self.commit(Vec::new(), Vec::new(), &mut durability, true).await;
                         return;
                     }
                     self.fill(&mut messages).await;
                 }
                 _ = ticker.tick() => {
-                    if dirty {
-                        self.commit(Vec::new(), Vec::new(), true).await;
-                        dirty = false;
-                        last_durable = Instant::now();
+                    if durability.dirty {
+                        self.commit(Vec::new(), Vec::new(), &mut durability, true).await;
                     }
                     self.sweep().await;
                     continue;
@@ -95,20 +101,23 @@ impl Writer {
             let mut seqs = Vec::new();
             for message in messages.drain(..) {
                 match message {
-                    Message::Write { seq, op, _budget } => {
+                    // The budget goes back as the write joins a batch: memory stays
+                    // bounded by the budget plus one batch (MAX_BATCH writes).
+                    Message::Write { seq, op, budget } => {
                         seqs.push((seq, op_key(&op).clone()));
                         ops.push(op);
-                        drop(_budget);
+                        drop(budget);
                     }
                     other => {
                         self.shared
                             .controls_queued
                             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                        let durable = last_durable.elapsed() >= DURABLE_EVERY;
-                        self.commit(std::mem::take(&mut ops), std::mem::take(&mut seqs), durable)
+                        let ops = last_write_per_key(std::mem::take(&mut ops));
+                        self.commit(ops, std::mem::take(&mut seqs), &mut durability, false)
                             .await;
                         if let Message::Close { reply } = other {
-                            self.commit(Vec::new(), Vec::new(), true).await;
+                            self.commit(Vec::new(), Vec::new(), &mut durability, true)
+                                .await;
                             let _ = reply.send(());
                             return;
                         }
@@ -116,17 +125,8 @@ impl Writer {
                     }
                 }
             }
-            if !ops.is_empty() {
-                let ops = last_write_per_key(ops);
-                let durable = last_durable.elapsed() >= DURABLE_EVERY;
-                self.commit(ops, seqs, durable).await;
-                if durable {
-                    last_durable = Instant::now();
-                    dirty = false;
-                } else {
-                    dirty = true;
-                }
-            }
+            let ops = last_write_per_key(ops);
+            self.commit(ops, seqs, &mut durability, false).await;
             self.shared.metrics.l2_queue_ops.set(self.shared.queued());
         }
     }
@@ -160,8 +160,16 @@ impl Writer {
         }
     }
 
-    /// Applies a batch, then forgets the pending records it covered.
-    async fn commit(&self, ops: Vec<StoreOp>, seqs: Vec<(u64, Bytes)>, durable: bool) {
+    /// Applies a batch, then forgets the pending records it covered. The commit is
+    /// durable when asked, or when the last durable one is `DURABLE_EVERY` old.
+    async fn commit(
+        &self,
+        ops: Vec<StoreOp>,
+        seqs: Vec<(u64, Bytes)>,
+        durability: &mut FlushState,
+        force: bool,
+    ) {
+        let durable = force || durability.last_durable.elapsed() >= DURABLE_EVERY;
         if ops.is_empty() && !durable {
             return;
         }
@@ -170,6 +178,12 @@ impl Writer {
             // The writes stay in L1; L2 misses them until they are written again.
             self.shared.metrics.l2_errors.inc();
             tracing::error!(%error, count, "cache L2 batch failed");
+        }
+        if durable {
+            durability.last_durable = Instant::now();
+            durability.dirty = false;
+        } else {
+            durability.dirty = true;
         }
         for (seq, key) in seqs {
             self.shared.pending.clear(&key, seq);
