@@ -2,19 +2,27 @@
 //! a cap on concurrent connections, and graceful shutdown.
 //!
 //! `Listener::bind` fails early (address in use, bad certificate) so start-up can
-//! report it before anything else runs. `serve_http` runs an axum router on it; the
-//! RESP listener drives `accept` with its own connection handler.
+//! report it before anything else runs. `Listener::serve` is the one accept loop: it
+//! finishes each TLS handshake and hands a `Stream` to a protocol's connection handler
+//! (`serve_http` here, the RESP server in `resp/`), and drains on shutdown.
 
 mod http;
 mod tls;
 
+use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::TlsFiles;
 
@@ -127,6 +135,104 @@ impl Listener {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
+        }
+    }
+}
+
+impl Listener {
+    /// Accepts until `shutdown` is cancelled, running `handle` for each connection on a
+    /// task of its own (after the TLS handshake, when this listener speaks TLS). Then
+    /// closes the socket, so new clients are refused, and waits up to `drain` for the
+    /// handlers, which watch `shutdown` themselves to finish what is in flight.
+    pub async fn serve<Handle, Done>(
+        self,
+        shutdown: CancellationToken,
+        drain: Duration,
+        handle: Handle,
+    ) where
+        Handle: Fn(Stream, SocketAddr) -> Done + Clone + Send + 'static,
+        Done: Future<Output = ()> + Send + 'static,
+    {
+        let tracker = TaskTracker::new();
+        let name = self.name;
+        loop {
+            let (tcp, peer, permit) = tokio::select! {
+                accepted = self.accept() => accepted,
+                () = shutdown.cancelled() => break,
+            };
+            let tls = self.tls_acceptor();
+            let handle = handle.clone();
+            tracker.spawn(async move {
+                let _permit = permit;
+                let stream = match tls {
+                    None => Stream::Plain(tcp),
+                    Some(acceptor) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => Stream::Tls(Box::new(tls)),
+                        Ok(Err(error)) => return tracing::debug!(listener = name, %peer, %error, "TLS handshake failed"),
+                        Err(_) => return tracing::debug!(listener = name, %peer, "TLS handshake timed out"),
+                    },
+                };
+                handle(stream, peer).await;
+            });
+        }
+        drop(self);
+        tracker.close();
+        tracing::info!(
+            listener = name,
+            open = tracker.len(),
+            "stopped accepting; draining connections"
+        );
+        if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
+            tracing::warn!(
+                listener = name,
+                "drain timeout reached; closing remaining connections"
+            );
+        }
+    }
+}
+
+/// An accepted connection, in clear text or TLS.
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
+            Stream::Tls(stream) => Pin::new(stream).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
+            Stream::Tls(stream) => Pin::new(stream).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(stream) => Pin::new(stream).poll_flush(cx),
+            Stream::Tls(stream) => Pin::new(stream).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
+            Stream::Tls(stream) => Pin::new(stream).poll_shutdown(cx),
         }
     }
 }

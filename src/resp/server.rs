@@ -12,11 +12,10 @@ use bytes::{Bytes, BytesMut};
 use prometheus::{IntCounter, IntGauge, Registry};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use super::commands::{Flow, RespContext, Session, execute};
 use super::frame::{ParseLimits, Reply, RequestParser};
-use crate::listener::{Listener, TLS_HANDSHAKE_TIMEOUT};
+use crate::listener::Listener;
 
 /// Output beyond this is written before more commands run.
 const OUTPUT_FLUSH: usize = 64 * 1024;
@@ -59,49 +58,23 @@ pub async fn serve_resp(
     shutdown: CancellationToken,
     drain: Duration,
 ) {
-    let tracker = TaskTracker::new();
-    loop {
-        let (stream, peer, permit) = tokio::select! {
-            accepted = listener.accept() => accepted,
-            () = shutdown.cancelled() => break,
-        };
-        let context = context.clone();
-        let metrics = metrics.clone();
-        let shutdown = shutdown.clone();
-        let tls = listener.tls_acceptor();
-        tracker.spawn(async move {
-            let _permit = permit;
-            metrics.connections.inc();
-            context.connected.fetch_add(1, Ordering::Relaxed);
-            match tls {
-                None => connection(stream, peer, &context, &limits, &metrics, &shutdown).await,
-                Some(acceptor) => {
-                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
-                    {
-                        Ok(Ok(stream)) => {
-                            connection(stream, peer, &context, &limits, &metrics, &shutdown).await
-                        }
-                        _ => tracing::debug!(%peer, "RESP TLS handshake failed"),
-                    }
-                }
+    let connection_shutdown = shutdown.clone();
+    listener
+        .serve(shutdown, drain, move |stream, peer| {
+            let (context, metrics, shutdown) = (
+                context.clone(),
+                metrics.clone(),
+                connection_shutdown.clone(),
+            );
+            async move {
+                metrics.connections.inc();
+                context.connected.fetch_add(1, Ordering::Relaxed);
+                connection(stream, peer, &context, &limits, &metrics, &shutdown).await;
+                context.connected.fetch_sub(1, Ordering::Relaxed);
+                metrics.connections.dec();
             }
-            context.connected.fetch_sub(1, Ordering::Relaxed);
-            metrics.connections.dec();
-        });
-    }
-    drop(listener);
-    tracker.close();
-    tracing::info!(
-        listener = "resp",
-        open = tracker.len(),
-        "stopped accepting; draining connections"
-    );
-    if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
-        tracing::warn!(
-            listener = "resp",
-            "drain timeout reached; closing remaining connections"
-        );
-    }
+        })
+        .await;
 }
 
 async fn connection<IO>(
