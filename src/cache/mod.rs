@@ -36,6 +36,10 @@ pub use store::{CacheStore, StoreError, StoreOp};
 use l1::{L1, Stored};
 use writer::{Message, Writer};
 
+/// Tags per entry, and bytes per tag, at most.
+pub const MAX_TAGS: usize = 64;
+pub const MAX_TAG_BYTES: usize = 1024;
+
 /// Stripes of the per-key write lock: enough that unrelated keys rarely share one.
 const STRIPES: usize = 1024;
 const PENDING_SHARDS: usize = 64;
@@ -52,6 +56,8 @@ pub enum CacheError {
     KeyTooLarge { len: usize, limit: u64 },
     #[error("value is {len} bytes; the limit is {limit} (cache.max_value_bytes)")]
     ValueTooLarge { len: usize, limit: u64 },
+    #[error("an entry may carry at most {MAX_TAGS} tags of at most {MAX_TAG_BYTES} bytes each")]
+    TooManyTags,
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("the cache is shutting down")]
@@ -277,6 +283,13 @@ impl Cache {
         Ok(())
     }
 
+    /// Whether `set` would accept this key and entry, for callers that check a whole
+    /// batch before storing any of it.
+    pub fn validate(&self, key: &[u8], entry: &Entry) -> Result<(), CacheError> {
+        self.check_key(key)?;
+        self.check_value(entry)
+    }
+
     fn check_value(&self, entry: &Entry) -> Result<(), CacheError> {
         let limit = self.inner.limits.max_value_bytes;
         if entry.value.len() as u64 > limit {
@@ -284,6 +297,12 @@ impl Cache {
                 len: entry.value.len(),
                 limit,
             });
+        }
+        // L2's layout stores tag counts and lengths in 16 bits; these limits keep every
+        // entry encodable, and far below that.
+        let tags = entry.tags();
+        if tags.len() > MAX_TAGS || tags.iter().any(|tag| tag.len() > MAX_TAG_BYTES) {
+            return Err(CacheError::TooManyTags);
         }
         Ok(())
     }

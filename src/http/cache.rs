@@ -244,16 +244,7 @@ async fn mset(
             expires_at: expiry_from(item.ttl.as_deref())?,
             tags: tags_from(item.tags),
         };
-        let limits = cache.limits();
-        if item.key.len() as u64 > limits.max_key_bytes
-            || entry.value.len() as u64 > limits.max_value_bytes
-        {
-            return Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "value_too_large",
-                format!("item {:?} is over the key or value limit", item.key),
-            ));
-        }
+        cache.validate(item.key.as_bytes(), &entry)?;
         entries.push((item.key, entry));
     }
     let stored = entries.len();

@@ -86,6 +86,7 @@ impl From<crate::cache::CacheError> for ApiError {
     fn from(error: crate::cache::CacheError) -> Self {
         use crate::cache::CacheError;
         match &error {
+            CacheError::TooManyTags => ApiError::bad_request("bad_tags", error.to_string()),
             CacheError::KeyTooLarge { .. } => {
                 ApiError::bad_request("key_too_large", error.to_string())
             }

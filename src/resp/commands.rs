@@ -96,9 +96,9 @@ fn arity(name: &[u8]) -> Reply {
 
 fn store_error(error: CacheError) -> Reply {
     match error {
-        CacheError::KeyTooLarge { .. } | CacheError::ValueTooLarge { .. } => {
-            Reply::error(format!("ERR {error}"))
-        }
+        CacheError::KeyTooLarge { .. }
+        | CacheError::ValueTooLarge { .. }
+        | CacheError::TooManyTags => Reply::error(format!("ERR {error}")),
         other => {
             tracing::error!(error = %other, "cache unavailable");
             Reply::error("ERR cache storage unavailable")

@@ -102,6 +102,35 @@ fn values_over_the_limit_are_refused_with_413() {
     assert_eq!(reply.status, 413);
     assert_eq!(reply.json()["code"], "value_too_large");
     assert_eq!(get(addr, "/v1/cache/big").status, 404);
+
+    // Tags are bounded so every entry stays encodable in L2.
+    let many: Vec<String> = (0..65).map(|index| format!("t{index}")).collect();
+    let reply = request(
+        addr,
+        "PUT",
+        &format!("/v1/cache/tagged?tags={}", many.join(",")),
+        "v",
+    );
+    assert_eq!(
+        (reply.status, reply.json()["code"].as_str()),
+        (400, Some("bad_tags"))
+    );
+    let long = "x".repeat(2000);
+    let reply = request(addr, "PUT", &format!("/v1/cache/tagged?tags={long}"), "v");
+    assert_eq!(
+        (reply.status, reply.json()["code"].as_str()),
+        (400, Some("bad_tags"))
+    );
+    let body = format!(
+        r#"{{"items":[{{"key":"ok","value":"v"}},{{"key":"bad","value":"v","tags":["{long}"]}}]}}"#
+    );
+    assert_eq!(request(addr, "POST", "/v1/cache/mset", &body).status, 400);
+    assert_eq!(
+        get(addr, "/v1/cache/ok").status,
+        404,
+        "a bad item stores nothing"
+    );
+    assert_eq!(get(addr, "/v1/cache/tagged").status, 404);
 }
 
 #[test]
