@@ -14,6 +14,12 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// The absolute expiry `ttl` from now; absurdly long TTLs saturate instead of wrapping
+/// into the past.
+pub fn expires_in(ttl: std::time::Duration) -> u64 {
+    now_ms().saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX))
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
     pub value: Bytes,

@@ -20,7 +20,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tokio::sync::oneshot;
 
-use super::{Cache, CacheMetrics, Entry, now_ms};
+use super::{Cache, CacheMetrics, Entry, expires_in, now_ms};
 use crate::config::{CacheConfig, Loader as LoaderConfig};
 
 /// How long a loader call may take unless the namespace says otherwise.
@@ -292,7 +292,7 @@ impl Namespaces {
             Ok(value) => {
                 let entry = Entry {
                     value,
-                    expires_at: ns.ttl.map(|ttl| now_ms() + ttl.as_millis() as u64),
+                    expires_at: ns.ttl.map(expires_in),
                     tags: None,
                 };
                 match inner.cache.set(&cache_key, entry.clone()).await {
@@ -303,10 +303,9 @@ impl Namespaces {
             Err(error) => {
                 tracing::debug!(namespace = %ns.name, %key, %error, "loader failed");
                 if let Some(negative_ttl) = ns.negative_ttl {
-                    inner.negative.insert(
-                        cache_key.clone(),
-                        (error.clone(), now_ms() + negative_ttl.as_millis() as u64),
-                    );
+                    inner
+                        .negative
+                        .insert(cache_key.clone(), (error.clone(), expires_in(negative_ttl)));
                 }
                 Err(error)
             }

@@ -27,7 +27,7 @@ use bytes::Bytes;
 use quick_cache::DefaultHashBuilder;
 use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
-pub use entry::{Entry, now_ms};
+pub use entry::{Entry, expires_in, now_ms};
 pub use glob::Pattern;
 pub use metrics::CacheMetrics;
 pub use redb_store::RedbCacheStore;

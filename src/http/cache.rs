@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{ApiError, ApiState};
-use crate::cache::{Entry, Mutation, Pattern, Target, now_ms};
+use crate::cache::{Entry, Mutation, Pattern, Target, expires_in, now_ms};
 use crate::config::Span;
 
 pub(super) fn routes() -> Router<ApiState> {
@@ -98,7 +98,7 @@ fn expiry_from(ttl: Option<&str>) -> Result<Option<u64>, ApiError> {
             "ttl must be longer than 0s",
         ));
     }
-    Ok(Some(now_ms() + span.0.as_millis() as u64))
+    Ok(Some(expires_in(span.0)))
 }
 
 fn tags_from(tags: impl IntoIterator<Item = String>) -> Option<std::sync::Arc<[String]>> {

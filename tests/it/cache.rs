@@ -71,6 +71,17 @@ fn rest_round_trips_binary_values_with_ttl_and_tags() {
     assert_eq!(missing.status, 404);
     assert_eq!(missing.json()["code"], "not_found");
 
+    let forever = request(
+        addr,
+        "PUT",
+        "/v1/cache/forever?ttl=100000000000000000s",
+        "v",
+    );
+    assert_eq!(
+        forever.status, 204,
+        "an absurd TTL saturates instead of wrapping into the past"
+    );
+    assert_eq!(get(addr, "/v1/cache/forever").body, "v");
     let bad_ttl = request(addr, "PUT", "/v1/cache/x?ttl=-5s", "v");
     assert_eq!(
         (bad_ttl.status, bad_ttl.json()["code"].as_str()),
