@@ -433,7 +433,7 @@ mod tests {
             jitter: 0.5,
         };
         assert_eq!(backoff.delay_after(3, 0.0), 1_000);
-        assert_eq!(backoff.delay_after(3, 0.999_999), 500);
+        assert_eq!(backoff.delay_after(3, 0.5), 750);
     }
 
     #[test]

@@ -80,6 +80,10 @@ impl ManualClock {
         ManualClock(std::sync::atomic::AtomicU64::new(start))
     }
 
+    pub fn now(&self) -> Millis {
+        self.now_ms()
+    }
+
     pub fn advance(&self, by: Duration) {
         self.0
             .fetch_add(by.as_millis() as u64, std::sync::atomic::Ordering::SeqCst);
@@ -95,11 +99,8 @@ impl Clock for ManualClock {
 /// 64 unpredictable bits (lease tokens, jitter) from std's randomly keyed SipHash.
 pub(crate) fn random_u64() -> u64 {
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    COUNTER
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        .hash(&mut hasher);
-    hasher.finish()
+    std::collections::hash_map::RandomState::new()
+        .hash_one(COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
 }
 
 const READY_STRIPES: usize = 64;

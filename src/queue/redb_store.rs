@@ -791,7 +791,7 @@ impl<'t> Tx<'t> {
         }
         let mut removed = 0u64;
         for (index, (finished_at, id)) in self
-            .ids_in_state(queue, state, over.max(1).min(STEP_ROWS) + STEP_ROWS / 4)?
+            .ids_in_state(queue, state, over.clamp(1, STEP_ROWS) + STEP_ROWS / 4)?
             .into_iter()
             .enumerate()
         {
