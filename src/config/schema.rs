@@ -353,7 +353,20 @@ pub struct ScheduleConfig {
     pub payload: Option<toml::Value>,
     /// Ticks missed while keel was down: `one` fires once for all, `all` each, `none` skips.
     #[serde(default)]
-    pub catch_up: crate::queue::CatchUp,
+    pub catch_up: CatchUp,
+}
+
+/// What happens to the schedule ticks missed while keel was down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CatchUp {
+    /// Fire once for all of them.
+    #[default]
+    One,
+    /// Fire each (at most 1,000).
+    All,
+    /// Skip them.
+    None,
 }
 
 fn utc() -> String {

@@ -656,7 +656,8 @@ impl Queue {
         loop {
             match self.run_due().await {
                 Ok(report) if report.more => continue,
-                Ok(report) => self.inner.wakeups.due_reset(report.next_due),
+                // The store already told `due` when the next thing is due.
+                Ok(_) => {}
                 Err(QueueError::Closed) => return,
                 Err(error) => {
                     tracing::error!(%error, "queue: promoting due jobs failed; retrying in 1s");

@@ -207,6 +207,11 @@ impl Writer {
                 for queue in &effects.ready {
                     self.wakeups.job_ready(queue);
                 }
+                // Replaced here, in commit order, so an earlier deadline committed after
+                // the pass is never overwritten by the pass's answer.
+                if let Some(next) = effects.due_reset {
+                    self.wakeups.due_reset(next);
+                }
                 if let Some(at) = effects.earliest_due {
                     self.wakeups.due_at(at);
                 }
@@ -227,6 +232,8 @@ impl Writer {
 struct Effects {
     ready: HashSet<String>,
     earliest_due: Option<Millis>,
+    /// Set by a pass over due work: what the timer knew is replaced by this.
+    due_reset: Option<Option<Millis>>,
     retention_removed: HashMap<String, u64>,
     schedules_changed: bool,
 }
@@ -777,6 +784,9 @@ impl<'t> Tx<'t> {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
+        // Rows indexed by this pass (none are due) are in next_due already.
+        self.effects.earliest_due = None;
+        self.effects.due_reset = Some(report.next_due);
         Ok(report)
     }
 

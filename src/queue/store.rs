@@ -144,18 +144,7 @@ pub struct Schedule {
     pub from_config: bool,
 }
 
-/// What happens to the ticks missed while keel was down.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum CatchUp {
-    /// Fire once for all of them.
-    #[default]
-    One,
-    /// Fire each (at most 1,000).
-    All,
-    /// Skip them.
-    None,
-}
+pub use crate::config::CatchUp;
 
 #[async_trait]
 pub trait QueueStore: Send + Sync + 'static {
