@@ -26,4 +26,5 @@ pub mod listener;
 pub mod observe;
 pub mod queue;
 pub mod resp;
+pub mod sql;
 pub mod storage;

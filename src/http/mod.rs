@@ -7,6 +7,7 @@
 mod cache;
 mod error;
 mod queue;
+mod sql;
 mod system;
 
 use std::sync::{Arc, OnceLock};
@@ -24,6 +25,7 @@ use crate::cache::loader::Namespaces;
 use crate::config::Config;
 use crate::observe::{Metrics, Readiness};
 use crate::queue::Queue;
+use crate::sql::Sql;
 
 pub use error::ApiError;
 
@@ -44,6 +46,7 @@ pub struct Services {
     pub cache: Cache,
     pub namespaces: Namespaces,
     pub queue: Queue,
+    pub sql: Sql,
 }
 
 impl ApiState {
@@ -66,6 +69,7 @@ pub fn router(state: ApiState) -> Router {
         .merge(system::routes())
         .merge(cache::routes())
         .merge(queue::routes())
+        .merge(sql::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
