@@ -642,16 +642,18 @@ impl Progress {
         })
     }
 
+    // SeqCst: `add` and `set_target` each write one counter and read the other, so at
+    // least one of them sees both writes and finishes the run.
     fn add(&self, count: u64) {
-        let total = self.acked.fetch_add(count, Ordering::AcqRel) + count;
-        if count > 0 && total >= self.target.load(Ordering::Acquire) {
+        let total = self.acked.fetch_add(count, Ordering::SeqCst) + count;
+        if count > 0 && total >= self.target.load(Ordering::SeqCst) {
             self.finish();
         }
     }
 
     fn set_target(&self, target: u64) {
-        self.target.store(target, Ordering::Release);
-        if self.acked.load(Ordering::Acquire) >= target {
+        self.target.store(target, Ordering::SeqCst);
+        if self.acked.load(Ordering::SeqCst) >= target {
             self.finish();
         }
     }
@@ -773,6 +775,7 @@ async fn enqueue(opts: Opts) -> Result<bool> {
         "p99_ms": latency.p99,
         "max_ms": latency.max,
         "duplicates": duplicates,
+        "ok": duplicates == 0,
     }));
     Ok(duplicates == 0)
 }
