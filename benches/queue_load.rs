@@ -81,59 +81,18 @@ fn main() -> ExitCode {
     };
     let outcome = runtime.block_on(async {
         match command.as_str() {
-            "enqueue" => {
-                enqueue(Opts::parse(
-                    rest,
-                    &["url", "clients", "per-request", "seconds", "queue"],
-                )?)
-                .await
-            }
+            "enqueue" => enqueue(Opts::parse(rest, "url clients per-request seconds queue")?).await,
             "e2e" => {
-                e2e(Opts::parse(
-                    rest,
-                    &[
-                        "url",
-                        "jobs",
-                        "workers",
-                        "reserve",
-                        "enqueuers",
-                        "per-request",
-                        "timeout",
-                        "queue",
-                    ],
-                )?)
-                .await
+                let options = "url jobs workers reserve enqueuers per-request timeout queue";
+                e2e(Opts::parse(rest, options)?).await
             }
             "pickup" => {
-                pickup(Opts::parse(
-                    rest,
-                    &[
-                        "url",
-                        "rate",
-                        "seconds",
-                        "workers",
-                        "reserve",
-                        "max-in-flight",
-                        "queue",
-                    ],
-                )?)
-                .await
+                let options = "url rate seconds workers reserve max-in-flight queue";
+                pickup(Opts::parse(rest, options)?).await
             }
             "pg-e2e" => {
-                pg_e2e(Opts::parse(
-                    rest,
-                    &[
-                        "pg",
-                        "jobs",
-                        "workers",
-                        "reserve",
-                        "enqueuers",
-                        "per-request",
-                        "poll-ms",
-                        "timeout",
-                    ],
-                )?)
-                .await
+                let options = "pg jobs workers reserve enqueuers per-request poll-ms timeout";
+                pg_e2e(Opts::parse(rest, options)?).await
             }
             "help" | "-h" | "--help" => {
                 println!("{USAGE}");
@@ -161,7 +120,8 @@ struct Opts {
 }
 
 impl Opts {
-    fn parse(args: &[String], allowed: &[&str]) -> Result<Self> {
+    /// `--name value` or `--name=value`, each name one of the space-separated `allowed`.
+    fn parse(args: &[String], allowed: &str) -> Result<Self> {
         let mut values = HashMap::new();
         let mut iter = args.iter();
         while let Some(arg) = iter.next() {
@@ -177,10 +137,11 @@ impl Opts {
                     (flag.to_owned(), value.clone())
                 }
             };
-            if !allowed.contains(&name.as_str()) {
+            if !allowed.split_whitespace().any(|known| known == name) {
+                let known: Vec<_> = allowed.split_whitespace().collect();
                 bail!(
                     "unknown option --{name}; this subcommand takes --{}",
-                    allowed.join(", --")
+                    known.join(", --")
                 );
             }
             values.insert(name, value);
@@ -759,7 +720,9 @@ async fn enqueue(opts: Opts) -> Result<bool> {
         latency.p50, latency.p99, latency.max
     );
     if duplicates > 0 {
-        println!("enqueue: keel flagged {duplicates} jobs as duplicates (none were sent twice)");
+        println!(
+            "enqueue: keel flagged {duplicates} jobs as duplicates (the bench sends no deduplication key)"
+        );
     }
     result_line(json!({
         "mode": "enqueue",
