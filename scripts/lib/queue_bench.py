@@ -6,7 +6,7 @@ Starts a release keel (default configuration, fresh data dir, api listener on a 
 loopback port, RESP off), waits for /readyz, and runs the queue_load harness
 (benches/queue_load.rs) against it: enqueue with 1 and with 100 jobs per request, e2e,
 pickup. After each run it scrapes /metrics for the keel_queue_commit_batch_size histogram
-(average jobs per durable commit during that run). Then it stops keel (SIGTERM) and runs
+(average operations -- enqueued jobs, reserves, acks -- per queue commit during that run). Then it stops keel (SIGTERM) and runs
 the harness's pg-e2e, the same end-to-end workload on the PostgreSQL at 127.0.0.1:5432
 (database keel_bench, table jobs recreated), and prints a markdown table with keel/PostgreSQL
 ratios for BENCHMARKS.md. KEEL_BENCH_QUICK=1 shortens every run. Never touches other
@@ -193,7 +193,7 @@ def main():
     print(f"| pickup at {PICKUP_RATE:,} jobs/s ({PICKUP_WORKERS} workers long-polling, wait 5s): "
           f"reserve response − enqueue 201, p50 / p99 / max ms | {ms(pickup, 'p50_ms', 'p99_ms', 'max_ms')}"
           f"{achieved} | — | — |")
-    print(f"| average jobs per durable commit (`{METRIC}`): enqueue ×1 / enqueue ×100 / e2e / pickup | "
+    print(f"| average operations per queue commit, one fsync (`{METRIC}`): enqueue ×1 / enqueue ×100 / e2e / pickup | "
           f"{' / '.join(batches.get(key, 'n/a') for key in ('enqueue-1', 'enqueue-100', 'e2e', 'pickup'))} "
           f"| — | — |")
     if failures:
