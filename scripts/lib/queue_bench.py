@@ -5,12 +5,12 @@ Usage: queue_bench.py PATH_TO_KEEL PATH_TO_QUEUE_LOAD
 Starts a release keel (default configuration, fresh data dir, api listener on a free
 loopback port, RESP off), waits for /readyz, and runs the queue_load harness
 (benches/queue_load.rs) against it: enqueue with 1 and with 100 jobs per request, e2e,
-pickup. After each run it scrapes /metrics for the keel_queue_commit_batch_size histogram
-(average operations -- enqueued jobs, reserves, acks -- per queue commit during that run). Then it stops keel (SIGTERM) and runs
-the harness's pg-e2e, the same end-to-end workload on the PostgreSQL at 127.0.0.1:5432
-(database keel_bench, table jobs recreated), and prints a markdown table with keel/PostgreSQL
-ratios for BENCHMARKS.md. KEEL_BENCH_QUICK=1 shortens every run. Never touches other
-databases or servers.
+pickup. After each run it scrapes /metrics for the keel_queue_commit_batch_size histogram:
+the average number of operations (enqueued jobs, reserves, acks) per queue commit during
+that run. Then it stops keel (SIGTERM) and runs the harness's pg-e2e, the same end-to-end
+workload on the PostgreSQL at 127.0.0.1:5432 (database keel_bench, table jobs recreated),
+and prints a markdown table with keel/PostgreSQL ratios for BENCHMARKS.md.
+KEEL_BENCH_QUICK=1 shortens every run. Never touches other databases or servers.
 """
 import json
 import os
