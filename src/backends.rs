@@ -6,12 +6,17 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::cache::{CacheStore, RedbCacheStore};
-use crate::config::Config;
+use crate::config::{Config, QueueBackend};
+use crate::queue::redb_store::RedbQueueStore;
+use crate::queue::{Clock, QueueMetrics, QueueStore, RetentionPolicies, Wakeups};
+use crate::storage::Storage;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
     #[error("cache.l2: {0}")]
     CacheStore(String),
+    #[error("queue store: {0}")]
+    QueueStore(String),
     #[error("{key} = {value:?} is not available yet in this keel; use {instead}")]
     Unsupported {
         key: &'static str,
@@ -37,6 +42,35 @@ pub fn open_cache_store(
             key: "cache.l2",
             value: other.to_owned(),
             instead: "\"redb\" or \"none\"",
+        }),
+    }
+}
+
+/// The job queue's store: redb (`queue.redb`, opened with the other embedded files),
+/// or PostgreSQL when scaled out.
+pub fn open_queue_store(
+    config: &Config,
+    storage: &Storage,
+    clock: Arc<dyn Clock>,
+    wakeups: Arc<Wakeups>,
+    metrics: QueueMetrics,
+) -> Result<Arc<dyn QueueStore>, BackendError> {
+    match config.queue.backend {
+        QueueBackend::Redb => {
+            let store = RedbQueueStore::open(
+                storage.queue_db.clone(),
+                clock,
+                wakeups,
+                metrics,
+                RetentionPolicies::from_config(&config.queue),
+            )
+            .map_err(|error| BackendError::QueueStore(error.to_string()))?;
+            Ok(Arc::new(store))
+        }
+        QueueBackend::Postgres => Err(BackendError::Unsupported {
+            key: "queue.backend",
+            value: "postgres".to_owned(),
+            instead: "\"redb\"",
         }),
     }
 }

@@ -24,5 +24,6 @@ pub mod config;
 pub mod http;
 pub mod listener;
 pub mod observe;
+pub mod queue;
 pub mod resp;
 pub mod storage;

@@ -21,13 +21,59 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::Authenticator;
 use crate::backends::{self, BackendError};
 use crate::cache::loader::Namespaces;
+use crate::cache::warm::CacheWarm;
 use crate::cache::{Cache, CacheMetrics, Limits};
 use crate::config::{Config, ConfigSources};
 use crate::http::{self, ApiState, Services};
 use crate::listener::{HttpOptions, Listener, ListenerError, serve_http};
 use crate::observe::{BuildInfo, DependencyState, LogHandle, Metrics, Readiness};
+use crate::queue::{Clock, ProcessorRegistry, Queue, QueueMetrics, SystemClock, Wakeups};
 use crate::resp::{ParseLimits, RespContext, RespMetrics, serve_resp};
 use crate::storage::{Storage, StorageError};
+
+/// Opens the queue store, syncs schedules and starts the queue's background work.
+async fn start_queue(
+    config: &Config,
+    storage: &Storage,
+    metrics: &Metrics,
+    namespaces: &Namespaces,
+    shutdown: &CancellationToken,
+) -> Result<Queue, AppError> {
+    let queue_metrics = QueueMetrics::new(metrics.registry());
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let wakeups = Arc::new(Wakeups::default());
+    let store = backends::open_queue_store(
+        config,
+        storage,
+        clock.clone(),
+        wakeups.clone(),
+        queue_metrics.clone(),
+    )?;
+    let queue = Queue::new(
+        store,
+        clock,
+        wakeups,
+        queue_metrics,
+        &config.queue,
+        shutdown.clone(),
+    );
+    let mut processors = ProcessorRegistry::with_builtins(&queue);
+    let warm_namespaces = namespaces.clone();
+    processors.register("cache.warm", move |processor| match processor {
+        crate::config::Processor::CacheWarm { namespace } => Some(Arc::new(CacheWarm {
+            namespaces: warm_namespaces.clone(),
+            namespace: namespace.clone(),
+        })
+            as Arc<dyn crate::queue::Processor>),
+        _ => None,
+    });
+    queue
+        .start(&config.queue, &processors)
+        .await
+        .map_err(|error| AppError::Runtime(format!("queue: {error}")))?;
+    tracing::info!(backend = queue.store().kind(), "queue ready");
+    Ok(queue)
+}
 
 /// Why `keel serve` stopped with an error; the CLI maps each to an exit code.
 #[derive(Debug, thiserror::Error)]
@@ -179,9 +225,19 @@ pub async fn run(config: Config, launch: Launch) -> Result<(), AppError> {
     }
     let namespaces = Namespaces::new(cache.clone(), &config.cache, HashMap::new(), cache_metrics);
     tracing::info!(l1_max_bytes = config.cache.l1_max_bytes.0, namespaces = ?namespaces.names(), "cache ready");
+    let queue = match start_queue(&config, &storage, &metrics, &namespaces, &shutdown).await {
+        Ok(queue) => queue,
+        Err(error) => {
+            readiness.set("storage", DependencyState::Failed(error.to_string()));
+            stop_servers(&shutdown, &mut servers).await;
+            cache.close().await;
+            return Err(error);
+        }
+    };
     let _ = services.set(Services {
         cache: cache.clone(),
         namespaces,
+        queue,
     });
 
     let resp_config = &config.listeners.resp;

@@ -240,6 +240,24 @@ impl Namespaces {
         Ok((entry, Source::Loader))
     }
 
+    /// Loads `key` through its namespace's loader and stores the result whether or not
+    /// it is cached now (the `cache.warm` processor).
+    pub async fn warm(&self, namespace: &str, key: &str) -> Result<(), LoadError> {
+        let ns = self
+            .inner
+            .namespaces
+            .get(namespace)
+            .cloned()
+            .ok_or_else(|| LoadError::UnknownNamespace(namespace.to_owned()))?;
+        let cache_key = Self::cache_key(namespace, key);
+        let (waiter, answer) = oneshot::channel();
+        self.start_load(&ns, key, &cache_key, Some(waiter));
+        answer
+            .await
+            .map_err(|_| LoadError::Failed("the load was abandoned".to_owned()))??;
+        Ok(())
+    }
+
     /// Joins the load in flight for the key, or starts one. A refresh (no waiter) that
     /// finds a load in flight does nothing.
     fn start_load(

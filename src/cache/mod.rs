@@ -15,6 +15,7 @@ pub mod loader;
 mod metrics;
 mod redb_store;
 mod store;
+pub mod warm;
 mod writer;
 
 use std::collections::HashMap;

@@ -265,6 +265,12 @@ pub struct QueueConfig {
     pub backend: QueueBackend,
     pub queues: BTreeMap<String, QueueDefinition>,
     pub schedules: Vec<ScheduleConfig>,
+    /// Largest JSON payload one job may carry.
+    pub max_payload_bytes: ByteSize,
+    /// The lease a reserve gives when neither it nor the job names one.
+    pub default_lease: Span,
+    /// Attempts a job gets when its enqueue does not say.
+    pub default_attempts: u32,
 }
 
 impl Default for QueueConfig {
@@ -273,6 +279,9 @@ impl Default for QueueConfig {
             backend: QueueBackend::Redb,
             queues: BTreeMap::new(),
             schedules: Vec::new(),
+            max_payload_bytes: ByteSize(1 << 20),
+            default_lease: Span(Duration::from_secs(30)),
+            default_attempts: 3,
         }
     }
 }
@@ -309,7 +318,14 @@ impl Default for QueueDefinition {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub enum Processor {
     #[serde(rename = "webhook")]
-    Webhook { url: String, timeout: Option<Span> },
+    Webhook {
+        url: String,
+        timeout: Option<Span>,
+        /// POST unless set.
+        method: Option<String>,
+        #[serde(default)]
+        headers: BTreeMap<String, String>,
+    },
     #[serde(rename = "cache.warm")]
     CacheWarm { namespace: String },
     #[serde(rename = "sql.maintenance")]
@@ -335,6 +351,22 @@ pub struct ScheduleConfig {
     /// The job's name; defaults to the schedule's.
     pub job: Option<String>,
     pub payload: Option<toml::Value>,
+    /// Ticks missed while keel was down: `one` fires once for all, `all` each, `none` skips.
+    #[serde(default)]
+    pub catch_up: CatchUp,
+}
+
+/// What happens to the schedule ticks missed while keel was down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CatchUp {
+    /// Fire once for all of them.
+    #[default]
+    One,
+    /// Fire each (at most 1,000).
+    All,
+    /// Skip them.
+    None,
 }
 
 fn utc() -> String {

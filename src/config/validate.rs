@@ -5,6 +5,7 @@
 //! Every check appends to one list, so an operator sees all problems in one run.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use super::schema::{Config, Loader, Processor};
 
@@ -212,11 +213,38 @@ fn check_queue(config: &Config, problem: &mut impl FnMut(&str, String)) {
             );
         }
         match &definition.processor {
-            Some(Processor::Webhook { url, .. }) if !is_http_url(url) => {
+            Some(Processor::Webhook { url, .. }) if !url.starts_with("http://") => {
                 problem(
                     &format!("{path}.processor.webhook.url"),
-                    format!("{url:?} must be an http:// or https:// URL"),
+                    format!(
+                        "{url:?} must be an http:// URL (https webhooks are not supported yet)"
+                    ),
                 );
+            }
+            Some(Processor::Webhook {
+                method, headers, ..
+            }) => {
+                if let Some(method) = method
+                    && !matches!(
+                        method.to_ascii_uppercase().as_str(),
+                        "POST" | "PUT" | "PATCH" | "GET" | "DELETE"
+                    )
+                {
+                    problem(
+                        &format!("{path}.processor.webhook.method"),
+                        format!("{method:?} is not one of POST, PUT, PATCH, GET, DELETE"),
+                    );
+                }
+                for (name, value) in headers {
+                    if hyper::header::HeaderName::from_bytes(name.as_bytes()).is_err()
+                        || hyper::header::HeaderValue::from_str(value).is_err()
+                    {
+                        problem(
+                            &format!("{path}.processor.webhook.headers.{name}"),
+                            "not a valid HTTP header name and value".to_owned(),
+                        );
+                    }
+                }
             }
             Some(Processor::CacheWarm { namespace })
                 if !config.cache.namespaces.contains_key(namespace) =>
@@ -228,6 +256,24 @@ fn check_queue(config: &Config, problem: &mut impl FnMut(&str, String)) {
             }
             _ => {}
         }
+    }
+    if !(1..=1000).contains(&queue.default_attempts) {
+        problem(
+            "queue.default_attempts",
+            format!("{} is not between 1 and 1000", queue.default_attempts),
+        );
+    }
+    if queue.default_lease.0.is_zero() || queue.default_lease.0 > Duration::from_secs(86_400) {
+        problem(
+            "queue.default_lease",
+            "must be longer than 0 and at most 1d".to_owned(),
+        );
+    }
+    if queue.max_payload_bytes.0 == 0 || queue.max_payload_bytes.0 > 64 << 20 {
+        problem(
+            "queue.max_payload_bytes",
+            "must be between 1 byte and 64MiB".to_owned(),
+        );
     }
     let mut seen = std::collections::BTreeSet::new();
     for (index, schedule) in queue.schedules.iter().enumerate() {

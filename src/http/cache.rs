@@ -18,7 +18,7 @@ use base64::Engine;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ApiError, ApiState};
+use super::{ApiError, ApiState, json_body};
 use crate::cache::{Entry, Mutation, Pattern, Target, expires_in, now_ms};
 use crate::config::Span;
 
@@ -155,14 +155,6 @@ enum Encoding {
     Base64,
 }
 
-fn json_body<T: serde::de::DeserializeOwned>(
-    body: Result<Bytes, BytesRejection>,
-) -> Result<T, ApiError> {
-    let body = body?;
-    serde_json::from_slice(&body)
-        .map_err(|error| ApiError::bad_request("bad_json", error.to_string()))
-}
-
 fn decode_value(value: &str, encoding: Encoding) -> Result<Bytes, ApiError> {
     match encoding {
         Encoding::Utf8 => Ok(Bytes::copy_from_slice(value.as_bytes())),
@@ -202,7 +194,7 @@ async fn mget(
     State(state): State<ApiState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let request: MgetRequest = json_body(body)?;
+    let request: MgetRequest = json_body(body, "bad_json")?;
     let cache = &state.services()?.cache;
     let mut values = Vec::with_capacity(request.keys.len());
     for key in &request.keys {
@@ -235,7 +227,7 @@ async fn mset(
     State(state): State<ApiState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let request: MsetRequest = json_body(body)?;
+    let request: MsetRequest = json_body(body, "bad_json")?;
     let cache = &state.services()?.cache;
     let mut entries = Vec::with_capacity(request.items.len());
     for item in request.items {
@@ -269,7 +261,7 @@ async fn invalidate(
     State(state): State<ApiState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let request: InvalidateRequest = json_body(body)?;
+    let request: InvalidateRequest = json_body(body, "bad_json")?;
     if request.keys.is_empty() && request.pattern.is_none() && request.tags.is_empty() {
         return Err(ApiError::bad_request(
             "nothing_to_invalidate",

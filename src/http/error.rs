@@ -120,3 +120,36 @@ impl From<crate::cache::loader::LoadError> for ApiError {
         ApiError::new(status, code, error.to_string())
     }
 }
+
+impl From<crate::queue::QueueError> for ApiError {
+    fn from(error: crate::queue::QueueError) -> Self {
+        use crate::queue::QueueError;
+        match &error {
+            QueueError::Invalid { code, .. } => ApiError::bad_request(code, error.to_string()),
+            QueueError::PayloadTooLarge { .. } => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                error.to_string(),
+            ),
+            QueueError::NotFound(_) => {
+                ApiError::new(StatusCode::NOT_FOUND, "job_not_found", error.to_string())
+            }
+            QueueError::ScheduleNotFound(_) => ApiError::new(
+                StatusCode::NOT_FOUND,
+                "schedule_not_found",
+                error.to_string(),
+            ),
+            QueueError::LeaseLost { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "lease_lost", error.to_string())
+            }
+            QueueError::Storage(_) | QueueError::Closed => {
+                tracing::error!(%error, "queue unavailable");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "queue_unavailable",
+                    "the queue's storage is unavailable",
+                )
+            }
+        }
+    }
+}

@@ -6,6 +6,7 @@
 
 mod cache;
 mod error;
+mod queue;
 mod system;
 
 use std::sync::{Arc, OnceLock};
@@ -22,6 +23,7 @@ use crate::cache::Cache;
 use crate::cache::loader::Namespaces;
 use crate::config::Config;
 use crate::observe::{Metrics, Readiness};
+use crate::queue::Queue;
 
 pub use error::ApiError;
 
@@ -41,6 +43,7 @@ pub struct ApiState {
 pub struct Services {
     pub cache: Cache,
     pub namespaces: Namespaces,
+    pub queue: Queue,
 }
 
 impl ApiState {
@@ -62,6 +65,7 @@ pub fn router(state: ApiState) -> Router {
     Router::new()
         .merge(system::routes())
         .merge(cache::routes())
+        .merge(queue::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
@@ -71,6 +75,34 @@ pub fn router(state: ApiState) -> Router {
         ))
         .layer(middleware::from_fn_with_state(metrics, track_request))
         .with_state(state)
+}
+
+/// Parses a JSON body. Malformed JSON is `bad_json`; well-formed JSON of the wrong
+/// shape is `data_code`, with the path of the offending field in the detail.
+fn json_body<T: serde::de::DeserializeOwned>(
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+    data_code: &'static str,
+) -> Result<T, ApiError> {
+    let body = body?;
+    let mut deserializer = serde_json::Deserializer::from_slice(&body);
+    let parsed: T = serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
+        let path = error.path().to_string();
+        let inner = error.into_inner();
+        let code = match inner.classify() {
+            serde_json::error::Category::Data => data_code,
+            _ => "bad_json",
+        };
+        let detail = if path == "." {
+            inner.to_string()
+        } else {
+            format!("{path}: {inner}")
+        };
+        ApiError::bad_request(code, detail)
+    })?;
+    deserializer
+        .end()
+        .map_err(|error| ApiError::bad_request("bad_json", error.to_string()))?;
+    Ok(parsed)
 }
 
 async fn not_found(request: Request) -> ApiError {
