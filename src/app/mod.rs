@@ -6,6 +6,7 @@
 //! `/healthz` answers and `/readyz` says "starting"), and on shutdown listeners stop
 //! before storage closes (no request can reach a closed database).
 
+mod backup;
 mod reload;
 mod systemd;
 
@@ -17,6 +18,8 @@ use std::time::Duration;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+
+pub use backup::{BACKUP_FILES, Backup, BackupError, BackupReport};
 
 use crate::auth::Authenticator;
 use crate::backends::{self, BackendError};
@@ -345,6 +348,11 @@ pub async fn run(config: Config, launch: Launch) -> Result<(), AppError> {
     let _ = services.set(Services {
         cache: cache.clone(),
         namespaces,
+        backup: Backup {
+            meta: storage.meta.clone(),
+            sql: sql.clone(),
+            queue: queue.clone(),
+        },
         queue,
         sql,
     });

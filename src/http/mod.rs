@@ -4,6 +4,7 @@
 //! Handlers turn requests into calls on subsystem handles and back; they hold no state
 //! of their own. Wire formats stop here: subsystems never see axum types.
 
+mod admin;
 mod cache;
 mod error;
 mod queue;
@@ -47,6 +48,7 @@ pub struct Services {
     pub namespaces: Namespaces,
     pub queue: Queue,
     pub sql: Sql,
+    pub backup: crate::app::Backup,
 }
 
 impl ApiState {
@@ -70,6 +72,7 @@ pub fn router(state: ApiState) -> Router {
         .merge(cache::routes())
         .merge(queue::routes())
         .merge(sql::routes())
+        .merge(admin::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))

@@ -130,7 +130,7 @@ impl Storage {
 }
 
 /// `sqlite://data.sqlite` is relative to the data directory; `sqlite:///abs/path` is not.
-fn sqlite_path(data_dir: &Path, url: &str) -> Result<PathBuf, StorageError> {
+pub fn sqlite_path(data_dir: &Path, url: &str) -> Result<PathBuf, StorageError> {
     let rest = url
         .strip_prefix("sqlite://")
         .ok_or_else(|| StorageError::NotSqlite {
