@@ -49,7 +49,9 @@ impl Backup {
             message,
         };
         if !dir.is_absolute() {
-            return Err(destination("the backup directory must be an absolute path".to_owned()));
+            return Err(destination(
+                "the backup directory must be an absolute path".to_owned(),
+            ));
         }
         if dir.exists()
             && std::fs::read_dir(dir)
@@ -71,9 +73,11 @@ impl Backup {
         let meta = self.meta.clone();
         let target = dir.join("keel.sqlite");
         tokio::task::spawn_blocking(move || {
-            meta.lock()
-                .expect("meta lock")
-                .backup(rusqlite::MAIN_DB, &target, None::<fn(rusqlite::backup::Progress)>)
+            meta.lock().expect("meta lock").backup(
+                rusqlite::MAIN_DB,
+                &target,
+                None::<fn(rusqlite::backup::Progress)>,
+            )
         })
         .await
         .map_err(|e| BackupError::Copy {

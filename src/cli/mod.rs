@@ -158,6 +158,8 @@ fn migrate(config: &Config, status_only: bool) -> ExitCode {
     };
     let outcome = (|| -> Result<Vec<(u32, String, MigrationState)>, String> {
         let migrations = storage::migrations_in_dir(dir).map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| format!("{}: {e}", config.data_dir.display()))?;
         let path = storage::sqlite_path(&config.data_dir, config.sql.url.expose())
             .map_err(|e| e.to_string())?;
         let mut connection = storage::open_sqlite(&path).map_err(|e| e.to_string())?;
@@ -178,10 +180,14 @@ fn migrate(config: &Config, status_only: bool) -> ExitCode {
                 };
                 println!("{version:04} {name:<40} {state}");
             }
-            let problems = status
-                .iter()
-                .any(|(_, _, state)| matches!(state, MigrationState::Changed | MigrationState::Missing));
-            if problems { ExitCode::from(1) } else { ExitCode::SUCCESS }
+            let problems = status.iter().any(|(_, _, state)| {
+                matches!(state, MigrationState::Changed | MigrationState::Missing)
+            });
+            if problems {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            }
         }
         Err(error) => {
             eprintln!("keel: {error}");
@@ -227,7 +233,8 @@ fn backup(config: &Config, out: &std::path::Path) -> ExitCode {
         body.len()
     );
     let answer = (|| -> std::io::Result<String> {
-        let mut stream = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))?;
+        let mut stream =
+            std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))?;
         stream.write_all(request.as_bytes())?;
         let mut raw = String::new();
         stream.read_to_string(&mut raw)?;
@@ -239,7 +246,9 @@ fn backup(config: &Config, out: &std::path::Path) -> ExitCode {
             ExitCode::SUCCESS
         }
         Ok(raw) => {
-            let body = raw.split_once("\r\n\r\n").map_or(raw.as_str(), |(_, body)| body);
+            let body = raw
+                .split_once("\r\n\r\n")
+                .map_or(raw.as_str(), |(_, body)| body);
             eprintln!("keel: the backup failed: {body}");
             ExitCode::from(1)
         }
@@ -263,7 +272,10 @@ fn restore(config: &Config, from: &std::path::Path) -> ExitCode {
     };
     for file in app::BACKUP_FILES {
         if !from.join(file).is_file() {
-            eprintln!("keel: {} has no {file}; is it a keel backup?", from.display());
+            eprintln!(
+                "keel: {} has no {file}; is it a keel backup?",
+                from.display()
+            );
             return ExitCode::from(2);
         }
     }
@@ -287,7 +299,9 @@ fn restore(config: &Config, from: &std::path::Path) -> ExitCode {
             let _ = std::fs::remove_file(side);
         }
         let staged = target.with_extension("restoring");
-        if let Err(error) = std::fs::copy(from.join(file), &staged).and_then(|_| std::fs::rename(&staged, target)) {
+        if let Err(error) =
+            std::fs::copy(from.join(file), &staged).and_then(|_| std::fs::rename(&staged, target))
+        {
             eprintln!("keel: restoring {file} to {}: {error}", target.display());
             return ExitCode::from(1);
         }

@@ -62,9 +62,11 @@ fn plan_rows(conn: &mut Conn, sql: &str) -> Result<Vec<PlanRow>, SqlError> {
     }
     let raw = conn.raw();
     let mut prepared = raw.prepare(&statement.sql)?;
-    let rows = prepared
-        .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(3)?)))?
-        .collect::<Result<Vec<PlanRow>, _>>()?;
+    let mut cursor = prepared.raw_query();
+    let mut rows = Vec::new();
+    while let Some(row) = cursor.next()? {
+        rows.push((row.get(0)?, row.get(1)?, row.get(3)?));
+    }
     Ok(rows)
 }
 

@@ -79,6 +79,11 @@ impl From<rusqlite::Error> for SqlError {
                 name: code_name(failure.extended_code),
                 message: message.unwrap_or_else(|| failure.to_string()),
             },
+            rusqlite::Error::SqlInputError { error, msg, .. } => SqlError::Sqlite {
+                code: error.extended_code,
+                name: code_name(error.extended_code),
+                message: msg,
+            },
             rusqlite::Error::MultipleStatement => SqlError::MultipleStatements,
             rusqlite::Error::InvalidParameterCount(given, expected) => SqlError::BadParams(
                 format!("the statement takes {expected} parameters, {given} were given"),

@@ -51,7 +51,8 @@ struct Guard {
     deadline: AtomicU64,
 }
 
-const READ_PRAGMAS: &[&str] = &[
+/// Pragmas that only read: these take a table or index name as their argument...
+const READ_PRAGMAS_WITH_ARGUMENT: &[&str] = &[
     "table_info",
     "table_xinfo",
     "table_list",
@@ -62,6 +63,9 @@ const READ_PRAGMAS: &[&str] = &[
     "foreign_key_check",
     "integrity_check",
     "quick_check",
+];
+/// ...and these read only without one (with a value they would set something).
+const READ_PRAGMAS: &[&str] = &[
     "compile_options",
     "collation_list",
     "function_list",
@@ -104,7 +108,9 @@ impl Guard {
             } => {
                 let name = pragma_name.to_ascii_lowercase();
                 if self.read_only {
-                    if pragma_value.is_none() && READ_PRAGMAS.contains(&name.as_str()) {
+                    let reads = READ_PRAGMAS_WITH_ARGUMENT.contains(&name.as_str())
+                        || (pragma_value.is_none() && READ_PRAGMAS.contains(&name.as_str()));
+                    if reads {
                         Ok(())
                     } else {
                         Err(format!("PRAGMA {name} is not allowed on the read path"))
@@ -231,11 +237,15 @@ impl Conn {
         if let Some(info) = self.infos.get(sql) {
             return Ok(info.clone());
         }
+        // Trusted while recording: this prepare learns what the statement touches and
+        // whether it is one statement; the policy applies when it is prepared to run.
         *self.guard.recording.lock().expect("guard lock") = Some(StatementInfo::default());
+        self.guard.trusted.store(true, Ordering::Relaxed);
         let prepared = self
             .connection
             .prepare(sql)
             .map(|statement| statement.readonly());
+        self.guard.trusted.store(false, Ordering::Relaxed);
         let recorded = self.guard.recording.lock().expect("guard lock").take();
         let readonly = prepared.map_err(|error| self.refusal(error))?;
         let mut info = recorded.unwrap_or_default();
@@ -253,15 +263,15 @@ impl Conn {
         self.connection.flush_prepared_statement_cache();
     }
 
+    /// A prepare that failed: if the authorizer refused something, say what and why
+    /// (SQLite reports a refused function as a plain SQLITE_ERROR).
     fn refusal(&self, error: rusqlite::Error) -> SqlError {
         let refused = self.guard.refused.lock().expect("guard lock").take();
-        match (&error, refused) {
-            (rusqlite::Error::SqliteFailure(failure, _), Some(reason))
-                if failure.code == rusqlite::ErrorCode::AuthorizationForStatementDenied =>
-            {
-                SqlError::NotAllowed(reason)
-            }
-            _ => SqlError::from(error),
+        match (refused, &error) {
+            // rusqlite prepares the tail to find a second statement; its refusal is moot.
+            (_, rusqlite::Error::MultipleStatement) => SqlError::MultipleStatements,
+            (Some(reason), _) => SqlError::NotAllowed(reason),
+            (None, _) => SqlError::from(error),
         }
     }
 
