@@ -394,12 +394,7 @@ impl Sql {
             Err(error) => Err(error),
         };
         for sql in &texts {
-            self.observe(
-                "batch",
-                sql,
-                started,
-                outcome.as_ref().map(|_| 0).map_err(|e| e),
-            );
+            self.observe("batch", sql, started, outcome.as_ref().map(|_| 0));
         }
         outcome
     }

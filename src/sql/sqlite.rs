@@ -324,11 +324,7 @@ impl Conn {
             .prepare_cached(sql)
             .map_err(|error| self.refusal(error))?;
         bind(&mut prepared, params)?;
-        let columns: Vec<String> = prepared
-            .column_names()
-            .into_iter()
-            .map(str::to_owned)
-            .collect();
+        let columns: Vec<String> = prepared.column_names().map(str::to_owned).collect();
         let width = columns.len();
         let mut rows = Vec::new();
         let mut bytes = 0usize;
@@ -451,10 +447,15 @@ pub struct Settings {
 
 /// One write for the writer: runs inside the shared transaction under a savepoint, or
 /// alone between transactions.
+/// How a grouped write is answered once the commit's outcome is known.
+type Answer = Box<dyn FnOnce(bool) + Send>;
+/// A grouped write: runs under its savepoint, says whether it succeeded and how to answer.
+type GroupedWork = Box<dyn FnOnce(&mut Conn) -> (bool, Answer) + Send>;
+
 enum WriteOp {
     /// Returns whether the work succeeded (its savepoint is released, else rolled back)
     /// and how to answer once the commit is known.
-    Grouped(Box<dyn FnOnce(&mut Conn) -> (bool, Box<dyn FnOnce(bool) + Send>) + Send>),
+    Grouped(GroupedWork),
     Alone(Box<dyn FnOnce(&mut Conn) + Send>),
 }
 
@@ -548,7 +549,7 @@ impl SqliteBackend {
         let op = WriteOp::Grouped(Box::new(move |conn| {
             let outcome = work(conn);
             let succeeded = outcome.is_ok();
-            let answer: Box<dyn FnOnce(bool) + Send> = Box::new(move |committed: bool| {
+            let answer: Answer = Box::new(move |committed: bool| {
                 let outcome = match outcome {
                     Ok(_) if !committed => Err(SqlError::Internal(
                         "the transaction could not be committed".to_owned(),
