@@ -357,6 +357,12 @@ impl Conn {
     }
 }
 
+/// The pool's lock; a panic elsewhere never makes the pool unusable.
+fn lock(pool: &Mutex<Vec<Conn>>) -> std::sync::MutexGuard<'_, Vec<Conn>> {
+    pool.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn first_keyword_is(sql: &str, keyword: &str) -> bool {
     let mut rest = sql.trim_start();
     loop {
@@ -463,8 +469,8 @@ enum WriteOp {
 const MAX_GROUP: usize = 256;
 
 pub struct SqliteBackend {
-    readers: Mutex<Vec<Conn>>,
-    reader_slots: Semaphore,
+    readers: Arc<Mutex<Vec<Conn>>>,
+    reader_slots: Arc<Semaphore>,
     writes: mpsc::Sender<WriteOp>,
     settings: Settings,
     metrics: SqlMetrics,
@@ -484,8 +490,8 @@ impl SqliteBackend {
             .map_err(|error| SqlError::Internal(format!("cannot start the SQL writer: {error}")))?;
         metrics.readers_idle.set(readers.len() as i64);
         Ok(SqliteBackend {
-            reader_slots: Semaphore::new(readers.len()),
-            readers: Mutex::new(readers),
+            reader_slots: Arc::new(Semaphore::new(readers.len())),
+            readers: Arc::new(Mutex::new(readers)),
             writes,
             settings,
             metrics,
@@ -497,46 +503,58 @@ impl SqliteBackend {
     }
 
     /// Runs `work` on a reader connection from the pool (waiting for one if all are busy).
+    ///
+    /// The blocking task owns the slot and puts the connection back itself, so a caller
+    /// that goes away (a client hanging up) can never take a connection with it.
     pub async fn with_reader<T: Send + 'static>(
         &self,
         work: impl FnOnce(&mut Conn) -> T + Send + 'static,
     ) -> Result<T, SqlError> {
         let waited = Instant::now();
-        let _slot = self
+        let slot = self
             .reader_slots
-            .acquire()
+            .clone()
+            .acquire_owned()
             .await
             .map_err(|_| SqlError::Closed)?;
         self.metrics
             .reader_wait_seconds
             .observe(waited.elapsed().as_secs_f64());
-        let mut conn = self
-            .readers
-            .lock()
-            .expect("pool lock")
-            .pop()
-            .expect("a slot guarantees a connection");
-        self.metrics.readers_in_use.inc();
-        self.metrics.readers_idle.dec();
-        let outcome = tokio::task::spawn_blocking(move || {
-            let out = work(&mut conn);
-            (conn, out)
+        let pool = self.readers.clone();
+        let metrics = self.metrics.clone();
+        let settings = self.settings.clone();
+        tokio::task::spawn_blocking(move || {
+            let taken = lock(&pool).pop();
+            let mut conn = match taken {
+                Some(conn) => conn,
+                None => Conn::open(&settings.path, true, &settings)?,
+            };
+            metrics.readers_in_use.inc();
+            metrics.readers_idle.dec();
+            let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(&mut conn)));
+            metrics.readers_in_use.dec();
+            metrics.readers_idle.inc();
+            match out {
+                Ok(out) => {
+                    lock(&pool).push(conn);
+                    drop(slot);
+                    Ok(out)
+                }
+                Err(_) => {
+                    // A connection a panic went through is not trusted again.
+                    drop(conn);
+                    if let Ok(fresh) = Conn::open(&settings.path, true, &settings) {
+                        lock(&pool).push(fresh);
+                    }
+                    drop(slot);
+                    Err(SqlError::Internal(
+                        "a read panicked; see the server log".to_owned(),
+                    ))
+                }
+            }
         })
-        .await;
-        self.metrics.readers_in_use.dec();
-        self.metrics.readers_idle.inc();
-        match outcome {
-            Ok((conn, out)) => {
-                self.readers.lock().expect("pool lock").push(conn);
-                Ok(out)
-            }
-            Err(panic) => {
-                // The connection went with the panic; the pool gets a fresh one.
-                let fresh = Conn::open(&self.settings.path, true, &self.settings)?;
-                self.readers.lock().expect("pool lock").push(fresh);
-                Err(SqlError::Internal(format!("a read panicked: {panic}")))
-            }
-        }
+        .await
+        .map_err(|error| SqlError::Internal(format!("a read task failed: {error}")))?
     }
 
     /// Runs `work` inside the writer's next transaction, under its own savepoint: an

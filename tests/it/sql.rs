@@ -602,3 +602,40 @@ fn maintenance_runs_as_a_queue_job() {
     let schedules = get(addr, "/v1/schedules").json();
     assert_eq!(schedules["schedules"][0]["name"], "keel.sql.maintenance");
 }
+
+#[test]
+fn a_client_hanging_up_mid_read_does_not_take_a_reader_with_it() {
+    use std::io::Write;
+    let dir = scratch();
+    let (_keel, addr) = start(dir.path(), "readers = 1\n");
+    let slow = json!({"sql": "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c) SELECT count(*) FROM c"})
+        .to_string();
+    for _ in 0..3 {
+        // Send a slow read and hang up before the answer.
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        write!(
+            stream,
+            "POST /v1/sql/query HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{slow}",
+            slow.len()
+        )
+        .unwrap();
+        // Hang up once the read is running on the only reader.
+        let started = Instant::now();
+        while !get(addr, "/metrics")
+            .body
+            .contains("keel_sql_readers_in_use 1")
+        {
+            assert!(
+                started.elapsed() < crate::support::DEADLINE,
+                "the read never started"
+            );
+        }
+        drop(stream);
+    }
+    // The only reader comes back every time: later reads are answered.
+    for n in 0..5 {
+        assert_eq!(query(addr, "SELECT ?", json!([n]))["rows"], json!([[n]]));
+    }
+    let metrics = get(addr, "/metrics").body;
+    assert!(metrics.contains("keel_sql_readers_idle 1"), "{metrics}");
+}
