@@ -16,6 +16,9 @@ pub struct SqlMetrics {
     pub writer_queue: IntGauge,
     pub slow_queries: IntCounter,
     pub named_cache: IntCounterVec,
+    /// The two children of `named_cache`, resolved once for the hot path.
+    pub named_cache_hits: IntCounter,
+    pub named_cache_misses: IntCounter,
 }
 
 const BUCKETS: &[f64] = &[
@@ -24,7 +27,17 @@ const BUCKETS: &[f64] = &[
 
 impl SqlMetrics {
     pub fn new(registry: &Registry) -> SqlMetrics {
+        let named_cache = IntCounterVec::new(
+            Opts::new(
+                "keel_sql_named_cache_total",
+                "Cached named-query lookups, by result.",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
         let metrics = SqlMetrics {
+            named_cache_hits: named_cache.with_label_values(&["hit"]),
+            named_cache_misses: named_cache.with_label_values(&["miss"]),
             statements: IntCounterVec::new(
                 Opts::new(
                     "keel_sql_statements_total",
@@ -72,14 +85,7 @@ impl SqlMetrics {
                 "Statements slower than sql.slow_query_ms.",
             )
             .expect("valid metric"),
-            named_cache: IntCounterVec::new(
-                Opts::new(
-                    "keel_sql_named_cache_total",
-                    "Cached named-query lookups, by result.",
-                ),
-                &["result"],
-            )
-            .expect("valid metric"),
+            named_cache,
         };
         let collectors: [Box<dyn prometheus::core::Collector>; 9] = [
             Box::new(metrics.statements.clone()),

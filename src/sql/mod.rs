@@ -451,7 +451,7 @@ impl Sql {
             .queries
             .get(name)
             .ok_or_else(|| SqlError::UnknownQuery(name.to_owned()))?;
-        let statement = Statement {
+        let statement = || Statement {
             sql: query.sql.clone(),
             params: Params::Named(
                 params
@@ -461,18 +461,20 @@ impl Sql {
             ),
         };
         let (Some(cache), Some(ttl)) = (&inner.cache, query.cache_ttl) else {
-            let result = self.query(statement).await?;
+            let result = self.query(statement()).await?;
             return Ok((
                 Bytes::from(serde_json::to_vec(&result).expect("json")),
                 false,
             ));
         };
         let key = cache_key(name, &params);
+        // The hit path is the hot one: no statement, no label lookups.
         if let Ok(Some(entry)) = cache.get(key.as_bytes()).await {
-            inner.metrics.named_cache.with_label_values(&["hit"]).inc();
+            inner.metrics.named_cache_hits.inc();
             return Ok((entry.value, true));
         }
-        inner.metrics.named_cache.with_label_values(&["miss"]).inc();
+        inner.metrics.named_cache_misses.inc();
+        let statement = statement();
         let before = inner.epoch.load(Ordering::SeqCst);
         let started = Instant::now();
         let sql = statement.sql.clone();
@@ -581,20 +583,19 @@ impl Sql {
 }
 
 fn cache_key(name: &str, params: &BTreeMap<String, String>) -> String {
-    let mut key = format!("{CACHE_PREFIX}{name}?");
+    use std::fmt::Write;
+    fn encode(text: &str) -> percent_encoding::PercentEncode<'_> {
+        percent_encoding::utf8_percent_encode(text, percent_encoding::NON_ALPHANUMERIC)
+    }
+    let mut key = String::with_capacity(CACHE_PREFIX.len() + name.len() + 32);
+    key.push_str(CACHE_PREFIX);
+    key.push_str(name);
+    key.push('?');
     for (index, (param, value)) in params.iter().enumerate() {
         if index > 0 {
             key.push('&');
         }
-        key.extend(
-            percent_encoding::utf8_percent_encode(param, percent_encoding::NON_ALPHANUMERIC)
-                .map(str::to_owned),
-        );
-        key.push('=');
-        key.extend(
-            percent_encoding::utf8_percent_encode(value, percent_encoding::NON_ALPHANUMERIC)
-                .map(str::to_owned),
-        );
+        let _ = write!(key, "{}={}", encode(param), encode(value));
     }
     key
 }
