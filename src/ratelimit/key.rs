@@ -121,4 +121,16 @@ impl Key {
             HASHER.get_or_init(RandomState::new).hash_one(bytes),
         ))
     }
+
+    /// Well-spread bits that pick a store shard. Not a defence against crafted keys (the
+    /// shard maps hash with SipHash themselves); skew only costs lock contention.
+    pub(super) fn spread(&self) -> u64 {
+        let bits = match self.0 {
+            Repr::V4(v4) => u64::from(v4),
+            Repr::V6(net) => net,
+            Repr::Digest(digest) => digest,
+            Repr::Global => 0,
+        };
+        bits.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    }
 }

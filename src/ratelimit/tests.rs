@@ -1,11 +1,303 @@
-//! Keys from configuration strings and requests.
+//! Limiters on governor's `FakeRelativeClock`: time moves only when a test says so.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::Duration;
 
+use governor::clock::FakeRelativeClock;
 use hyper::HeaderMap;
-use hyper::header::{HeaderName, HeaderValue};
+use hyper::header::{HeaderValue, RETRY_AFTER};
+use prometheus::Registry;
 
 use super::*;
+use crate::config::RouteRateLimitConfig;
+
+fn rate(text: &str) -> Rate {
+    text.parse().unwrap()
+}
+
+fn config(rate_text: &str, burst: u32) -> LimiterConfig {
+    LimiterConfig {
+        burst: Some(burst),
+        ..LimiterConfig::new(KeyKind::Ip, rate(rate_text))
+    }
+}
+
+fn fake_limiter(
+    name: &str,
+    config: &LimiterConfig,
+) -> (Limiter<FakeRelativeClock>, FakeRelativeClock) {
+    let clock = FakeRelativeClock::default();
+    let metrics = RateLimitMetrics::new(&Registry::new());
+    let limiter = Limiter::with_clock(name, config, &metrics, clock.clone()).unwrap();
+    (limiter, clock)
+}
+
+fn ip(n: u32) -> Key {
+    Key::ip(IpAddr::V4(Ipv4Addr::from_bits(n)))
+}
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+fn field(headers: &HeaderMap, name: &str) -> Vec<String> {
+    headers
+        .get_all(name)
+        .iter()
+        .map(|value| value.to_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn burst_then_rejection_then_recovery() {
+    // One unit per 100 ms, three at once.
+    let (limiter, clock) = fake_limiter("api", &config("10/s", 3));
+    let key = ip(1);
+
+    let first = limiter.check(key);
+    assert_eq!(first.outcome, Outcome::Allowed);
+    assert_eq!((first.limit, first.remaining), (3, 2));
+    assert_eq!(first.reset, ms(100), "full again one interval later");
+    assert_eq!(first.retry_after, None);
+    assert_eq!(limiter.check(key).remaining, 1);
+    let last = limiter.check(key);
+    assert!(last.is_allowed());
+    assert_eq!(last.remaining, 0);
+    assert_eq!(last.reset, ms(100), "out of quota: reset is the next unit");
+
+    let rejected = limiter.check(key);
+    assert_eq!(rejected.outcome, Outcome::Limited);
+    assert_eq!(rejected.remaining, 0);
+    assert_eq!(rejected.retry_after, Some(ms(100)));
+    assert_eq!(limiter.metrics.rejected_limit.get(), 1);
+
+    clock.advance(ms(50));
+    assert_eq!(limiter.check(key).retry_after, Some(ms(50)));
+    clock.advance(ms(50));
+    let recovered = limiter.check(key);
+    assert!(recovered.is_allowed());
+    assert_eq!(recovered.remaining, 0);
+
+    clock.advance(secs(10));
+    let refilled = limiter.check(key);
+    assert_eq!(
+        refilled.remaining, 2,
+        "a long pause refills the whole burst, no more"
+    );
+    assert_eq!(refilled.reset, ms(100));
+
+    // Other keys have their own buckets.
+    assert_eq!(limiter.check(ip(2)).remaining, 2);
+}
+
+#[test]
+fn default_burst_is_the_rate_count() {
+    let (limiter, _clock) = fake_limiter("api", &LimiterConfig::new(KeyKind::Ip, rate("4/s")));
+    let decisions: Vec<_> = (0..5).map(|_| limiter.check(ip(1)).outcome).collect();
+    assert_eq!(
+        decisions,
+        [
+            Outcome::Allowed,
+            Outcome::Allowed,
+            Outcome::Allowed,
+            Outcome::Allowed,
+            Outcome::Limited
+        ]
+    );
+}
+
+#[test]
+fn header_fields_follow_the_draft() {
+    let (limiter, _clock) = fake_limiter("api", &config("100/s", 200));
+    let mut headers = HeaderMap::new();
+    let decision = limiter.check(ip(1));
+    limiter.write_headers(&decision, &mut headers);
+    assert_eq!(field(&headers, "ratelimit-policy"), [r#""api";q=200;w=2"#]);
+    assert_eq!(field(&headers, "ratelimit"), [r#""api";r=199;t=1"#]);
+    assert!(
+        headers.get(RETRY_AFTER).is_none(),
+        "only rejections carry Retry-After"
+    );
+
+    for _ in 0..199 {
+        assert!(limiter.check(ip(1)).is_allowed());
+    }
+    let rejected = limiter.check(ip(1));
+    assert_eq!(rejected.retry_after, Some(ms(10)));
+    let mut headers = HeaderMap::new();
+    limiter.write_headers(&rejected, &mut headers);
+    assert_eq!(field(&headers, "ratelimit"), [r#""api";r=0;t=1"#]);
+    assert_eq!(
+        field(&headers, "retry-after"),
+        ["1"],
+        "10 ms rounds up to a whole second"
+    );
+
+    // Slow rates: the window is the refill time of the whole burst.
+    let (login, _clock) = fake_limiter("login", &config("5/m", 5));
+    let mut headers = HeaderMap::new();
+    login.write_headers(&login.check(ip(1)), &mut headers);
+    assert_eq!(field(&headers, "ratelimit-policy"), [r#""login";q=5;w=60"#]);
+    assert_eq!(field(&headers, "ratelimit"), [r#""login";r=4;t=12"#]);
+}
+
+#[test]
+fn header_fields_of_several_limiters_combine() {
+    let (route, _c1) = fake_limiter("route", &config("1/m", 1));
+    let (global, _c2) = fake_limiter("global", &config("1/s", 1));
+    route.check(ip(1));
+    global.check(ip(1));
+    let mut headers = HeaderMap::new();
+    route.write_headers(&route.check(ip(1)), &mut headers);
+    global.write_headers(&global.check(ip(1)), &mut headers);
+    assert_eq!(
+        field(&headers, "ratelimit-policy"),
+        [r#""route";q=1;w=60"#, r#""global";q=1;w=1"#]
+    );
+    assert_eq!(
+        field(&headers, "ratelimit"),
+        [r#""route";r=0;t=60"#, r#""global";r=0;t=1"#]
+    );
+    assert_eq!(
+        field(&headers, "retry-after"),
+        ["60"],
+        "the longest wait wins"
+    );
+
+    // A name that needs escaping stays a valid structured-field string.
+    assert_eq!(sf_string("a\"b\\c é"), r#""a\"b\\c ?""#);
+    let (odd, _clock) = fake_limiter("/api \"v1\"", &config("1/s", 1));
+    let mut headers = HeaderMap::new();
+    odd.write_headers(&odd.check(ip(1)), &mut headers);
+    assert_eq!(
+        headers.get("ratelimit-policy"),
+        Some(&HeaderValue::from_static(r#""/api \"v1\"";q=1;w=1"#))
+    );
+}
+
+#[test]
+fn a_full_table_sends_new_keys_to_the_shared_overflow_bucket() {
+    let (limiter, clock) = fake_limiter(
+        "api",
+        &LimiterConfig {
+            max_keys: 3,
+            ..config("1/s", 1)
+        },
+    );
+    for n in 1..=3 {
+        assert!(limiter.check(ip(n)).is_allowed());
+    }
+    assert_eq!(limiter.metrics.bucket_keys.get(), 3);
+
+    // The sweep this forces frees nothing (every bucket is busy), so key 4 and key 5
+    // share one bucket: the first gets its unit, the second does not.
+    assert!(limiter.check(ip(4)).is_allowed());
+    assert_eq!(limiter.check(ip(5)).outcome, Outcome::Limited);
+    assert_eq!(limiter.metrics.bucket_overflow.get(), 2);
+    assert_eq!(limiter.buckets.table.len(), 3, "memory did not grow");
+    assert_eq!(limiter.metrics.bucket_keys.get(), 3);
+    // Tracked keys keep their own buckets.
+    assert_eq!(limiter.check(ip(1)).outcome, Outcome::Limited);
+
+    // Once the tracked keys are idle, a new key sweeps them out and gets its own bucket.
+    clock.advance(secs(2));
+    assert!(limiter.check(ip(6)).is_allowed());
+    assert_eq!(limiter.metrics.bucket_overflow.get(), 2);
+    assert_eq!(limiter.buckets.table.len(), 1);
+    assert_eq!(limiter.metrics.bucket_keys.get(), 1);
+}
+
+#[test]
+fn concurrent_new_keys_never_exceed_max_keys() {
+    let (limiter, _clock) = fake_limiter(
+        "api",
+        &LimiterConfig {
+            max_keys: 1_000,
+            ..config("1/s", 1)
+        },
+    );
+    std::thread::scope(|scope| {
+        for thread in 0..4 {
+            let limiter = &limiter;
+            scope.spawn(move || {
+                for n in 0..5_000 {
+                    limiter.check(ip(thread * 100_000 + n));
+                }
+            });
+        }
+    });
+    assert_eq!(limiter.buckets.table.len(), 1_000);
+    assert_eq!(limiter.metrics.bucket_keys.get(), 1_000);
+    assert_eq!(limiter.metrics.bucket_overflow.get(), 19_000);
+}
+
+#[test]
+fn sweep_drops_idle_keys_and_keeps_busy_ones() {
+    // One unit per 100 ms, ten at once: a bucket refills within a second.
+    let (limiter, clock) = fake_limiter("api", &config("10/s", 10));
+    for n in 0..100 {
+        limiter.check(ip(n));
+    }
+    clock.advance(ms(1_100));
+    for _ in 0..5 {
+        limiter.check(ip(0));
+    }
+    limiter.sweep();
+    assert_eq!(
+        limiter.buckets.table.len(),
+        1,
+        "only key 0 is still draining"
+    );
+    assert_eq!(limiter.metrics.bucket_keys.get(), 1);
+    assert_eq!(limiter.check(ip(0)).remaining, 4, "its state survived");
+
+    clock.advance(secs(2));
+    limiter.sweep();
+    assert_eq!(limiter.buckets.table.len(), 0);
+    assert_eq!(limiter.metrics.bucket_keys.get(), 0);
+}
+
+#[test]
+fn login_mode_counts_only_failures() {
+    // Three failures per key, one back every 12 s.
+    let (limiter, clock) = fake_limiter("login", &config("5/m", 3));
+    let key = ip(9);
+    for _ in 0..10 {
+        let peeked = limiter.peek(key);
+        assert!(peeked.is_allowed(), "successful logins use nothing");
+        assert_eq!(peeked.remaining, 3);
+    }
+    assert_eq!(
+        limiter.buckets.table.len(),
+        0,
+        "a peek leaves nothing behind"
+    );
+
+    assert_eq!(limiter.record_failure(key).remaining, 2);
+    assert_eq!(limiter.peek(key).remaining, 2);
+    limiter.record_failure(key);
+    let last = limiter.record_failure(key);
+    assert!(last.is_allowed());
+    assert_eq!(last.remaining, 0);
+
+    let refused = limiter.peek(key);
+    assert_eq!(refused.outcome, Outcome::Limited);
+    assert_eq!(refused.retry_after, Some(secs(12)));
+    assert_eq!(
+        limiter.peek(key).outcome,
+        Outcome::Limited,
+        "still nothing used"
+    );
+
+    clock.advance(secs(12));
+    let again = limiter.peek(key);
+    assert!(again.is_allowed());
+    assert_eq!(again.remaining, 1);
+}
 
 #[test]
 fn key_kinds_parse_and_name_what_is_wrong() {
@@ -89,4 +381,103 @@ fn ipv6_clients_count_by_their_64() {
         Key::ip(mapped.into()),
         Key::ip(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)))
     );
+}
+
+#[test]
+fn configuration_is_checked() {
+    let route = RouteRateLimitConfig {
+        key: "header:x-api-key".to_owned(),
+        rate: rate("100/s"),
+        burst: None,
+    };
+    let config = LimiterConfig::from_route(&route).unwrap();
+    assert_eq!(
+        config.key,
+        KeyKind::Header(HeaderName::from_static("x-api-key"))
+    );
+    assert_eq!(config.max_keys, DEFAULT_MAX_KEYS);
+    let bad_key = RouteRateLimitConfig {
+        key: "cookie".to_owned(),
+        ..route.clone()
+    };
+    assert_eq!(
+        LimiterConfig::from_route(&bad_key).unwrap_err(),
+        LimiterError::Key(KeyKindError::Unknown("cookie".to_owned()))
+    );
+
+    let metrics = RateLimitMetrics::new(&Registry::new());
+    let build = |config: LimiterConfig| Limiter::new("t", &config, &metrics).err();
+    assert_eq!(build(config.clone()), None);
+    assert_eq!(
+        build(LimiterConfig {
+            burst: Some(0),
+            ..config.clone()
+        }),
+        Some(LimiterError::ZeroBurst)
+    );
+    assert_eq!(
+        build(LimiterConfig {
+            rate: Rate {
+                count: u32::MAX,
+                per: Duration::from_secs(1)
+            },
+            ..config.clone()
+        }),
+        Some(LimiterError::RateTooFast {
+            count: u32::MAX,
+            per: Duration::from_secs(1)
+        })
+    );
+    assert_eq!(
+        build(LimiterConfig {
+            rate: rate("1/d"),
+            burst: Some(10_000),
+            ..config.clone()
+        }),
+        Some(LimiterError::WindowTooLong { burst: 10_000 })
+    );
+    assert_eq!(
+        build(LimiterConfig {
+            max_keys: 0,
+            ..config.clone()
+        }),
+        Some(LimiterError::ZeroMaxKeys)
+    );
+}
+
+/// The memory a tracked key costs. Run alone, so other tests do not move the RSS:
+/// `cargo test --lib ratelimit::tests::memory_per_key -- --ignored --nocapture`
+#[test]
+#[ignore = "measures process RSS; run alone"]
+#[allow(clippy::print_stdout)] // The figure is this test's output.
+fn memory_per_key() {
+    const KEYS: u32 = 1_000_000;
+    let metrics = RateLimitMetrics::new(&Registry::new());
+    let limiter = Limiter::new(
+        "memory",
+        &LimiterConfig {
+            max_keys: 2 * KEYS as usize,
+            ..config("1/s", 10)
+        },
+        &metrics,
+    )
+    .unwrap();
+    let before = resident_bytes();
+    for n in 0..KEYS {
+        limiter.check(ip(n));
+    }
+    let after = resident_bytes();
+    assert_eq!(limiter.buckets.table.len(), KEYS as usize);
+    let per_key = (after - before) as f64 / f64::from(KEYS);
+    println!(
+        "{KEYS} keys: RSS grew {:.1} MiB, {per_key:.1} bytes per key",
+        (after - before) as f64 / (1 << 20) as f64
+    );
+    assert!(per_key < 100.0, "{per_key} bytes per key");
+}
+
+fn resident_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4096
 }
