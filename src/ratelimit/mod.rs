@@ -1,6 +1,7 @@
 //! Rate limiting for the gateway's routes, the api listener and queues: keyed GCRA
-//! limiters (governor) with a hard cap on tracked keys, a login mode that counts only
-//! failures, and the IETF `RateLimit` header fields.
+//! limiters (governor) with a hard cap on tracked keys, a penalty box for keys that keep
+//! exceeding, a login mode that counts only failures, and the IETF `RateLimit` header
+//! fields.
 //!
 //! Not here: choosing the client address (the gateway applies its trusted proxies and
 //! passes an `IpAddr`), answering HTTP (callers get a [`Decision`] and write its header
@@ -13,21 +14,23 @@
 //!   `RateLimit` and, on a rejection, `Retry-After` on the response.
 //! - Login mode, where only failed attempts count (a login route should not lock out a
 //!   user who logs in often): [`Limiter::peek`] before forwarding, which rejects a key
-//!   that has no capacity left without using any. When the upstream answers with a
-//!   status of 400 or more, [`Limiter::record_failure`] uses one unit, and its decision
-//!   is the one whose header fields go on that response; on success the peek's decision
-//!   goes on it. Concurrent attempts that all passed the peek can take a key past its
-//!   limit by their number; the next peek rejects it.
+//!   that has no capacity left or is banned without using any. When the upstream answers
+//!   with a status of 400 or more, [`Limiter::record_failure`] uses one unit, and its
+//!   decision is the one whose header fields go on that response; on success the
+//!   peek's decision goes on it. Concurrent attempts that all passed the peek can take
+//!   a key past its limit by their number; the next peek rejects it.
 //!
-//! Memory is bounded per limiter: at most `max_keys` buckets. [`Limiter::sweep`], which
-//! the app calls on a timer, drops buckets that refilled. When the table is full and a
-//! new key arrives, the limiter sweeps first (at most once a second); if it is still
-//! full, the new key shares one overflow bucket with every other key that did not fit,
-//! so a flood of fresh addresses degrades into one shared limit instead of growing
+//! Memory is bounded per limiter: at most `max_keys` buckets and `max_keys` penalty
+//! records. [`Limiter::sweep`], which the app calls on a timer, drops buckets that
+//! refilled and penalty records with nothing left to remember. When the table is full
+//! and a new key arrives, the limiter sweeps first (at most once a second); if it is
+//! still full, the new key shares one overflow bucket with every other key that did not
+//! fit, so a flood of fresh addresses degrades into one shared limit instead of growing
 //! memory.
 
 mod key;
 mod metrics;
+mod penalty;
 mod store;
 mod table;
 #[cfg(test)]
@@ -47,11 +50,13 @@ use crate::config::{Rate, RouteRateLimitConfig};
 
 pub use key::{Key, KeyKind, KeyKindError};
 pub use metrics::RateLimitMetrics;
+pub use penalty::PenaltyPolicy;
 
 use metrics::LimiterMetrics;
+use penalty::PenaltyBox;
 use store::{BoundedStore, Buckets, Probe};
 
-/// Buckets one limiter tracks unless configured otherwise: a few
+/// Buckets (and penalty records) one limiter tracks unless configured otherwise: a few
 /// MiB of buckets (about 50 bytes a key, measured at a million keys).
 pub const DEFAULT_MAX_KEYS: usize = 100_000;
 
@@ -79,6 +84,8 @@ pub enum LimiterError {
     WindowTooLong { burst: u32 },
     #[error("max_keys must be at least 1")]
     ZeroMaxKeys,
+    #[error("penalty: {0}")]
+    Penalty(&'static str),
 }
 
 /// What one limiter enforces. `rate` is the sustained rate; `burst` how many requests a
@@ -90,6 +97,7 @@ pub struct LimiterConfig {
     pub rate: Rate,
     pub burst: Option<u32>,
     pub max_keys: usize,
+    pub penalty: Option<PenaltyPolicy>,
 }
 
 impl LimiterConfig {
@@ -99,6 +107,7 @@ impl LimiterConfig {
             rate,
             burst: None,
             max_keys: DEFAULT_MAX_KEYS,
+            penalty: None,
         }
     }
 
@@ -120,7 +129,7 @@ pub struct Decision {
     /// Requests the key may still make right now.
     pub remaining: u32,
     /// With quota remaining: until the bucket is full again. With none: until the next
-    /// request will be admitted.
+    /// request will be admitted (for a ban, until it ends).
     pub reset: Duration,
     /// On a rejection, how long until a retry can succeed.
     pub retry_after: Option<Duration>,
@@ -131,6 +140,8 @@ pub enum Outcome {
     Allowed,
     /// Out of quota.
     Limited,
+    /// In the penalty box.
+    Banned,
 }
 
 impl Decision {
@@ -156,6 +167,7 @@ pub struct Limiter<C: Clock = DefaultClock> {
     sf_name: Box<str>,
     /// `RateLimit-Policy` never changes for a limiter, so it is rendered once.
     policy: HeaderValue,
+    penalty: Option<PenaltyBox>,
     /// Nanoseconds since start of the last sweep a full table forced; [`NEVER`] before.
     last_forced_sweep: AtomicU64,
     metrics: LimiterMetrics,
@@ -196,6 +208,9 @@ impl<C: Clock> Limiter<C> {
         if config.max_keys == 0 {
             return Err(LimiterError::ZeroMaxKeys);
         }
+        if let Some(policy) = &config.penalty {
+            check_penalty(policy)?;
+        }
 
         let metrics = metrics.for_limiter(name);
         let buckets = Arc::new(Buckets::new(
@@ -203,6 +218,15 @@ impl<C: Clock> Limiter<C> {
             metrics.bucket_keys.clone(),
             metrics.bucket_overflow.clone(),
         ));
+        let penalty = config.penalty.map(|policy| {
+            PenaltyBox::new(
+                &policy,
+                config.max_keys,
+                metrics.penalty_keys.clone(),
+                metrics.penalty_overflow.clone(),
+                metrics.bans.clone(),
+            )
+        });
         let sf_name = sf_string(name);
         let policy = header_value(format!(
             "{sf_name};q={limit};w={}",
@@ -224,6 +248,7 @@ impl<C: Clock> Limiter<C> {
             interval: nanos(interval),
             sf_name: sf_name.into(),
             policy,
+            penalty,
             last_forced_sweep: AtomicU64::new(NEVER),
             metrics,
         })
@@ -243,8 +268,8 @@ impl<C: Clock> Limiter<C> {
         self.decide(key, true)
     }
 
-    /// Login mode, before the request: rejects a key that has no capacity left, and uses
-    /// nothing.
+    /// Login mode, before the request: rejects a key that has no capacity left or is
+    /// banned, and uses nothing.
     pub fn peek(&self, key: Key) -> Decision {
         self.decide(key, false)
     }
@@ -255,10 +280,14 @@ impl<C: Clock> Limiter<C> {
     }
 
     /// Drops buckets that have refilled (they are indistinguishable from new ones) and
-    /// gives memory back from a table that emptied. Holds one shard's lock at a time.
+    /// penalty records with nothing left to remember, and gives memory back from tables
+    /// that emptied. Holds one shard's lock at a time.
     pub fn sweep(&self) {
         self.gcra.retain_recent();
         self.gcra.shrink_to_fit();
+        if let Some(penalty) = &self.penalty {
+            penalty.sweep(self.now());
+        }
     }
 
     /// Writes `RateLimit-Policy`, `RateLimit` and, for a rejection, `Retry-After`,
@@ -303,6 +332,12 @@ impl<C: Clock> Limiter<C> {
 
     fn decide(&self, key: Key, consume: bool) -> Decision {
         let now = self.now();
+        if let Some(penalty) = &self.penalty
+            && let Some(left) = penalty.ban_left(&key, now)
+        {
+            self.metrics.rejected_banned.inc();
+            return self.banned(left);
+        }
         if self.buckets.table.is_full() && !self.buckets.table.shard(&key).contains_key(&key) {
             self.sweep_if_due(now);
         }
@@ -313,6 +348,14 @@ impl<C: Clock> Limiter<C> {
             return self.decision_at(Outcome::Allowed, tat, now);
         }
         self.metrics.rejected_limit.inc();
+        if let Some(penalty) = &self.penalty {
+            if penalty.is_full() {
+                self.sweep_if_due(now);
+            }
+            if let Some(ban) = penalty.strike(&key, now) {
+                return self.banned(ban);
+            }
+        }
         self.decision_at(Outcome::Limited, tat, now)
     }
 
@@ -338,6 +381,17 @@ impl<C: Clock> Limiter<C> {
         }
     }
 
+    fn banned(&self, left: u64) -> Decision {
+        let left = Duration::from_nanos(left);
+        Decision {
+            outcome: Outcome::Banned,
+            limit: self.limit,
+            remaining: 0,
+            reset: left,
+            retry_after: Some(left),
+        }
+    }
+
     fn sweep_if_due(&self, now: u64) {
         let last = self.last_forced_sweep.load(Ordering::Acquire);
         if last != NEVER && now.saturating_sub(last) < FORCED_SWEEP_GAP {
@@ -352,6 +406,26 @@ impl<C: Clock> Limiter<C> {
             self.sweep();
         }
     }
+}
+
+fn check_penalty(policy: &PenaltyPolicy) -> Result<(), LimiterError> {
+    if policy.after == 0 {
+        return Err(LimiterError::Penalty("after must be at least 1"));
+    }
+    if policy.within.is_zero() || policy.ban.is_zero() {
+        return Err(LimiterError::Penalty(
+            "within and ban must be longer than 0",
+        ));
+    }
+    if policy.max_ban < policy.ban {
+        return Err(LimiterError::Penalty("max_ban must be at least ban"));
+    }
+    if policy.max_ban > MAX_WINDOW || policy.within > MAX_WINDOW {
+        return Err(LimiterError::Penalty(
+            "max_ban and within must be at most ten years",
+        ));
+    }
+    Ok(())
 }
 
 const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");

@@ -262,6 +262,92 @@ fn sweep_drops_idle_keys_and_keeps_busy_ones() {
 }
 
 #[test]
+fn the_penalty_box_bans_longer_each_time_and_forgets() {
+    let (limiter, clock) = fake_limiter(
+        "api",
+        &LimiterConfig {
+            penalty: Some(PenaltyPolicy {
+                after: 2,
+                within: secs(10),
+                ban: secs(10),
+                max_ban: secs(25),
+            }),
+            ..config("1/s", 1)
+        },
+    );
+    let key = ip(7);
+    // Uses the bucket, then offends twice: the second rejection starts a ban.
+    let offend = |expected_ban: Duration| {
+        assert!(limiter.check(key).is_allowed());
+        assert_eq!(limiter.check(key).outcome, Outcome::Limited);
+        let banned = limiter.check(key);
+        assert_eq!(banned.outcome, Outcome::Banned);
+        assert_eq!(banned.retry_after, Some(expected_ban));
+        assert_eq!(banned.reset, expected_ban);
+        assert_eq!(banned.remaining, 0);
+    };
+
+    offend(secs(10));
+    assert_eq!(limiter.metrics.bans.get(), 1);
+    clock.advance(secs(4));
+    let during = limiter.check(key);
+    assert_eq!(during.outcome, Outcome::Banned);
+    assert_eq!(
+        during.retry_after,
+        Some(secs(6)),
+        "Retry-After is what is left of the ban"
+    );
+    assert_eq!(limiter.metrics.rejected_banned.get(), 1);
+    assert!(
+        limiter.check(ip(8)).is_allowed(),
+        "other keys are not affected"
+    );
+
+    clock.advance(secs(6));
+    offend(secs(20));
+    clock.advance(secs(20));
+    offend(secs(25)); // 40 s, capped at max_ban
+    assert_eq!(limiter.metrics.bans.get(), 3);
+
+    // The ban ended at 55 s; the record stays max_ban longer to remember the count.
+    clock.advance(secs(30));
+    limiter.sweep();
+    assert_eq!(limiter.metrics.penalty_keys.get(), 1);
+    clock.advance(secs(21));
+    limiter.sweep();
+    assert_eq!(limiter.metrics.penalty_keys.get(), 0, "expired ban dropped");
+    offend(secs(10));
+}
+
+#[test]
+fn strikes_outside_the_window_do_not_add_up() {
+    let (limiter, clock) = fake_limiter(
+        "api",
+        &LimiterConfig {
+            penalty: Some(PenaltyPolicy {
+                after: 2,
+                within: secs(5),
+                ban: secs(60),
+                max_ban: secs(60),
+            }),
+            ..config("1/m", 1)
+        },
+    );
+    limiter.check(ip(1));
+    assert_eq!(limiter.check(ip(1)).outcome, Outcome::Limited);
+    clock.advance(secs(6));
+    assert_eq!(limiter.check(ip(1)).outcome, Outcome::Limited);
+    clock.advance(secs(1));
+    assert_eq!(limiter.check(ip(1)).outcome, Outcome::Banned);
+    // Idle past the window and with no ban behind them, strike records go at a sweep.
+    limiter.check(ip(2));
+    limiter.check(ip(2));
+    clock.advance(secs(6));
+    limiter.sweep();
+    assert_eq!(limiter.metrics.penalty_keys.get(), 1, "only the banned key");
+}
+
+#[test]
 fn login_mode_counts_only_failures() {
     // Three failures per key, one back every 12 s.
     let (limiter, clock) = fake_limiter("login", &config("5/m", 3));
@@ -442,6 +528,29 @@ fn configuration_is_checked() {
             ..config.clone()
         }),
         Some(LimiterError::ZeroMaxKeys)
+    );
+    let penalty = PenaltyPolicy {
+        after: 3,
+        within: secs(10),
+        ban: secs(60),
+        max_ban: secs(30),
+    };
+    assert_eq!(
+        build(LimiterConfig {
+            penalty: Some(penalty),
+            ..config.clone()
+        }),
+        Some(LimiterError::Penalty("max_ban must be at least ban"))
+    );
+    assert_eq!(
+        build(LimiterConfig {
+            penalty: Some(PenaltyPolicy {
+                after: 0,
+                ..penalty
+            }),
+            ..config
+        }),
+        Some(LimiterError::Penalty("after must be at least 1"))
     );
 }
 
