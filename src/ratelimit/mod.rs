@@ -21,16 +21,17 @@
 //!   a key past its limit by their number; the next peek rejects it.
 //!
 //! Memory is bounded per limiter: at most `max_keys` buckets and `max_keys` penalty
-//! records. [`Limiter::sweep`], which the app calls on a timer, drops buckets that
-//! refilled and penalty records with nothing left to remember. When the table is full
-//! and a new key arrives, the limiter sweeps first (at most once a second); if it is
-//! still full, the new key shares one overflow bucket with every other key that did not
-//! fit, so a flood of fresh addresses degrades into one shared limit instead of growing
-//! memory.
+//! records. [`Limiter::sweep`] (the app calls [`RateLimits::sweep_all`] on a timer)
+//! drops buckets that refilled and penalty records with nothing left to remember. When
+//! the table is full and a new key arrives, the limiter sweeps first (at most once a
+//! second); if it is still full, the new key shares one overflow bucket with every
+//! other key that did not fit, so a flood of fresh addresses degrades into one shared
+//! limit instead of growing memory.
 
 mod key;
 mod metrics;
 mod penalty;
+mod registry;
 mod store;
 mod table;
 #[cfg(test)]
@@ -51,6 +52,7 @@ use crate::config::{Rate, RouteRateLimitConfig};
 pub use key::{Key, KeyKind, KeyKindError};
 pub use metrics::RateLimitMetrics;
 pub use penalty::PenaltyPolicy;
+pub use registry::RateLimits;
 
 use metrics::LimiterMetrics;
 use penalty::PenaltyBox;

@@ -7,6 +7,7 @@ use governor::clock::FakeRelativeClock;
 use hyper::HeaderMap;
 use hyper::header::{HeaderValue, RETRY_AFTER};
 use prometheus::Registry;
+use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::config::RouteRateLimitConfig;
@@ -552,6 +553,62 @@ fn configuration_is_checked() {
         }),
         Some(LimiterError::Penalty("after must be at least 1"))
     );
+}
+
+#[test]
+fn the_registry_sweeps_every_limiter() {
+    let clock = FakeRelativeClock::default();
+    let metrics = RateLimitMetrics::new(&Registry::new());
+    let limits = RateLimits::new();
+    for name in ["api", "/shop"] {
+        limits.insert(
+            Limiter::with_clock(name, &config("10/s", 10), &metrics, clock.clone()).unwrap(),
+        );
+    }
+    let api = limits.get("api").unwrap();
+    let shop = limits.get("/shop").unwrap();
+    assert!(limits.get("queue").is_none());
+    api.check(ip(1));
+    shop.check(ip(2));
+    clock.advance(secs(2));
+    limits.sweep_all();
+    assert_eq!(api.buckets.table.len(), 0);
+    assert_eq!(shop.buckets.table.len(), 0);
+
+    assert!(limits.remove("api").is_some());
+    assert!(limits.get("api").is_none());
+}
+
+#[tokio::test]
+async fn the_sweeper_sweeps_until_shutdown() {
+    let clock = FakeRelativeClock::default();
+    let limits = RateLimits::new();
+    let limiter = limits.insert(
+        Limiter::with_clock(
+            "api",
+            &config("10/s", 10),
+            &RateLimitMetrics::new(&Registry::new()),
+            clock.clone(),
+        )
+        .unwrap(),
+    );
+    limiter.check(ip(1));
+    clock.advance(secs(2));
+    let shutdown = CancellationToken::new();
+    let sweeper = limits.spawn_sweeper(ms(5), shutdown.clone());
+    let deadline = tokio::time::Instant::now() + secs(5);
+    while limiter.buckets.table.len() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the sweeper never swept"
+        );
+        tokio::time::sleep(ms(5)).await;
+    }
+    shutdown.cancel();
+    tokio::time::timeout(secs(5), sweeper)
+        .await
+        .expect("the sweeper stops on shutdown")
+        .unwrap();
 }
 
 /// The memory a tracked key costs. Run alone, so other tests do not move the RSS:
