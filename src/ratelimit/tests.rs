@@ -468,6 +468,7 @@ fn ipv6_clients_count_by_their_64() {
         Key::ip(mapped.into()),
         Key::ip(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)))
     );
+    assert_eq!(std::mem::size_of::<Key>(), 16, "what a tracked key costs");
 }
 
 #[test]
