@@ -59,6 +59,7 @@ pub fn open_queue_store(
         QueueBackend::Redb => {
             let store = RedbQueueStore::open(
                 storage.queue_db.clone(),
+                &storage.data_dir.path().join("queue.redb"),
                 clock,
                 wakeups,
                 metrics,

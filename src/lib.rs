@@ -28,4 +28,5 @@ pub mod observe;
 pub mod queue;
 pub mod ratelimit;
 pub mod resp;
+pub mod sql;
 pub mod storage;

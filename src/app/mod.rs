@@ -6,6 +6,7 @@
 //! `/healthz` answers and `/readyz` says "starting"), and on shutdown listeners stop
 //! before storage closes (no request can reach a closed database).
 
+mod backup;
 mod reload;
 mod systemd;
 
@@ -18,17 +19,24 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+pub use backup::{BACKUP_FILES, Backup, BackupError, BackupReport};
+
 use crate::auth::Authenticator;
 use crate::backends::{self, BackendError};
 use crate::cache::loader::Namespaces;
 use crate::cache::warm::CacheWarm;
 use crate::cache::{Cache, CacheMetrics, Limits};
-use crate::config::{Config, ConfigSources};
+use crate::config::{
+    Config, ConfigSources, QueueConfig, QueueDefinition, ScheduleConfig, SqlConfig,
+};
 use crate::http::{self, ApiState, Services};
 use crate::listener::{HttpOptions, Listener, ListenerError, serve_http};
 use crate::observe::{BuildInfo, DependencyState, LogHandle, Metrics, Readiness};
 use crate::queue::{Clock, ProcessorRegistry, Queue, QueueMetrics, SystemClock, Wakeups};
 use crate::resp::{ParseLimits, RespContext, RespMetrics, serve_resp};
+use crate::sql::{
+    MaintenanceProcessor, QueryLoader, Settings as SqliteSettings, Sql, SqlMetrics, SqliteBackend,
+};
 use crate::storage::{Storage, StorageError};
 
 /// Opens the queue store, syncs schedules and starts the queue's background work.
@@ -37,8 +45,10 @@ async fn start_queue(
     storage: &Storage,
     metrics: &Metrics,
     namespaces: &Namespaces,
+    sql: &Sql,
     shutdown: &CancellationToken,
 ) -> Result<Queue, AppError> {
+    let queue_config = with_builtin_jobs(&config.queue, &config.sql);
     let queue_metrics = QueueMetrics::new(metrics.registry());
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let wakeups = Arc::new(Wakeups::default());
@@ -54,7 +64,7 @@ async fn start_queue(
         clock,
         wakeups,
         queue_metrics,
-        &config.queue,
+        &queue_config,
         shutdown.clone(),
     );
     let mut processors = ProcessorRegistry::with_builtins(&queue);
@@ -67,12 +77,89 @@ async fn start_queue(
             as Arc<dyn crate::queue::Processor>),
         _ => None,
     });
+    let maintained = sql.clone();
+    processors.register("sql.maintenance", move |_| {
+        Some(Arc::new(MaintenanceProcessor {
+            sql: maintained.clone(),
+        }) as Arc<dyn crate::queue::Processor>)
+    });
     queue
-        .start(&config.queue, &processors)
+        .start(&queue_config, &processors)
         .await
         .map_err(|error| AppError::Runtime(format!("queue: {error}")))?;
     tracing::info!(backend = queue.store().kind(), "queue ready");
     Ok(queue)
+}
+
+/// The queue configuration plus keel's own recurring jobs: the nightly SQL maintenance
+/// (its queue and schedule are added unless `sql.maintenance_cron = ""`).
+fn with_builtin_jobs(queue: &QueueConfig, sql: &SqlConfig) -> QueueConfig {
+    let mut queue = queue.clone();
+    if sql.maintenance_cron.is_empty() {
+        return queue;
+    }
+    queue
+        .queues
+        .entry(SQL_MAINTENANCE_QUEUE.to_owned())
+        .or_insert_with(|| QueueDefinition {
+            processor: Some(crate::config::Processor::SqlMaintenance {}),
+            ..QueueDefinition::default()
+        });
+    if !queue
+        .schedules
+        .iter()
+        .any(|schedule| schedule.name.as_deref() == Some(SQL_MAINTENANCE_QUEUE))
+    {
+        queue.schedules.push(ScheduleConfig {
+            name: Some(SQL_MAINTENANCE_QUEUE.to_owned()),
+            queue: Some(SQL_MAINTENANCE_QUEUE.to_owned()),
+            cron: Some(sql.maintenance_cron.clone()),
+            timezone: "UTC".to_owned(),
+            job: None,
+            payload: None,
+            catch_up: crate::config::CatchUp::One,
+        });
+    }
+    queue
+}
+
+/// The queue and schedule of the built-in SQL maintenance job.
+pub const SQL_MAINTENANCE_QUEUE: &str = "keel.sql.maintenance";
+
+/// Applies the site's migrations, then opens the SQL backend on `data.sqlite`.
+async fn open_sql(
+    config: &Config,
+    storage: &Storage,
+    metrics: &Metrics,
+    cache: &Cache,
+) -> Result<Sql, AppError> {
+    let path = storage.data_sqlite_path.clone();
+    let sql_config = config.sql.clone();
+    let sql_metrics = SqlMetrics::new(metrics.registry());
+    let backend_metrics = sql_metrics.clone();
+    let backend = tokio::task::spawn_blocking(move || -> Result<SqliteBackend, AppError> {
+        if let Some(dir) = &sql_config.migrations_dir {
+            let migrations = crate::storage::migrations_in_dir(dir)?;
+            let mut connection = crate::storage::open_sqlite(&path)?;
+            crate::storage::apply_migrations(&mut connection, &path, &migrations)?;
+            tracing::info!(dir = %dir.display(), count = migrations.len(), "sql migrations applied");
+        }
+        SqliteBackend::open(
+            SqliteSettings {
+                path,
+                readers: sql_config.readers as usize,
+                synchronous: sql_config.synchronous,
+                busy_timeout: sql_config.busy_timeout.0,
+            },
+            backend_metrics,
+        )
+        .map_err(|error| AppError::Runtime(format!("sql: {error}")))
+    })
+    .await
+    .map_err(|panic| AppError::Runtime(format!("opening SQL panicked: {panic}")))??;
+    let sql = Sql::new(backend, &config.sql, Some(cache.clone()), sql_metrics);
+    tracing::info!(readers = config.sql.readers, queries = ?sql.query_names(), "sql ready");
+    Ok(sql)
 }
 
 /// Why `keel serve` stopped with an error; the CLI maps each to an exit code.
@@ -223,9 +310,33 @@ pub async fn run(config: Config, launch: Launch) -> Result<(), AppError> {
     if let Err(error) = cache.trust_l1_if_l2_is_empty().await {
         tracing::warn!(%error, "cannot count L2 keys; every L1 miss will read L2");
     }
-    let namespaces = Namespaces::new(cache.clone(), &config.cache, HashMap::new(), cache_metrics);
+    let sql = match open_sql(&config, &storage, &metrics, &cache).await {
+        Ok(sql) => sql,
+        Err(error) => {
+            readiness.set("storage", DependencyState::Failed(error.to_string()));
+            stop_servers(&shutdown, &mut servers).await;
+            cache.close().await;
+            return Err(error);
+        }
+    };
+    let query_loaders = config
+        .cache
+        .namespaces
+        .iter()
+        .filter_map(|(name, namespace)| match &namespace.loader {
+            Some(crate::config::Loader::Query(query)) => Some((
+                name.clone(),
+                Arc::new(QueryLoader {
+                    sql: sql.clone(),
+                    query: query.clone(),
+                }) as Arc<dyn crate::cache::loader::Loader>,
+            )),
+            _ => None,
+        })
+        .collect::<HashMap<_, _>>();
+    let namespaces = Namespaces::new(cache.clone(), &config.cache, query_loaders, cache_metrics);
     tracing::info!(l1_max_bytes = config.cache.l1_max_bytes.0, namespaces = ?namespaces.names(), "cache ready");
-    let queue = match start_queue(&config, &storage, &metrics, &namespaces, &shutdown).await {
+    let queue = match start_queue(&config, &storage, &metrics, &namespaces, &sql, &shutdown).await {
         Ok(queue) => queue,
         Err(error) => {
             readiness.set("storage", DependencyState::Failed(error.to_string()));
@@ -237,7 +348,13 @@ pub async fn run(config: Config, launch: Launch) -> Result<(), AppError> {
     let _ = services.set(Services {
         cache: cache.clone(),
         namespaces,
+        backup: Backup {
+            meta: storage.meta.clone(),
+            sql: sql.clone(),
+            queue: queue.clone(),
+        },
         queue,
+        sql,
     });
 
     let resp_config = &config.listeners.resp;

@@ -38,6 +38,39 @@ enum Command {
     CheckConfig(ConfigArgs),
     /// Run keel with a fresh temporary data directory and print where to look.
     Demo(DemoArgs),
+    /// Apply the site's SQL migrations (`sql.migrations_dir`), or show their state.
+    Migrate(MigrateArgs),
+    /// Ask the running keel for a consistent backup of its databases into DIR.
+    Backup(BackupArgs),
+    /// Put a backup in place in the data directory; keel must be stopped.
+    Restore(RestoreArgs),
+}
+
+#[derive(Debug, Args)]
+struct MigrateArgs {
+    /// Only list each migration and whether it is applied, pending or changed.
+    #[arg(long)]
+    status: bool,
+    #[command(flatten)]
+    config: ConfigArgs,
+}
+
+#[derive(Debug, Args)]
+struct BackupArgs {
+    /// Directory to write (absolute, empty or absent) on the machine keel runs on.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    #[command(flatten)]
+    config: ConfigArgs,
+}
+
+#[derive(Debug, Args)]
+struct RestoreArgs {
+    /// A directory written by `keel backup`.
+    #[arg(long, value_name = "DIR")]
+    from: PathBuf,
+    #[command(flatten)]
+    config: ConfigArgs,
 }
 
 #[derive(Debug, Args)]
@@ -104,7 +137,179 @@ pub fn main() -> ExitCode {
             }
         }
         Command::Demo(args) => demo(&args),
+        Command::Migrate(args) => with_config(&args.config, |config| migrate(&config, args.status)),
+        Command::Backup(args) => with_config(&args.config, |config| backup(&config, &args.out)),
+        Command::Restore(args) => with_config(&args.config, |config| restore(&config, &args.from)),
     }
+}
+
+fn with_config(args: &ConfigArgs, run: impl FnOnce(Config) -> ExitCode) -> ExitCode {
+    match config::load(&args.sources()) {
+        Ok(config) => run(config),
+        Err(errors) => config_failure(&errors),
+    }
+}
+
+fn migrate(config: &Config, status_only: bool) -> ExitCode {
+    use crate::storage::{self, MigrationState};
+    let Some(dir) = &config.sql.migrations_dir else {
+        eprintln!("keel: sql.migrations_dir is not set; there is nothing to migrate");
+        return ExitCode::from(2);
+    };
+    let outcome = (|| -> Result<Vec<(u32, String, MigrationState)>, String> {
+        let migrations = storage::migrations_in_dir(dir).map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| format!("{}: {e}", config.data_dir.display()))?;
+        let path = storage::sqlite_path(&config.data_dir, config.sql.url.expose())
+            .map_err(|e| e.to_string())?;
+        let mut connection = storage::open_sqlite(&path).map_err(|e| e.to_string())?;
+        if !status_only {
+            storage::apply_migrations(&mut connection, &path, &migrations)
+                .map_err(|e| e.to_string())?;
+        }
+        storage::migration_status(&connection, &migrations).map_err(|e| e.to_string())
+    })();
+    match outcome {
+        Ok(status) => {
+            for (version, name, state) in &status {
+                let state = match state {
+                    MigrationState::Applied => "applied",
+                    MigrationState::Pending => "pending",
+                    MigrationState::Changed => "CHANGED since it was applied",
+                    MigrationState::Missing => "applied, file missing",
+                };
+                println!("{version:04} {name:<40} {state}");
+            }
+            let problems = status.iter().any(|(_, _, state)| {
+                matches!(state, MigrationState::Changed | MigrationState::Missing)
+            });
+            if problems {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(error) => {
+            eprintln!("keel: {error}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Asks the running keel (the api listener of this configuration) for a backup.
+fn backup(config: &Config, out: &std::path::Path) -> ExitCode {
+    use std::io::{Read, Write};
+    let out = match std::path::absolute(out) {
+        Ok(path) => path,
+        Err(error) => {
+            eprintln!("keel: {}: {error}", out.display());
+            return ExitCode::from(2);
+        }
+    };
+    let api = &config.listeners.api;
+    if api.tls.is_some() {
+        eprintln!(
+            "keel: the api listener uses TLS; run: curl -X POST https://HOST/v1/admin/backup -d '{{\"dir\": \"{}\"}}'",
+            out.display()
+        );
+        return ExitCode::from(2);
+    }
+    let Some(mut addr) = api.bind.0 else {
+        eprintln!("keel: listeners.api.bind is empty; no keel to ask");
+        return ExitCode::from(2);
+    };
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let body = serde_json::json!({ "dir": out }).to_string();
+    let auth = config
+        .auth
+        .password
+        .as_ref()
+        .map(|secret| format!("Authorization: Bearer {}\r\n", secret.expose()))
+        .unwrap_or_default();
+    let request = format!(
+        "POST /v1/admin/backup HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let answer = (|| -> std::io::Result<String> {
+        let mut stream =
+            std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))?;
+        stream.write_all(request.as_bytes())?;
+        let mut raw = String::new();
+        stream.read_to_string(&mut raw)?;
+        Ok(raw)
+    })();
+    match answer {
+        Ok(raw) if raw.starts_with("HTTP/1.1 200") => {
+            println!("backup written to {}", out.display());
+            ExitCode::SUCCESS
+        }
+        Ok(raw) => {
+            let body = raw
+                .split_once("\r\n\r\n")
+                .map_or(raw.as_str(), |(_, body)| body);
+            eprintln!("keel: the backup failed: {body}");
+            ExitCode::from(1)
+        }
+        Err(error) => {
+            eprintln!("keel: cannot reach keel at {addr} ({error}); is it running?");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Copies a backup into the data directory. Holds the data directory's lock, so it
+/// refuses while a keel runs there.
+fn restore(config: &Config, from: &std::path::Path) -> ExitCode {
+    use crate::storage::{self, Storage};
+    let data_dir = match Storage::lock(config) {
+        Ok(dir) => dir,
+        Err(error) => {
+            eprintln!("keel: {error}");
+            return ExitCode::from(1);
+        }
+    };
+    for file in app::BACKUP_FILES {
+        if !from.join(file).is_file() {
+            eprintln!(
+                "keel: {} has no {file}; is it a keel backup?",
+                from.display()
+            );
+            return ExitCode::from(2);
+        }
+    }
+    let data_sqlite = match storage::sqlite_path(data_dir.path(), config.sql.url.expose()) {
+        Ok(path) => path,
+        Err(error) => {
+            eprintln!("keel: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let targets = [
+        ("data.sqlite", data_sqlite),
+        ("keel.sqlite", data_dir.path().join("keel.sqlite")),
+        ("queue.redb", data_dir.path().join("queue.redb")),
+    ];
+    for (file, target) in &targets {
+        // A WAL left from the old database must not be replayed onto the restored one.
+        for suffix in ["-wal", "-shm"] {
+            let mut side = target.clone().into_os_string();
+            side.push(suffix);
+            let _ = std::fs::remove_file(side);
+        }
+        let staged = target.with_extension("restoring");
+        if let Err(error) =
+            std::fs::copy(from.join(file), &staged).and_then(|_| std::fs::rename(&staged, target))
+        {
+            eprintln!("keel: restoring {file} to {}: {error}", target.display());
+            return ExitCode::from(1);
+        }
+        println!("restored {}", target.display());
+    }
+    let _ = std::fs::remove_file(data_dir.path().join("cache.redb"));
+    println!("the cache starts empty; start keel to use the restored data");
+    ExitCode::SUCCESS
 }
 
 /// Loads the configuration and checks what the config module cannot: that the

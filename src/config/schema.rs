@@ -472,6 +472,23 @@ pub struct SqlConfig {
     pub readers: u32,
     pub migrations_dir: Option<PathBuf>,
     pub queries: BTreeMap<String, NamedQueryConfig>,
+    /// `false` makes the API read-only: execute and batch are refused.
+    pub allow_writes: bool,
+    pub synchronous: SqlSynchronous,
+    /// How long a statement waits for a lock held by another process.
+    pub busy_timeout: Span,
+    /// A statement running longer is interrupted.
+    pub statement_timeout: Span,
+    /// Most rows one result holds.
+    pub max_rows: u64,
+    /// Most bytes (values, roughly) one result holds.
+    pub max_result_bytes: ByteSize,
+    /// Statements slower than this go to the slow-query log.
+    pub slow_query_ms: u64,
+    /// Distinct normalized statements tracked by the statistics.
+    pub stats_max_statements: u32,
+    /// When the `sql.maintenance` job runs; `""` disables the built-in schedule.
+    pub maintenance_cron: String,
 }
 
 impl Default for SqlConfig {
@@ -482,8 +499,28 @@ impl Default for SqlConfig {
             readers: 4,
             migrations_dir: None,
             queries: BTreeMap::new(),
+            allow_writes: true,
+            synchronous: SqlSynchronous::Full,
+            busy_timeout: Span(Duration::from_secs(5)),
+            statement_timeout: Span(Duration::from_secs(5)),
+            max_rows: 10_000,
+            max_result_bytes: ByteSize(16 << 20),
+            slow_query_ms: 200,
+            stats_max_statements: 1000,
+            maintenance_cron: "0 30 3 * * *".to_owned(),
         }
     }
+}
+
+/// SQLite's `synchronous` for the data database. `full`: a committed write survives a
+/// power cut. `normal` (WAL): it survives a crash of keel; a power cut can lose the
+/// last commits, never corrupt the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SqlSynchronous {
+    #[default]
+    Full,
+    Normal,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -456,6 +456,32 @@ fn check_sql(config: &Config, problem: &mut impl FnMut(&str, String)) {
             format!("{} must be between 1 and 256", sql.readers),
         );
     }
+    if sql.statement_timeout.0.is_zero() {
+        problem("sql.statement_timeout", "must be longer than 0".to_owned());
+    }
+    if sql.max_rows == 0 {
+        problem("sql.max_rows", "must be at least 1".to_owned());
+    }
+    if sql.max_result_bytes.0 == 0 {
+        problem("sql.max_result_bytes", "must be at least 1 byte".to_owned());
+    }
+    if !(1..=100_000).contains(&sql.stats_max_statements) {
+        problem(
+            "sql.stats_max_statements",
+            format!("{} must be between 1 and 100000", sql.stats_max_statements),
+        );
+    }
+    if !sql.maintenance_cron.is_empty()
+        && let Err(error) = parse_cron(&sql.maintenance_cron)
+    {
+        problem(
+            "sql.maintenance_cron",
+            format!(
+                "{:?}: {error} (six fields, seconds first)",
+                sql.maintenance_cron
+            ),
+        );
+    }
     for (name, query) in &sql.queries {
         if query
             .sql

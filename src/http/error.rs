@@ -12,6 +12,8 @@ pub struct ApiError {
     /// Stable, machine-readable: `not_found`, `payload_too_large`, ...
     pub code: &'static str,
     pub detail: String,
+    /// Extension members of the problem (RFC 9457 §3.2), e.g. SQLite's error code.
+    pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
 #[derive(Serialize)]
@@ -22,6 +24,8 @@ struct Problem<'a> {
     status: u16,
     detail: &'a str,
     code: &'a str,
+    #[serde(flatten)]
+    extra: &'a serde_json::Map<String, serde_json::Value>,
 }
 
 impl ApiError {
@@ -30,7 +34,14 @@ impl ApiError {
             status,
             code,
             detail: detail.into(),
+            extra: serde_json::Map::new(),
         }
+    }
+
+    /// Adds an extension member to the problem.
+    pub fn with(mut self, name: &str, value: impl Into<serde_json::Value>) -> Self {
+        self.extra.insert(name.to_owned(), value.into());
+        self
     }
 
     pub fn not_found(detail: impl Into<String>) -> Self {
@@ -60,6 +71,7 @@ impl IntoResponse for ApiError {
             status: self.status.as_u16(),
             detail: &self.detail,
             code: self.code,
+            extra: &self.extra,
         };
         let mut response = (self.status, Json(problem)).into_response();
         response.headers_mut().insert(
@@ -150,6 +162,62 @@ impl From<crate::queue::QueueError> for ApiError {
                     "the queue's storage is unavailable",
                 )
             }
+        }
+    }
+}
+
+impl From<crate::sql::SqlError> for ApiError {
+    fn from(error: crate::sql::SqlError) -> Self {
+        use crate::sql::SqlError;
+        let detail = error.to_string();
+        match error {
+            SqlError::BadParams(_) => ApiError::bad_request("bad_params", detail),
+            SqlError::NotReadOnly => ApiError::bad_request("not_read_only", detail),
+            SqlError::NotAllowed(_) => ApiError::new(StatusCode::FORBIDDEN, "not_allowed", detail),
+            SqlError::MultipleStatements => ApiError::bad_request("multiple_statements", detail),
+            SqlError::Timeout(_) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "statement_timeout",
+                detail,
+            ),
+            SqlError::TooManyRows(_) => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_many_rows", detail)
+            }
+            SqlError::ResultTooLarge(_) => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "result_too_large", detail)
+            }
+            SqlError::Sqlite { code, name, .. } => {
+                let (status, stable) = match code & 0xff {
+                    19 => (StatusCode::CONFLICT, "constraint_violation"),
+                    5 | 6 => (StatusCode::SERVICE_UNAVAILABLE, "database_busy"),
+                    20 | 25 => (StatusCode::BAD_REQUEST, "sql_error"),
+                    1 => (StatusCode::BAD_REQUEST, "sql_error"),
+                    8 => (StatusCode::FORBIDDEN, "read_only"),
+                    _ => (StatusCode::INTERNAL_SERVER_ERROR, "sqlite_error"),
+                };
+                ApiError::new(status, stable, detail)
+                    .with("sqlite_code", code)
+                    .with("sqlite_error", name)
+            }
+            SqlError::WritesDisabled => {
+                ApiError::new(StatusCode::FORBIDDEN, "writes_disabled", detail)
+            }
+            SqlError::UnknownQuery(_) => {
+                ApiError::new(StatusCode::NOT_FOUND, "unknown_query", detail)
+            }
+            SqlError::Batch {
+                index,
+                committed,
+                source,
+            } => {
+                let mut inner = ApiError::from(*source);
+                inner.detail = detail;
+                inner.with("index", index).with("committed", committed)
+            }
+            SqlError::Closed => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "sql_unavailable", detail)
+            }
+            SqlError::Internal(_) => ApiError::internal(detail),
         }
     }
 }

@@ -4,9 +4,11 @@
 //! Handlers turn requests into calls on subsystem handles and back; they hold no state
 //! of their own. Wire formats stop here: subsystems never see axum types.
 
+mod admin;
 mod cache;
 mod error;
 mod queue;
+mod sql;
 mod system;
 
 use std::sync::{Arc, OnceLock};
@@ -24,6 +26,7 @@ use crate::cache::loader::Namespaces;
 use crate::config::Config;
 use crate::observe::{Metrics, Readiness};
 use crate::queue::Queue;
+use crate::sql::Sql;
 
 pub use error::ApiError;
 
@@ -44,6 +47,8 @@ pub struct Services {
     pub cache: Cache,
     pub namespaces: Namespaces,
     pub queue: Queue,
+    pub sql: Sql,
+    pub backup: crate::app::Backup,
 }
 
 impl ApiState {
@@ -66,6 +71,8 @@ pub fn router(state: ApiState) -> Router {
         .merge(system::routes())
         .merge(cache::routes())
         .merge(queue::routes())
+        .merge(sql::routes())
+        .merge(admin::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))

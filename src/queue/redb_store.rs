@@ -55,11 +55,19 @@ const STEP_ROWS: usize = 2_000;
 const PAUSED: u8 = 1;
 
 type Op = Box<dyn FnOnce(&mut Tx<'_>) -> Deliver + Send>;
+
+/// What the writer thread is sent: a change for its next transaction, or work that
+/// must run between transactions with nothing in flight (a file copy for a backup).
+enum Work {
+    Change(Op),
+    Exclusive(Box<dyn FnOnce() + Send>),
+}
 type Deliver = Box<dyn FnOnce(Result<(), QueueError>) + Send>;
 
 pub struct RedbQueueStore {
     db: Arc<Database>,
-    ops: mpsc::Sender<Op>,
+    path: std::path::PathBuf,
+    ops: mpsc::Sender<Work>,
     clock: Arc<dyn Clock>,
 }
 
@@ -92,6 +100,7 @@ impl RedbQueueStore {
     /// Takes the opened `queue.redb`, creates missing tables and starts the writer.
     pub fn open(
         db: Arc<Database>,
+        path: &std::path::Path,
         clock: Arc<dyn Clock>,
         wakeups: Arc<Wakeups>,
         metrics: QueueMetrics,
@@ -101,7 +110,7 @@ impl RedbQueueStore {
         Tx::open(&txn, 0, &policies)?;
         txn.commit().map_err(storage)?;
 
-        let (ops, receiver) = mpsc::channel::<Op>(MAX_BATCH * 4);
+        let (ops, receiver) = mpsc::channel::<Work>(MAX_BATCH * 4);
         let writer = Writer {
             db: db.clone(),
             clock: clock.clone(),
@@ -113,7 +122,12 @@ impl RedbQueueStore {
             .name("keel-queue-writer".to_owned())
             .spawn(move || writer.run(receiver))
             .map_err(|e| storage(format!("cannot start the queue writer: {e}")))?;
-        Ok(RedbQueueStore { db, ops, clock })
+        Ok(RedbQueueStore {
+            db,
+            path: path.to_owned(),
+            ops,
+            clock,
+        })
     }
 
     /// Runs `change` in the writer's next transaction; answers after the commit.
@@ -131,7 +145,10 @@ impl RedbQueueStore {
                 let _ = reply.send(committed.and(outcome));
             })
         });
-        self.ops.send(op).await.map_err(|_| QueueError::Closed)?;
+        self.ops
+            .send(Work::Change(op))
+            .await
+            .map_err(|_| QueueError::Closed)?;
         answer.await.map_err(|_| QueueError::Closed)?
     }
 
@@ -154,17 +171,27 @@ struct Writer {
 }
 
 impl Writer {
-    fn run(self, mut receiver: mpsc::Receiver<Op>) {
+    fn run(self, mut receiver: mpsc::Receiver<Work>) {
         let mut batch = Vec::with_capacity(MAX_BATCH);
+        let mut exclusive = None;
         while let Some(first) = receiver.blocking_recv() {
-            batch.push(first);
-            while batch.len() < MAX_BATCH {
+            match first {
+                Work::Change(op) => batch.push(op),
+                Work::Exclusive(work) => exclusive = Some(work),
+            }
+            while exclusive.is_none() && batch.len() < MAX_BATCH {
                 match receiver.try_recv() {
-                    Ok(op) => batch.push(op),
+                    Ok(Work::Change(op)) => batch.push(op),
+                    Ok(Work::Exclusive(work)) => exclusive = Some(work),
                     Err(_) => break,
                 }
             }
-            self.commit(&mut batch);
+            if !batch.is_empty() {
+                self.commit(&mut batch);
+            }
+            if let Some(work) = exclusive.take() {
+                work();
+            }
         }
     }
 
@@ -1146,9 +1173,31 @@ impl QueueStore for RedbQueueStore {
         self.submit(move |tx| tx.fire_schedule(&name, tick, job))
             .await
     }
+
+    async fn backup(&self, destination: &std::path::Path) -> Result<(), QueueError> {
+        self.backup_to(destination).await
+    }
 }
 
 impl RedbQueueStore {
+    /// Copies the file to `destination` between two commits: every acknowledged change
+    /// is in the copy and no commit is half in it.
+    pub async fn backup_to(&self, destination: &std::path::Path) -> Result<(), QueueError> {
+        let (reply, answer) = oneshot::channel();
+        let (source, destination) = (self.path.clone(), destination.to_owned());
+        let work = Box::new(move || {
+            let _ = reply.send(std::fs::copy(&source, &destination).map(|_| ()));
+        });
+        self.ops
+            .send(Work::Exclusive(work))
+            .await
+            .map_err(|_| QueueError::Closed)?;
+        answer
+            .await
+            .map_err(|_| QueueError::Closed)?
+            .map_err(|error| storage(format!("cannot copy the queue file: {error}")))
+    }
+
     /// The store's clock (the handle and the store must agree on "now").
     pub fn clock(&self) -> &Arc<dyn Clock> {
         &self.clock

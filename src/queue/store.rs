@@ -202,4 +202,8 @@ pub trait QueueStore: Send + Sync + 'static {
         tick: Millis,
         job: Option<NewJob>,
     ) -> Result<Option<Enqueued>, QueueError>;
+
+    /// Writes a consistent copy of the store's file (embedded stores; external ones
+    /// are backed up by their own tools and answer `Invalid`).
+    async fn backup(&self, destination: &std::path::Path) -> Result<(), QueueError>;
 }

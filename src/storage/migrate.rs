@@ -219,3 +219,92 @@ mod tests {
         assert!(Migration::from_file_name("README.md", String::new()).is_none());
     }
 }
+
+/// The site's migrations: every `.sql` file of `dir`, in version order.
+pub fn migrations_in_dir(dir: &Path) -> Result<Vec<Migration>, StorageError> {
+    let unreadable = |source| StorageError::MigrationsDir {
+        path: dir.to_owned(),
+        source,
+    };
+    let mut migrations = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(unreadable)? {
+        let entry = entry.map_err(unreadable)?;
+        let file_name = entry.file_name().to_string_lossy().into_owned();
+        if !file_name.ends_with(".sql") {
+            continue;
+        }
+        let sql = std::fs::read_to_string(entry.path()).map_err(unreadable)?;
+        let migration = Migration::from_file_name(&file_name, sql)
+            .ok_or_else(|| StorageError::MigrationName { path: entry.path() })?;
+        if migrations
+            .iter()
+            .any(|known: &Migration| known.version == migration.version)
+        {
+            return Err(StorageError::MigrationDuplicate {
+                path: dir.to_owned(),
+                version: migration.version,
+            });
+        }
+        migrations.push(migration);
+    }
+    migrations.sort_by_key(|migration| migration.version);
+    Ok(migrations)
+}
+
+/// Where one migration stands against a database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MigrationState {
+    Applied,
+    Pending,
+    /// Applied, but the file changed since.
+    Changed,
+    /// Applied, but no file has it any more.
+    Missing,
+}
+
+/// Every migration known to the files or the database, with its state.
+pub fn migration_status(
+    connection: &Connection,
+    migrations: &[Migration],
+) -> rusqlite::Result<Vec<(u32, String, MigrationState)>> {
+    let exists: bool = connection.query_row(
+        "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = '_keel_migrations'",
+        [],
+        |row| row.get(0),
+    )?;
+    let applied: Vec<(u32, String, String)> = if exists {
+        let mut statement = connection
+            .prepare("SELECT version, name, checksum FROM _keel_migrations ORDER BY version")?;
+        statement
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+            .collect::<Result<_, _>>()?
+    } else {
+        Vec::new()
+    };
+    let mut status: Vec<(u32, String, MigrationState)> = migrations
+        .iter()
+        .map(|migration| {
+            let state = match applied
+                .iter()
+                .find(|(version, _, _)| *version == migration.version)
+            {
+                None => MigrationState::Pending,
+                Some((_, _, checksum)) if *checksum != migration.checksum() => {
+                    MigrationState::Changed
+                }
+                Some(_) => MigrationState::Applied,
+            };
+            (migration.version, migration.name.clone(), state)
+        })
+        .collect();
+    for (version, name, _) in &applied {
+        if !migrations
+            .iter()
+            .any(|migration| migration.version == *version)
+        {
+            status.push((*version, name.clone(), MigrationState::Missing));
+        }
+    }
+    status.sort_by_key(|(version, _, _)| *version);
+    Ok(status)
+}

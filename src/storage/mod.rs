@@ -21,7 +21,10 @@ use rusqlite::Connection;
 use crate::config::Config;
 
 pub use home::DataDir;
-pub use migrate::{Migration, apply_migrations, keel_migrations};
+pub use migrate::{
+    Migration, MigrationState, apply_migrations, keel_migrations, migration_status,
+    migrations_in_dir,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -71,6 +74,15 @@ pub enum StorageError {
         name: String,
         source: rusqlite::Error,
     },
+    #[error("cannot read migrations from {path}: {source}")]
+    MigrationsDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: migration files are named NNNN_name.sql (a number, then a name)")]
+    MigrationName { path: PathBuf },
+    #[error("{path} has two migrations numbered {version}")]
+    MigrationDuplicate { path: PathBuf, version: u32 },
     #[error(
         "sql.url {url:?} is not a SQLite database; external databases arrive with the scaled-out mode"
     )]
@@ -118,7 +130,7 @@ impl Storage {
 }
 
 /// `sqlite://data.sqlite` is relative to the data directory; `sqlite:///abs/path` is not.
-fn sqlite_path(data_dir: &Path, url: &str) -> Result<PathBuf, StorageError> {
+pub fn sqlite_path(data_dir: &Path, url: &str) -> Result<PathBuf, StorageError> {
     let rest = url
         .strip_prefix("sqlite://")
         .ok_or_else(|| StorageError::NotSqlite {

@@ -9,5 +9,8 @@ mod support;
 mod cache;
 mod config;
 mod lifecycle;
+mod queue;
+mod queue_crash;
 mod resp;
+mod sql;
 mod tls;

@@ -47,6 +47,7 @@ fn open(dir: &Path, clock: Arc<ManualClock>, config: &QueueConfig) -> Harness {
     let metrics = QueueMetrics::new(&prometheus::Registry::new());
     let store = RedbQueueStore::open(
         db,
+        &path,
         clock.clone(),
         wakeups.clone(),
         metrics.clone(),
