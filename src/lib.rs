@@ -11,6 +11,7 @@
 //! - `auth`: who may call the api (the admin secret today; tokens later).
 //! - `http`: the api listener's router and the problem+json error mapping.
 //! - `observe`: Prometheus registry, logging, readiness.
+//! - `ratelimit`: keyed rate limits for gateway routes, the api and queues.
 //! - `storage`: the data directory, its lock, database files and migrations.
 //!
 //! See ARCHITECTURE.md for the invariants that hold between them.
@@ -25,6 +26,7 @@ pub mod http;
 pub mod listener;
 pub mod observe;
 pub mod queue;
+pub mod ratelimit;
 pub mod resp;
 pub mod sql;
 pub mod storage;
