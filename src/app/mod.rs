@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 pub use backup::{BACKUP_FILES, Backup, BackupError, BackupReport};
 
 use crate::auth::Authenticator;
+use crate::gateway::{Gateway, GatewayMetrics};
 use crate::backends::{self, BackendError};
 use crate::cache::loader::Namespaces;
 use crate::cache::warm::CacheWarm;
@@ -193,6 +194,7 @@ pub struct Endpoints {
     pub api: SocketAddr,
     pub api_tls: bool,
     pub resp: Option<SocketAddr>,
+    pub gateway: Option<SocketAddr>,
 }
 
 /// Called once when keel is ready (`keel demo` prints its URLs here).
@@ -247,6 +249,7 @@ pub async fn run(config: Config, launch: Launch) -> Result<(), AppError> {
         api: api.local_addr(),
         api_tls: api.certificate().is_some(),
         resp: None,
+        gateway: None,
     };
     tracing::info!(addr = %endpoints.api, tls = endpoints.api_tls, "api listener bound");
     let mut certificates: Vec<_> = api.certificate().into_iter().collect();
@@ -345,6 +348,11 @@ pub async fn run(config: Config, launch: Launch) -> Result<(), AppError> {
             return Err(error);
         }
     };
+    let gateway = Gateway::new(
+        &config.gateway,
+        GatewayMetrics::new(metrics.registry()),
+        shutdown.clone(),
+    );
     let _ = services.set(Services {
         cache: cache.clone(),
         namespaces,
@@ -355,7 +363,36 @@ pub async fn run(config: Config, launch: Launch) -> Result<(), AppError> {
         },
         queue,
         sql,
+        gateway: gateway.clone(),
     });
+
+    let gateway_config = &config.listeners.gateway;
+    if let (false, Some(addr)) = (config.gateway.routes.is_empty(), gateway_config.bind.0) {
+        let listener = match Listener::bind(
+            "gateway",
+            addr,
+            None,
+            &[b"h2", b"http/1.1"],
+            gateway_config.max_connections,
+        )
+        .await
+        {
+            Ok(listener) => listener,
+            Err(error) => {
+                stop_servers(&shutdown, &mut servers).await;
+                cache.close().await;
+                return Err(error.into());
+            }
+        };
+        tracing::info!(addr = %listener.local_addr(), routes = config.gateway.routes.len(), "gateway listener bound");
+        endpoints.gateway = Some(listener.local_addr());
+        let options = HttpOptions {
+            header_read_timeout: api_config.header_read_timeout.0,
+            max_headers: api_config.max_headers as usize,
+            drain_timeout: config.lifecycle.drain_timeout.0,
+        };
+        servers.spawn(serve_http(listener, gateway.router(), options, shutdown.clone()));
+    }
 
     let resp_config = &config.listeners.resp;
     if let Some(addr) = resp_config.bind.0 {
@@ -419,7 +456,13 @@ pub async fn run(config: Config, launch: Launch) -> Result<(), AppError> {
             _ = hangup.recv() => {
                 tracing::info!("SIGHUP received; reloading configuration and certificates");
                 if let Some(next) = reload::reload(&launch.sources, &current, &launch.log, &certificates) {
+                    let gateway_changed = !crate::config::changed_paths(&current, &next)
+                        .iter()
+                        .all(|path| !path.starts_with("gateway."));
                     current = next;
+                    if gateway_changed {
+                        gateway.reload(&current.gateway);
+                    }
                     config_tx.send_replace(Arc::new(current.clone()));
                 }
             }

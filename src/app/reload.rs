@@ -9,6 +9,12 @@ use crate::observe::LogHandle;
 
 /// Keys applied without a restart. Each subsystem adds its own as it learns to reload.
 const LIVE_KEYS: &[&str] = &["log.level"];
+/// Whole sections applied without a restart: the gateway's routes, upstreams and limits.
+const LIVE_SECTIONS: &[&str] = &["gateway."];
+
+fn is_live(path: &str) -> bool {
+    LIVE_KEYS.contains(&path) || LIVE_SECTIONS.iter().any(|section| path.starts_with(section))
+}
 
 /// Returns the configuration now in force, or `None` when the new one was refused.
 pub(super) fn reload(
@@ -47,7 +53,7 @@ pub(super) fn reload(
     }
     let pending: Vec<&String> = changed
         .iter()
-        .filter(|path| !LIVE_KEYS.contains(&path.as_str()))
+        .filter(|path| !is_live(path))
         .collect();
     for path in &pending {
         tracing::warn!(key = %path, "changed in the configuration file; takes effect after a restart");
@@ -56,5 +62,6 @@ pub(super) fn reload(
     // against what is really in force.
     let mut in_force = current.clone();
     in_force.log.level = next.log.level;
+    in_force.gateway = next.gateway.clone();
     Some(in_force)
 }

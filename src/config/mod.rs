@@ -12,7 +12,7 @@ pub use load::{
 };
 pub use schema::*;
 pub use units::{ByteSize, Rate, Span};
-pub use validate::{parse_cron, valid_queue_name};
+pub use validate::{parse_cron, parse_server, valid_queue_name};
 
 impl Config {
     /// The effective configuration as TOML, with secrets redacted.

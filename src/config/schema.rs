@@ -383,11 +383,40 @@ pub struct GatewayConfig {
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct UpstreamConfig {
+    /// `HOST:PORT`, optionally followed by ` weight=N` (default 1).
     #[serde(default)]
     pub servers: Vec<String>,
     #[serde(default)]
     pub balance: Balance,
     pub health: Option<HealthCheckConfig>,
+    /// Time to establish a connection to a server.
+    #[serde(default = "connect_timeout")]
+    pub connect_timeout: Span,
+    /// Time from sending the request to the response head.
+    #[serde(default = "response_timeout")]
+    pub response_timeout: Span,
+    /// Idle keep-alive connections to a server are closed after this.
+    #[serde(default = "idle_timeout")]
+    pub idle_timeout: Span,
+    /// Consecutive failures that open a server's circuit (passive ejection).
+    #[serde(default = "three")]
+    pub max_fails: u32,
+    /// How long an open circuit stays open before one probe request is let through.
+    #[serde(default = "open_for")]
+    pub open_for: Span,
+}
+
+fn connect_timeout() -> Span {
+    Span(Duration::from_secs(3))
+}
+fn response_timeout() -> Span {
+    Span(Duration::from_secs(30))
+}
+fn idle_timeout() -> Span {
+    Span(Duration::from_secs(60))
+}
+fn open_for() -> Span {
+    Span(Duration::from_secs(10))
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -430,14 +459,28 @@ fn ok_status() -> u16 {
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct RouteConfig {
+    /// A label for metrics and logs; `route-N` (its position) when absent.
+    pub name: Option<String>,
     pub host: Option<String>,
     #[serde(default = "root_prefix")]
     pub path_prefix: String,
     pub upstream: Option<String>,
+    /// Remove `path_prefix` from the path before forwarding.
+    #[serde(default)]
+    pub strip_prefix: bool,
+    /// Replace `path_prefix` with this before forwarding (implies strip).
+    pub rewrite_prefix: Option<String>,
+    /// Largest request body forwarded (413 beyond).
+    #[serde(default = "route_body_limit")]
+    pub max_body_bytes: ByteSize,
     pub cache: Option<RouteCacheConfig>,
     pub rate_limit: Option<RouteRateLimitConfig>,
     #[serde(default)]
     pub compress: bool,
+}
+
+fn route_body_limit() -> ByteSize {
+    ByteSize(1 << 30)
 }
 
 fn root_prefix() -> String {

@@ -350,12 +350,15 @@ fn check_gateway(config: &Config, problem: &mut impl FnMut(&str, String)) {
             );
         }
         for (index, server) in upstream.servers.iter().enumerate() {
-            if !is_host_port(server) {
-                problem(
-                    &format!("{path}.servers[{index}]"),
-                    format!("{server:?} is not HOST:PORT"),
-                );
+            if let Err(message) = parse_server(server) {
+                problem(&format!("{path}.servers[{index}]"), message);
             }
+        }
+        if upstream.max_fails == 0 {
+            problem(
+                &format!("{path}.max_fails"),
+                "must be at least 1".to_owned(),
+            );
         }
         if let Some(health) = &upstream.health {
             if !health.path.starts_with('/') {
@@ -398,6 +401,14 @@ fn check_gateway(config: &Config, problem: &mut impl FnMut(&str, String)) {
                 );
             }
             Some(_) => {}
+        }
+        if let Some(rewrite) = &route.rewrite_prefix
+            && !rewrite.starts_with('/')
+        {
+            problem(
+                &format!("{path}.rewrite_prefix"),
+                format!("{rewrite:?} must start with /"),
+            );
         }
         if !route.path_prefix.starts_with('/') {
             problem(
@@ -510,6 +521,23 @@ fn is_redis_url(url: &str) -> bool {
 
 fn is_postgres_url(url: &str) -> bool {
     url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
+/// An upstream server entry: `HOST:PORT` or `HOST:PORT weight=N` (N from 1 to 100).
+pub fn parse_server(entry: &str) -> Result<(String, u32), String> {
+    let mut parts = entry.split_whitespace();
+    let address = parts.next().unwrap_or_default();
+    if !is_host_port(address) {
+        return Err(format!("{entry:?} is not HOST:PORT (optionally followed by weight=N)"));
+    }
+    let mut weight = 1;
+    for option in parts {
+        match option.strip_prefix("weight=").map(str::parse::<u32>) {
+            Some(Ok(value)) if (1..=100).contains(&value) => weight = value,
+            _ => return Err(format!("{entry:?}: {option:?} is not weight=N with N from 1 to 100")),
+        }
+    }
+    Ok((address.to_owned(), weight))
 }
 
 fn is_host_port(server: &str) -> bool {

@@ -7,6 +7,7 @@
 mod admin;
 mod cache;
 mod error;
+mod gateway;
 mod queue;
 mod sql;
 mod system;
@@ -49,6 +50,7 @@ pub struct Services {
     pub queue: Queue,
     pub sql: Sql,
     pub backup: crate::app::Backup,
+    pub gateway: crate::gateway::Gateway,
 }
 
 impl ApiState {
@@ -73,6 +75,7 @@ pub fn router(state: ApiState) -> Router {
         .merge(queue::routes())
         .merge(sql::routes())
         .merge(admin::routes())
+        .merge(gateway::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))

@@ -14,6 +14,10 @@ use tower::ServiceExt;
 
 use super::{Listener, Stream};
 
+/// Request extension: whether the connection came in over TLS (X-Forwarded-Proto).
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionTls(pub bool);
+
 /// Protocol limits for one HTTP listener.
 #[derive(Debug, Clone, Copy)]
 pub struct HttpOptions {
@@ -54,9 +58,11 @@ async fn serve_connection(
     options: HttpOptions,
     shutdown: CancellationToken,
 ) {
+    let tls = ConnectionTls(matches!(stream, Stream::Tls(_)));
     let service = router.map_request(move |request: hyper::Request<hyper::body::Incoming>| {
         let mut request = request.map(axum::body::Body::new);
         request.extensions_mut().insert(ConnectInfo(peer));
+        request.extensions_mut().insert(tls);
         request
     });
     let mut builder = Builder::new(TokioExecutor::new());

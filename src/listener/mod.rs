@@ -26,7 +26,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::TlsFiles;
 
-pub use http::{HttpOptions, serve_http};
+pub use http::{ConnectionTls, HttpOptions, serve_http};
 pub use tls::{ReloadableCert, TlsError, crypto_provider, load_certified_key, server_config};
 
 /// A TLS handshake that has not finished by then is dropped; it holds a connection slot.

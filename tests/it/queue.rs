@@ -700,7 +700,15 @@ fn rest_bad_input_is_refused_with_a_code_and_nothing_is_stored() {
         json!([]),
         "a refused request stores nothing"
     );
-    assert_eq!(get(addr, "/v1/schedules").json()["schedules"], json!([]));
+    let schedules = get(addr, "/v1/schedules").json();
+    assert!(
+        schedules["schedules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|schedule| schedule["name"] != "s"),
+        "{schedules}"
+    );
 }
 
 /// A webhook target: `/ok` answers 200, `/fail` 500, `/slow` after 5 s. Counts calls.
@@ -822,7 +830,14 @@ fn schedules_over_rest_enqueue_on_their_ticks() {
     );
     assert_eq!(created.status, 201, "{}", created.body);
     let listed = get(addr, "/v1/schedules").json();
-    assert_eq!(listed["schedules"][0]["name"], "tick");
+    assert!(
+        listed["schedules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|schedule| schedule["name"] == "tick" && schedule["cron"] == "* * * * * *"),
+        "{listed}"
+    );
 
     let started = Instant::now();
     let job = loop {

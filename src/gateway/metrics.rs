@@ -1,0 +1,67 @@
+//! Gateway metrics (`keel_gateway_*`), labelled by route name and upstream server as
+//! configured (never by anything a client sends), so series stay bounded.
+
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+
+#[derive(Clone)]
+pub struct GatewayMetrics {
+    pub requests: IntCounterVec,
+    pub request_seconds: HistogramVec,
+    pub upstream_requests: IntCounterVec,
+    pub upstream_healthy: IntGaugeVec,
+    pub rejected: IntCounterVec,
+}
+
+const BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+impl GatewayMetrics {
+    pub fn new(registry: &Registry) -> GatewayMetrics {
+        let metrics = GatewayMetrics {
+            requests: IntCounterVec::new(
+                Opts::new("keel_gateway_requests_total", "Requests answered, by route and status class."),
+                &["route", "class"],
+            )
+            .expect("valid metric"),
+            request_seconds: HistogramVec::new(
+                HistogramOpts::new("keel_gateway_request_seconds", "Time to the response head, by route.")
+                    .buckets(BUCKETS.to_vec()),
+                &["route"],
+            )
+            .expect("valid metric"),
+            upstream_requests: IntCounterVec::new(
+                Opts::new(
+                    "keel_gateway_upstream_requests_total",
+                    "Requests sent to upstream servers, by outcome (ok, failed, retried).",
+                ),
+                &["upstream", "server", "outcome"],
+            )
+            .expect("valid metric"),
+            upstream_healthy: IntGaugeVec::new(
+                Opts::new("keel_gateway_upstream_healthy", "1 when the server passes its health checks."),
+                &["upstream", "server"],
+            )
+            .expect("valid metric"),
+            rejected: IntCounterVec::new(
+                Opts::new(
+                    "keel_gateway_rejected_total",
+                    "Requests refused before any upstream saw them, by reason.",
+                ),
+                &["reason"],
+            )
+            .expect("valid metric"),
+        };
+        let collectors: [Box<dyn prometheus::core::Collector>; 5] = [
+            Box::new(metrics.requests.clone()),
+            Box::new(metrics.request_seconds.clone()),
+            Box::new(metrics.upstream_requests.clone()),
+            Box::new(metrics.upstream_healthy.clone()),
+            Box::new(metrics.rejected.clone()),
+        ];
+        for collector in collectors {
+            let _ = registry.register(collector);
+        }
+        metrics
+    }
+}

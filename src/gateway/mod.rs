@@ -1,0 +1,209 @@
+//! The gateway: a reverse proxy on `listeners.gateway` with routes, upstream pools
+//! (balancing, health checks, circuit breakers), retries, correct forwarding and
+//! limits. The [`Gateway`] handle holds the current route table; SIGHUP swaps in a new
+//! one while requests in flight finish on the table they started with.
+
+mod metrics;
+mod proxy;
+mod route;
+mod upstream;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use ipnet::IpNet;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::GatewayConfig;
+
+pub use metrics::GatewayMetrics;
+pub use route::{Route, RouteTable};
+pub use upstream::{Pool, ServerStatus};
+
+/// The HTTP client to upstream servers: keep-alive pooling per server.
+type UpstreamClient = Client<HttpConnector, axum::body::Body>;
+
+/// One generation of the gateway's configuration, in use until the next reload.
+pub struct Table {
+    pub routes: RouteTable,
+    pub pools: BTreeMap<String, Arc<Pool>>,
+    clients: BTreeMap<String, UpstreamClient>,
+    trusted_proxies: Vec<IpNet>,
+    /// Stops this generation's health checks when it is replaced.
+    retired: CancellationToken,
+}
+
+impl Table {
+    fn build(config: &GatewayConfig) -> Table {
+        let pools: BTreeMap<String, Arc<Pool>> = config
+            .upstreams
+            .iter()
+            .map(|(name, upstream)| (name.clone(), Arc::new(Pool::from_config(name, upstream))))
+            .collect();
+        let clients = pools
+            .iter()
+            .map(|(name, pool)| (name.clone(), client_for(pool)))
+            .collect();
+        let routes = config
+            .routes
+            .iter()
+            .enumerate()
+            .filter_map(|(index, route)| {
+                let pool = pools.get(route.upstream.as_deref()?)?.clone();
+                Some(Route::new(index, route, pool))
+            })
+            .collect();
+        Table {
+            routes: RouteTable::new(routes),
+            pools,
+            clients,
+            trusted_proxies: config.trusted_proxies.clone(),
+            retired: CancellationToken::new(),
+        }
+    }
+
+    fn client(&self, pool: &str) -> &UpstreamClient {
+        self.clients.get(pool).expect("every pool has a client")
+    }
+}
+
+fn client_for(pool: &Pool) -> UpstreamClient {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(pool.connect_timeout));
+    connector.set_nodelay(true);
+    connector.set_keepalive(Some(Duration::from_secs(60)));
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(pool.idle_timeout)
+        .pool_max_idle_per_host(256)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(connector)
+}
+
+/// The gateway's handle. Cheap to clone.
+#[derive(Clone)]
+pub struct Gateway {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    table: RwLock<Arc<Table>>,
+    metrics: GatewayMetrics,
+    shutdown: CancellationToken,
+}
+
+#[derive(Debug, Serialize)]
+pub struct UpstreamStatus {
+    pub name: String,
+    pub servers: Vec<ServerStatus>,
+}
+
+impl Gateway {
+    pub fn new(config: &GatewayConfig, metrics: GatewayMetrics, shutdown: CancellationToken) -> Gateway {
+        let gateway = Gateway {
+            inner: Arc::new(Inner {
+                table: RwLock::new(Arc::new(Table::build(config))),
+                metrics,
+                shutdown,
+            }),
+        };
+        gateway.start_health_checks(&gateway.table());
+        gateway
+    }
+
+    pub fn table(&self) -> Arc<Table> {
+        self.inner
+            .table
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Applies a new configuration: new requests use it at once; requests in flight
+    /// finish on the table they started with; the old health checks stop.
+    pub fn reload(&self, config: &GatewayConfig) {
+        let next = Arc::new(Table::build(config));
+        self.start_health_checks(&next);
+        let previous = std::mem::replace(
+            &mut *self.inner.table.write().unwrap_or_else(|p| p.into_inner()),
+            next,
+        );
+        previous.retired.cancel();
+        tracing::info!(routes = config.routes.len(), upstreams = config.upstreams.len(), "gateway configuration applied");
+    }
+
+    /// The router the gateway listener serves: every request goes to the proxy.
+    pub fn router(&self) -> Router {
+        Router::new()
+            .fallback(proxy::handle)
+            .with_state(self.clone())
+    }
+
+    pub fn upstreams(&self) -> Vec<UpstreamStatus> {
+        self.table()
+            .pools
+            .values()
+            .map(|pool| UpstreamStatus {
+                name: pool.name.clone(),
+                servers: pool.statuses(),
+            })
+            .collect()
+    }
+
+    fn start_health_checks(&self, table: &Arc<Table>) {
+        for pool in table.pools.values() {
+            let Some(health) = pool.health.clone() else {
+                continue;
+            };
+            let pool = pool.clone();
+            let client = table.client(&pool.name).clone();
+            let stop = table.retired.clone();
+            let shutdown = self.inner.shutdown.clone();
+            let metrics = self.inner.metrics.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(health.interval.0);
+                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = every.tick() => {}
+                        _ = stop.cancelled() => return,
+                        _ = shutdown.cancelled() => return,
+                    }
+                    let mut probes = tokio::task::JoinSet::new();
+                    for (index, server) in pool.servers.iter().enumerate() {
+                        let client = client.clone();
+                        let uri = format!("http://{}{}", server.address, health.path);
+                        let timeout = health.interval.0.min(pool.response_timeout).max(Duration::from_millis(100));
+                        let probe = async move {
+                            let request = hyper::Request::get(uri)
+                                .header(hyper::header::USER_AGENT, "keel-health-check")
+                                .body(axum::body::Body::empty())
+                                .expect("a valid request");
+                            let ok = matches!(
+                                tokio::time::timeout(timeout, client.request(request)).await,
+                                Ok(Ok(response)) if response.status().as_u16() == health.expect_status
+                            );
+                            (index, ok)
+                        };
+                        probes.spawn(probe);
+                    }
+                    while let Some(Ok((index, ok))) = probes.join_next().await {
+                        pool.health_result(index, ok);
+                        let server = &pool.servers[index];
+                        metrics
+                            .upstream_healthy
+                            .with_label_values(&[pool.name.as_str(), server.address.as_str()])
+                            .set(i64::from(server.status().healthy));
+                    }
+                }
+            });
+        }
+    }
+}
+

@@ -1,0 +1,484 @@
+//! One proxied request: refuse what must not be forwarded (ambiguous framing, oversize
+//! URIs and bodies), pick a route and a server, rewrite the headers a proxy owns, send
+//! with retries where they are safe, and pass the response back streaming.
+//!
+//! Retries: a connection that could not be established never reached the server, so
+//! the request goes to another one; other failures are retried only for idempotent
+//! methods without a body, within a retry budget (a fifth of recent requests), so a
+//! sick pool is not hammered twice as hard.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use http_body_util::BodyExt;
+
+use super::{Gateway, Table};
+use crate::listener::ConnectionTls;
+
+/// Longest request target forwarded (414 beyond), as NGINX's default large buffer.
+const MAX_URI_BYTES: usize = 8 * 1024;
+
+/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const VIA_VALUE: &str = "1.1 keel";
+
+/// An answer the gateway gives itself, as problem+json; framing errors also close the
+/// connection, since what follows on it cannot be trusted.
+fn refuse(status: StatusCode, code: &'static str, detail: impl Into<String>, close: bool) -> Response {
+    let mut response = crate::http::ApiError::new(status, code, detail).into_response();
+    if close {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
+/// Request smuggling guards: both framings at once, repeated or malformed lengths, and
+/// transfer codings other than a final `chunked`.
+fn framing_problem(headers: &HeaderMap) -> Option<&'static str> {
+    let lengths: Vec<&HeaderValue> = headers.get_all(header::CONTENT_LENGTH).iter().collect();
+    let codings: Vec<&HeaderValue> = headers.get_all(header::TRANSFER_ENCODING).iter().collect();
+    if !lengths.is_empty() && !codings.is_empty() {
+        return Some("both Content-Length and Transfer-Encoding");
+    }
+    if lengths.len() > 1 {
+        return Some("more than one Content-Length");
+    }
+    if let Some(length) = lengths.first()
+        && (length.is_empty() || !length.as_bytes().iter().all(u8::is_ascii_digit))
+    {
+        return Some("a malformed Content-Length");
+    }
+    if !codings.is_empty() {
+        let joined: Vec<String> = codings
+            .iter()
+            .flat_map(|value| value.to_str().unwrap_or("\u{0}").split(','))
+            .map(|coding| coding.trim().to_ascii_lowercase())
+            .collect();
+        if joined.len() != 1 || joined[0] != "chunked" {
+            return Some("a transfer coding other than chunked");
+        }
+    }
+    None
+}
+
+/// Removes hop-by-hop headers, including those the Connection header names.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+}
+
+fn is_trusted(table: &Table, address: IpAddr) -> bool {
+    table
+        .trusted_proxies
+        .iter()
+        .any(|network| network.contains(&address))
+}
+
+/// The client's address: the peer, unless the peer is a trusted proxy, then the
+/// rightmost address in X-Forwarded-For that is not a trusted proxy.
+pub(super) fn client_address(table: &Table, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+    if !is_trusted(table, peer) {
+        return peer;
+    }
+    let forwarded: Vec<IpAddr> = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|entry| entry.trim().parse().ok())
+        .collect();
+    forwarded
+        .into_iter()
+        .rev()
+        .find(|address| !is_trusted(table, *address))
+        .unwrap_or(peer)
+}
+
+fn request_id(headers: &HeaderMap) -> HeaderValue {
+    headers
+        .get(&X_REQUEST_ID)
+        .filter(|value| !value.is_empty() && value.len() <= 200)
+        .cloned()
+        .unwrap_or_else(|| {
+            let id = format!(
+                "{:016x}{:016x}",
+                crate::queue::random_u64(),
+                crate::queue::random_u64()
+            );
+            HeaderValue::from_str(&id).expect("hex is a valid header value")
+        })
+}
+
+/// The host the client asked for, lowercased, without a port.
+fn request_host(request: &Request) -> String {
+    let raw = match request.uri().host() {
+        Some(host) => host.to_owned(),
+        None => request
+            .headers()
+            .get(header::HOST)
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or_default()
+            .to_owned(),
+    };
+    let without_port = if let Some(rest) = raw.strip_prefix('[') {
+        rest.split(']').next().unwrap_or_default()
+    } else {
+        match raw.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+            _ => raw.as_str(),
+        }
+    };
+    without_port.to_ascii_lowercase()
+}
+
+fn class_of(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+pub(super) async fn handle(State(gateway): State<Gateway>, request: Request) -> Response {
+    let started = Instant::now();
+    let table = gateway.table();
+    let metrics = &gateway.inner.metrics;
+    let (route_name, response) = proxy(&gateway, &table, request).await;
+    let status = response.status();
+    metrics
+        .requests
+        .with_label_values(&[route_name.as_str(), class_of(status)])
+        .inc();
+    metrics
+        .request_seconds
+        .with_label_values(&[route_name.as_str()])
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+async fn proxy(gateway: &Gateway, table: &Arc<Table>, request: Request) -> (String, Response) {
+    let metrics = &gateway.inner.metrics;
+    let unrouted = || "unmatched".to_owned();
+    if let Some(problem) = framing_problem(request.headers()) {
+        metrics.rejected.with_label_values(&["framing"]).inc();
+        return (
+            unrouted(),
+            refuse(StatusCode::BAD_REQUEST, "bad_framing", format!("refused: {problem}"), true),
+        );
+    }
+    let target_length = request
+        .uri()
+        .path_and_query()
+        .map_or(0, |target| target.as_str().len());
+    if target_length > MAX_URI_BYTES {
+        metrics.rejected.with_label_values(&["uri_too_long"]).inc();
+        return (
+            unrouted(),
+            refuse(
+                StatusCode::URI_TOO_LONG,
+                "uri_too_long",
+                format!("the request target is longer than {MAX_URI_BYTES} bytes"),
+                false,
+            ),
+        );
+    }
+    let host = request_host(&request);
+    let path = request.uri().path().to_owned();
+    let Some(route) = table.routes.find(&host, &path) else {
+        metrics.rejected.with_label_values(&["no_route"]).inc();
+        return (
+            unrouted(),
+            refuse(StatusCode::NOT_FOUND, "no_route", format!("no gateway route for {host}{path}"), false),
+        );
+    };
+    let route_name = route.name.clone();
+    let declared_length = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok()?.parse::<u64>().ok());
+    if declared_length.is_some_and(|length| length > route.max_body_bytes) {
+        metrics.rejected.with_label_values(&["body_too_large"]).inc();
+        return (
+            route_name,
+            refuse(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("the body is larger than {} bytes", route.max_body_bytes),
+                true,
+            ),
+        );
+    }
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or(IpAddr::from([127, 0, 0, 1]), |info| info.0.ip());
+    let tls = request
+        .extensions()
+        .get::<ConnectionTls>()
+        .is_some_and(|tls| tls.0);
+    let client = client_address(table, peer, request.headers());
+
+    let (parts, body) = request.into_parts();
+    let mut headers = parts.headers.clone();
+    strip_hop_by_hop(&mut headers);
+    let trusted_peer = is_trusted(table, peer);
+    // From an untrusted peer the forwarded headers are replaced, not extended: an
+    // upstream that trusts the leftmost address cannot be fooled (Caddy, Traefik).
+    let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(previous) if trusted_peer => format!("{previous}, {peer}"),
+        _ => peer.to_string(),
+    };
+    headers.insert(
+        X_FORWARDED_FOR,
+        HeaderValue::from_str(&forwarded_for).expect("addresses are valid header text"),
+    );
+    if !trusted_peer || !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(
+            X_FORWARDED_PROTO,
+            HeaderValue::from_static(if tls { "https" } else { "http" }),
+        );
+    }
+    if (!trusted_peer || !headers.contains_key(&X_FORWARDED_HOST))
+        && let Ok(value) = HeaderValue::from_str(&host)
+    {
+        headers.insert(X_FORWARDED_HOST, value);
+    }
+    let id = request_id(&headers);
+    headers.insert(X_REQUEST_ID, id.clone());
+    append_via(&mut headers);
+    let _ = client;
+
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |target| target.as_str());
+    let upstream_target = route.upstream_path(path_and_query);
+    // A body-less request can be sent again as it is; one with a body cannot.
+    let empty_body = declared_length.unwrap_or(0) == 0
+        && !parts.headers.contains_key(header::TRANSFER_ENCODING);
+    let idempotent = matches!(
+        parts.method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    );
+    let limit = route.max_body_bytes;
+    let mut body = Some(Body::new(http_body_util::Limited::new(body, limit as usize)));
+
+    let pool = &route.pool;
+    let upstream_client = table.client(&pool.name);
+    let mut tried: Vec<usize> = Vec::new();
+    loop {
+        let Some((index, lease)) = pool.pick(&tried) else {
+            metrics.rejected.with_label_values(&["no_upstream"]).inc();
+            return (
+                route_name,
+                refuse(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no_upstream",
+                    format!("no healthy server in upstream {}", pool.name),
+                    false,
+                ),
+            );
+        };
+        tried.push(index);
+        let server = lease.server.address.clone();
+        let uri = format!("http://{server}{upstream_target}");
+        let mut builder = hyper::Request::builder()
+            .method(parts.method.clone())
+            .uri(uri)
+            .version(hyper::Version::HTTP_11);
+        if let Some(request_headers) = builder.headers_mut() {
+            *request_headers = headers.clone();
+        }
+        let outgoing_body = if empty_body {
+            Body::empty()
+        } else {
+            body.take().unwrap_or_else(Body::empty)
+        };
+        let outgoing = match builder.body(outgoing_body) {
+            Ok(outgoing) => outgoing,
+            Err(error) => {
+                return (
+                    route_name,
+                    refuse(StatusCode::BAD_REQUEST, "bad_request", error.to_string(), false),
+                );
+            }
+        };
+        let upstream_name = pool.name.as_str();
+        let sent = tokio::time::timeout(pool.response_timeout, upstream_client.request(outgoing)).await;
+        let may_retry = empty_body || body.is_some();
+        match sent {
+            Ok(Ok(response)) => {
+                let status = response.status();
+                let server_fault = matches!(status.as_u16(), 502..=504);
+                if server_fault {
+                    lease.failed();
+                } else {
+                    lease.succeeded();
+                }
+                metrics
+                    .upstream_requests
+                    .with_label_values(&[upstream_name, server.as_str(), if server_fault { "failed" } else { "ok" }])
+                    .inc();
+                return (route_name, downstream(response, &id));
+            }
+            Ok(Err(error)) => {
+                lease.failed();
+                let connect = error.is_connect();
+                metrics
+                    .upstream_requests
+                    .with_label_values(&[upstream_name, server.as_str(), "failed"])
+                    .inc();
+                if body_over_limit(&error) {
+                    return (
+                        route_name,
+                        refuse(
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            "body_too_large",
+                            format!("the body is larger than {limit} bytes"),
+                            true,
+                        ),
+                    );
+                }
+                tracing::debug!(%error, server, connect, "upstream request failed");
+                let retry = may_retry && (connect || (idempotent && empty_body));
+                if retry && tried.len() < pool.servers.len() {
+                    continue;
+                }
+                return (
+                    route_name,
+                    refuse(
+                        StatusCode::BAD_GATEWAY,
+                        "upstream_failed",
+                        format!("upstream {upstream_name} did not answer properly"),
+                        false,
+                    ),
+                );
+            }
+            Err(_) => {
+                lease.failed();
+                metrics
+                    .upstream_requests
+                    .with_label_values(&[upstream_name, server.as_str(), "timeout"])
+                    .inc();
+                if idempotent && empty_body && tried.len() < pool.servers.len() {
+                    continue;
+                }
+                return (
+                    route_name,
+                    refuse(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "upstream_timeout",
+                        format!(
+                            "upstream {upstream_name} did not answer within {:?}",
+                            pool.response_timeout
+                        ),
+                        false,
+                    ),
+                );
+            }
+        }
+    }
+}
+
+fn body_over_limit(error: &hyper_util::client::legacy::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if cause.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
+}
+
+fn append_via(headers: &mut HeaderMap) {
+    let via = match headers.get(header::VIA).and_then(|v| v.to_str().ok()) {
+        Some(previous) => format!("{previous}, {VIA_VALUE}"),
+        None => VIA_VALUE.to_owned(),
+    };
+    if let Ok(value) = HeaderValue::from_str(&via) {
+        headers.insert(header::VIA, value);
+    }
+}
+
+/// The upstream's response as the client gets it: hop-by-hop headers dropped, Via and
+/// the request id added, the body streamed.
+fn downstream(response: hyper::Response<hyper::body::Incoming>, id: &HeaderValue) -> Response {
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    append_via(&mut parts.headers);
+    parts.headers.insert(X_REQUEST_ID, id.clone());
+    Response::from_parts(parts, Body::new(body.map_err(axum::Error::new)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        map
+    }
+
+    #[test]
+    fn ambiguous_framing_is_refused() {
+        assert!(framing_problem(&headers(&[("content-length", "5")])).is_none());
+        assert!(framing_problem(&headers(&[("transfer-encoding", "chunked")])).is_none());
+        assert!(framing_problem(&headers(&[("content-length", "5"), ("transfer-encoding", "chunked")])).is_some());
+        assert!(framing_problem(&headers(&[("content-length", "5"), ("content-length", "5")])).is_some());
+        assert!(framing_problem(&headers(&[("content-length", "+5")])).is_some());
+        assert!(framing_problem(&headers(&[("transfer-encoding", "gzip, chunked")])).is_some());
+        assert!(framing_problem(&headers(&[("transfer-encoding", "identity")])).is_some());
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_go() {
+        let mut map = headers(&[
+            ("connection", "keep-alive, x-secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("x-kept", "yes"),
+        ]);
+        strip_hop_by_hop(&mut map);
+        assert_eq!(map.len(), 1);
+        assert!(map.contains_key("x-kept"));
+    }
+}
