@@ -22,7 +22,6 @@ use tokio_util::sync::CancellationToken;
 pub use backup::{BACKUP_FILES, Backup, BackupError, BackupReport};
 
 use crate::auth::Authenticator;
-use crate::gateway::{Gateway, GatewayMetrics};
 use crate::backends::{self, BackendError};
 use crate::cache::loader::Namespaces;
 use crate::cache::warm::CacheWarm;
@@ -30,6 +29,7 @@ use crate::cache::{Cache, CacheMetrics, Limits};
 use crate::config::{
     Config, ConfigSources, QueueConfig, QueueDefinition, ScheduleConfig, SqlConfig,
 };
+use crate::gateway::{Gateway, GatewayMetrics};
 use crate::http::{self, ApiState, Services};
 use crate::listener::{HttpOptions, Listener, ListenerError, serve_http};
 use crate::observe::{BuildInfo, DependencyState, LogHandle, Metrics, Readiness};
@@ -391,7 +391,12 @@ pub async fn run(config: Config, launch: Launch) -> Result<(), AppError> {
             max_headers: api_config.max_headers as usize,
             drain_timeout: config.lifecycle.drain_timeout.0,
         };
-        servers.spawn(serve_http(listener, gateway.router(), options, shutdown.clone()));
+        servers.spawn(serve_http(
+            listener,
+            gateway.router(),
+            options,
+            shutdown.clone(),
+        ));
     }
 
     let resp_config = &config.listeners.resp;

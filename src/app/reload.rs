@@ -13,7 +13,10 @@ const LIVE_KEYS: &[&str] = &["log.level"];
 const LIVE_SECTIONS: &[&str] = &["gateway."];
 
 fn is_live(path: &str) -> bool {
-    LIVE_KEYS.contains(&path) || LIVE_SECTIONS.iter().any(|section| path.starts_with(section))
+    LIVE_KEYS.contains(&path)
+        || LIVE_SECTIONS
+            .iter()
+            .any(|section| path.starts_with(section))
 }
 
 /// Returns the configuration now in force, or `None` when the new one was refused.
@@ -51,10 +54,7 @@ pub(super) fn reload(
         log.set_level(next.log.level);
         tracing::info!(level = ?next.log.level, "log level changed");
     }
-    let pending: Vec<&String> = changed
-        .iter()
-        .filter(|path| !is_live(path))
-        .collect();
+    let pending: Vec<&String> = changed.iter().filter(|path| !is_live(path)).collect();
     for path in &pending {
         tracing::warn!(key = %path, "changed in the configuration file; takes effect after a restart");
     }

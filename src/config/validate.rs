@@ -528,13 +528,19 @@ pub fn parse_server(entry: &str) -> Result<(String, u32), String> {
     let mut parts = entry.split_whitespace();
     let address = parts.next().unwrap_or_default();
     if !is_host_port(address) {
-        return Err(format!("{entry:?} is not HOST:PORT (optionally followed by weight=N)"));
+        return Err(format!(
+            "{entry:?} is not HOST:PORT (optionally followed by weight=N)"
+        ));
     }
     let mut weight = 1;
     for option in parts {
         match option.strip_prefix("weight=").map(str::parse::<u32>) {
             Some(Ok(value)) if (1..=100).contains(&value) => weight = value,
-            _ => return Err(format!("{entry:?}: {option:?} is not weight=N with N from 1 to 100")),
+            _ => {
+                return Err(format!(
+                    "{entry:?}: {option:?} is not weight=N with N from 1 to 100"
+                ));
+            }
         }
     }
     Ok((address.to_owned(), weight))

@@ -20,13 +20,19 @@ impl GatewayMetrics {
     pub fn new(registry: &Registry) -> GatewayMetrics {
         let metrics = GatewayMetrics {
             requests: IntCounterVec::new(
-                Opts::new("keel_gateway_requests_total", "Requests answered, by route and status class."),
+                Opts::new(
+                    "keel_gateway_requests_total",
+                    "Requests answered, by route and status class.",
+                ),
                 &["route", "class"],
             )
             .expect("valid metric"),
             request_seconds: HistogramVec::new(
-                HistogramOpts::new("keel_gateway_request_seconds", "Time to the response head, by route.")
-                    .buckets(BUCKETS.to_vec()),
+                HistogramOpts::new(
+                    "keel_gateway_request_seconds",
+                    "Time to the response head, by route.",
+                )
+                .buckets(BUCKETS.to_vec()),
                 &["route"],
             )
             .expect("valid metric"),
@@ -39,7 +45,10 @@ impl GatewayMetrics {
             )
             .expect("valid metric"),
             upstream_healthy: IntGaugeVec::new(
-                Opts::new("keel_gateway_upstream_healthy", "1 when the server passes its health checks."),
+                Opts::new(
+                    "keel_gateway_upstream_healthy",
+                    "1 when the server passes its health checks.",
+                ),
                 &["upstream", "server"],
             )
             .expect("valid metric"),

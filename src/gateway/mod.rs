@@ -105,7 +105,11 @@ pub struct UpstreamStatus {
 }
 
 impl Gateway {
-    pub fn new(config: &GatewayConfig, metrics: GatewayMetrics, shutdown: CancellationToken) -> Gateway {
+    pub fn new(
+        config: &GatewayConfig,
+        metrics: GatewayMetrics,
+        shutdown: CancellationToken,
+    ) -> Gateway {
         let gateway = Gateway {
             inner: Arc::new(Inner {
                 table: RwLock::new(Arc::new(Table::build(config))),
@@ -135,7 +139,11 @@ impl Gateway {
             next,
         );
         previous.retired.cancel();
-        tracing::info!(routes = config.routes.len(), upstreams = config.upstreams.len(), "gateway configuration applied");
+        tracing::info!(
+            routes = config.routes.len(),
+            upstreams = config.upstreams.len(),
+            "gateway configuration applied"
+        );
     }
 
     /// The router the gateway listener serves: every request goes to the proxy.
@@ -179,7 +187,11 @@ impl Gateway {
                     for (index, server) in pool.servers.iter().enumerate() {
                         let client = client.clone();
                         let uri = format!("http://{}{}", server.address, health.path);
-                        let timeout = health.interval.0.min(pool.response_timeout).max(Duration::from_millis(100));
+                        let timeout = health
+                            .interval
+                            .0
+                            .min(pool.response_timeout)
+                            .max(Duration::from_millis(100));
                         let probe = async move {
                             let request = hyper::Request::get(uri)
                                 .header(hyper::header::USER_AGENT, "keel-health-check")
@@ -206,4 +218,3 @@ impl Gateway {
         }
     }
 }
-

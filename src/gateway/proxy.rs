@@ -43,7 +43,12 @@ const VIA_VALUE: &str = "1.1 keel";
 
 /// An answer the gateway gives itself, as problem+json; framing errors also close the
 /// connection, since what follows on it cannot be trusted.
-fn refuse(status: StatusCode, code: &'static str, detail: impl Into<String>, close: bool) -> Response {
+fn refuse(
+    status: StatusCode,
+    code: &'static str,
+    detail: impl Into<String>,
+    close: bool,
+) -> Response {
     let mut response = crate::http::ApiError::new(status, code, detail).into_response();
     if close {
         response
@@ -194,7 +199,12 @@ async fn proxy(gateway: &Gateway, table: &Arc<Table>, request: Request) -> (Stri
         metrics.rejected.with_label_values(&["framing"]).inc();
         return (
             unrouted(),
-            refuse(StatusCode::BAD_REQUEST, "bad_framing", format!("refused: {problem}"), true),
+            refuse(
+                StatusCode::BAD_REQUEST,
+                "bad_framing",
+                format!("refused: {problem}"),
+                true,
+            ),
         );
     }
     let target_length = request
@@ -219,7 +229,12 @@ async fn proxy(gateway: &Gateway, table: &Arc<Table>, request: Request) -> (Stri
         metrics.rejected.with_label_values(&["no_route"]).inc();
         return (
             unrouted(),
-            refuse(StatusCode::NOT_FOUND, "no_route", format!("no gateway route for {host}{path}"), false),
+            refuse(
+                StatusCode::NOT_FOUND,
+                "no_route",
+                format!("no gateway route for {host}{path}"),
+                false,
+            ),
         );
     };
     let route_name = route.name.clone();
@@ -228,7 +243,10 @@ async fn proxy(gateway: &Gateway, table: &Arc<Table>, request: Request) -> (Stri
         .get(header::CONTENT_LENGTH)
         .and_then(|value| value.to_str().ok()?.parse::<u64>().ok());
     if declared_length.is_some_and(|length| length > route.max_body_bytes) {
-        metrics.rejected.with_label_values(&["body_too_large"]).inc();
+        metrics
+            .rejected
+            .with_label_values(&["body_too_large"])
+            .inc();
         return (
             route_name,
             refuse(
@@ -285,14 +303,17 @@ async fn proxy(gateway: &Gateway, table: &Arc<Table>, request: Request) -> (Stri
         .map_or("/", |target| target.as_str());
     let upstream_target = route.upstream_path(path_and_query);
     // A body-less request can be sent again as it is; one with a body cannot.
-    let empty_body = declared_length.unwrap_or(0) == 0
-        && !parts.headers.contains_key(header::TRANSFER_ENCODING);
+    let empty_body =
+        declared_length.unwrap_or(0) == 0 && !parts.headers.contains_key(header::TRANSFER_ENCODING);
     let idempotent = matches!(
         parts.method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
     );
     let limit = route.max_body_bytes;
-    let mut body = Some(Body::new(http_body_util::Limited::new(body, limit as usize)));
+    let mut body = Some(Body::new(http_body_util::Limited::new(
+        body,
+        limit as usize,
+    )));
 
     let pool = &route.pool;
     let upstream_client = table.client(&pool.name);
@@ -330,12 +351,18 @@ async fn proxy(gateway: &Gateway, table: &Arc<Table>, request: Request) -> (Stri
             Err(error) => {
                 return (
                     route_name,
-                    refuse(StatusCode::BAD_REQUEST, "bad_request", error.to_string(), false),
+                    refuse(
+                        StatusCode::BAD_REQUEST,
+                        "bad_request",
+                        error.to_string(),
+                        false,
+                    ),
                 );
             }
         };
         let upstream_name = pool.name.as_str();
-        let sent = tokio::time::timeout(pool.response_timeout, upstream_client.request(outgoing)).await;
+        let sent =
+            tokio::time::timeout(pool.response_timeout, upstream_client.request(outgoing)).await;
         let may_retry = empty_body || body.is_some();
         match sent {
             Ok(Ok(response)) => {
@@ -348,7 +375,11 @@ async fn proxy(gateway: &Gateway, table: &Arc<Table>, request: Request) -> (Stri
                 }
                 metrics
                     .upstream_requests
-                    .with_label_values(&[upstream_name, server.as_str(), if server_fault { "failed" } else { "ok" }])
+                    .with_label_values(&[
+                        upstream_name,
+                        server.as_str(),
+                        if server_fault { "failed" } else { "ok" },
+                    ])
                     .inc();
                 return (route_name, downstream(response, &id));
             }
@@ -461,8 +492,20 @@ mod tests {
     fn ambiguous_framing_is_refused() {
         assert!(framing_problem(&headers(&[("content-length", "5")])).is_none());
         assert!(framing_problem(&headers(&[("transfer-encoding", "chunked")])).is_none());
-        assert!(framing_problem(&headers(&[("content-length", "5"), ("transfer-encoding", "chunked")])).is_some());
-        assert!(framing_problem(&headers(&[("content-length", "5"), ("content-length", "5")])).is_some());
+        assert!(
+            framing_problem(&headers(&[
+                ("content-length", "5"),
+                ("transfer-encoding", "chunked")
+            ]))
+            .is_some()
+        );
+        assert!(
+            framing_problem(&headers(&[
+                ("content-length", "5"),
+                ("content-length", "5")
+            ]))
+            .is_some()
+        );
         assert!(framing_problem(&headers(&[("content-length", "+5")])).is_some());
         assert!(framing_problem(&headers(&[("transfer-encoding", "gzip, chunked")])).is_some());
         assert!(framing_problem(&headers(&[("transfer-encoding", "identity")])).is_some());

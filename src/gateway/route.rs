@@ -164,9 +164,19 @@ mod tests {
         assert_eq!(name("other.org", "/api/v2/x").as_deref(), Some("*/api/v2"));
         assert_eq!(name("other.org", "/api/v1").as_deref(), Some("*/api"));
         assert_eq!(name("other.org", "/").as_deref(), Some("*/"));
-        assert_eq!(name("a.example.com", "/api").as_deref(), Some("*.example.com/"));
-        assert_eq!(name("SHOP.example.com", "/x").as_deref(), Some("shop.example.com/"));
-        assert_eq!(name("example.com", "/api").as_deref(), Some("*/api"), "a wildcard needs a subdomain");
+        assert_eq!(
+            name("a.example.com", "/api").as_deref(),
+            Some("*.example.com/")
+        );
+        assert_eq!(
+            name("SHOP.example.com", "/x").as_deref(),
+            Some("shop.example.com/")
+        );
+        assert_eq!(
+            name("example.com", "/api").as_deref(),
+            Some("*/api"),
+            "a wildcard needs a subdomain"
+        );
     }
 
     #[test]
@@ -175,12 +185,25 @@ mod tests {
             "app",
             &toml::from_str::<UpstreamConfig>("servers = [\"127.0.0.1:1\"]").unwrap(),
         ));
-        let mut config: RouteConfig = toml::from_str("upstream = \"app\"\npath_prefix = \"/api\"").unwrap();
-        assert_eq!(Route::new(0, &config, pool.clone()).upstream_path("/api/x?y=1"), "/api/x?y=1");
+        let mut config: RouteConfig =
+            toml::from_str("upstream = \"app\"\npath_prefix = \"/api\"").unwrap();
+        assert_eq!(
+            Route::new(0, &config, pool.clone()).upstream_path("/api/x?y=1"),
+            "/api/x?y=1"
+        );
         config.strip_prefix = true;
-        assert_eq!(Route::new(0, &config, pool.clone()).upstream_path("/api/x?y=1"), "/x?y=1");
-        assert_eq!(Route::new(0, &config, pool.clone()).upstream_path("/api"), "/");
+        assert_eq!(
+            Route::new(0, &config, pool.clone()).upstream_path("/api/x?y=1"),
+            "/x?y=1"
+        );
+        assert_eq!(
+            Route::new(0, &config, pool.clone()).upstream_path("/api"),
+            "/"
+        );
         config.rewrite_prefix = Some("/v2/".to_owned());
-        assert_eq!(Route::new(0, &config, pool).upstream_path("/api/x"), "/v2/x");
+        assert_eq!(
+            Route::new(0, &config, pool).upstream_path("/api/x"),
+            "/v2/x"
+        );
     }
 }

@@ -349,7 +349,10 @@ mod tests {
         // The circuit's time is up: one probe goes to a, a second request does not.
         pool.servers[0].open_until.store(1, Ordering::Release);
         let (_, probe) = pool.pick(&[1]).unwrap();
-        assert!(pool.pick(&[1]).is_none(), "only one half-open probe at a time");
+        assert!(
+            pool.pick(&[1]).is_none(),
+            "only one half-open probe at a time"
+        );
         probe.succeeded();
         assert_eq!(pool.servers[0].status().circuit, "closed");
     }
@@ -358,7 +361,10 @@ mod tests {
     fn health_checks_eject_and_readmit_with_hysteresis() {
         let pool = pool(&["a:1", "b:1"], Balance::RoundRobin);
         pool.health_result(0, false);
-        assert!(pool.servers[0].status().healthy, "one failure is not enough");
+        assert!(
+            pool.servers[0].status().healthy,
+            "one failure is not enough"
+        );
         pool.health_result(0, false);
         assert!(!pool.servers[0].status().healthy);
         assert!(pool.pick(&[1]).is_none());

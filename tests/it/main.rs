@@ -8,6 +8,7 @@ mod support;
 
 mod cache;
 mod config;
+mod gateway;
 mod lifecycle;
 mod queue;
 mod queue_crash;

@@ -148,6 +148,11 @@ impl Keel {
         self.bound_addr("resp listener bound")
     }
 
+    /// The gateway address (the config must have routes and `listeners.gateway.bind`).
+    pub fn gateway_addr(&self) -> SocketAddr {
+        self.bound_addr("gateway listener bound")
+    }
+
     fn bound_addr(&self, needle: &str) -> SocketAddr {
         let line = self.wait_for_log(needle);
         let start = line.find("addr=").expect("addr field") + "addr=".len();
