@@ -34,6 +34,7 @@ use crate::http::{self, ApiState, Services};
 use crate::listener::{HttpOptions, Listener, ListenerError, serve_http};
 use crate::observe::{BuildInfo, DependencyState, LogHandle, Metrics, Readiness};
 use crate::queue::{Clock, ProcessorRegistry, Queue, QueueMetrics, SystemClock, Wakeups};
+use crate::ratelimit::RateLimitMetrics;
 use crate::resp::{ParseLimits, RespContext, RespMetrics, serve_resp};
 use crate::sql::{
     MaintenanceProcessor, QueryLoader, Settings as SqliteSettings, Sql, SqlMetrics, SqliteBackend,
@@ -351,6 +352,7 @@ pub async fn run(config: Config, launch: Launch) -> Result<(), AppError> {
     let gateway = Gateway::new(
         &config.gateway,
         GatewayMetrics::new(metrics.registry()),
+        RateLimitMetrics::new(metrics.registry()),
         shutdown.clone(),
     );
     let _ = services.set(Services {

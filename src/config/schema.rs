@@ -500,6 +500,31 @@ pub struct RouteRateLimitConfig {
     pub key: String,
     pub rate: Rate,
     pub burst: Option<u32>,
+    /// `requests` counts every request; `failures` (login routes) counts only answers
+    /// with a status of 400 or more.
+    #[serde(default)]
+    pub count: RateLimitCount,
+    /// Keys tracked at most; beyond, new keys share one overflow bucket.
+    pub max_keys: Option<usize>,
+    /// Ban keys that keep exceeding, for progressively longer.
+    pub penalty: Option<PenaltyConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RateLimitCount {
+    #[default]
+    Requests,
+    Failures,
+}
+
+/// `after` rejections within `within` ban the key for `ban`, doubling up to `max_ban`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct PenaltyConfig {
+    pub after: u32,
+    pub within: Span,
+    pub ban: Span,
+    pub max_ban: Span,
 }
 
 fn ip_key() -> String {

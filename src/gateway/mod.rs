@@ -21,6 +21,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::GatewayConfig;
+use crate::ratelimit::{Limiter, LimiterConfig, RateLimitMetrics};
 
 pub use metrics::GatewayMetrics;
 pub use route::{Route, RouteTable};
@@ -40,7 +41,7 @@ pub struct Table {
 }
 
 impl Table {
-    fn build(config: &GatewayConfig) -> Table {
+    fn build(config: &GatewayConfig, limits: &RateLimitMetrics) -> Table {
         let pools: BTreeMap<String, Arc<Pool>> = config
             .upstreams
             .iter()
@@ -56,7 +57,22 @@ impl Table {
             .enumerate()
             .filter_map(|(index, route)| {
                 let pool = pools.get(route.upstream.as_deref()?)?.clone();
-                Some(Route::new(index, route, pool))
+                let name = route
+                    .name
+                    .clone()
+                    .unwrap_or_else(|| format!("route-{index}"));
+                let limiter = route.rate_limit.as_ref().and_then(|limit| {
+                    let built = LimiterConfig::from_route(limit)
+                        .and_then(|config| Limiter::new(&name, &config, limits));
+                    match built {
+                        Ok(limiter) => Some(Arc::new(limiter)),
+                        Err(error) => {
+                            tracing::error!(route = name, %error, "rate limit not applied");
+                            None
+                        }
+                    }
+                });
+                Some(Route::new(index, route, pool, limiter))
             })
             .collect();
         Table {
@@ -95,6 +111,7 @@ pub struct Gateway {
 struct Inner {
     table: RwLock<Arc<Table>>,
     metrics: GatewayMetrics,
+    limits: RateLimitMetrics,
     shutdown: CancellationToken,
 }
 
@@ -108,16 +125,18 @@ impl Gateway {
     pub fn new(
         config: &GatewayConfig,
         metrics: GatewayMetrics,
+        limits: RateLimitMetrics,
         shutdown: CancellationToken,
     ) -> Gateway {
         let gateway = Gateway {
             inner: Arc::new(Inner {
-                table: RwLock::new(Arc::new(Table::build(config))),
+                table: RwLock::new(Arc::new(Table::build(config, &limits))),
                 metrics,
+                limits,
                 shutdown,
             }),
         };
-        gateway.start_health_checks(&gateway.table());
+        gateway.start_background(&gateway.table());
         gateway
     }
 
@@ -132,8 +151,8 @@ impl Gateway {
     /// Applies a new configuration: new requests use it at once; requests in flight
     /// finish on the table they started with; the old health checks stop.
     pub fn reload(&self, config: &GatewayConfig) {
-        let next = Arc::new(Table::build(config));
-        self.start_health_checks(&next);
+        let next = Arc::new(Table::build(config, &self.inner.limits));
+        self.start_background(&next);
         let previous = std::mem::replace(
             &mut *self.inner.table.write().unwrap_or_else(|p| p.into_inner()),
             next,
@@ -164,7 +183,27 @@ impl Gateway {
             .collect()
     }
 
-    fn start_health_checks(&self, table: &Arc<Table>) {
+    /// Health checks and the rate limiters' sweeper of one table, until it is retired.
+    fn start_background(&self, table: &Arc<Table>) {
+        let limiters: Vec<_> = table
+            .routes
+            .routes()
+            .iter()
+            .filter_map(|route| route.limiter.clone())
+            .collect();
+        if !limiters.is_empty() {
+            let (stop, shutdown) = (table.retired.clone(), self.inner.shutdown.clone());
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(Duration::from_secs(10));
+                loop {
+                    tokio::select! {
+                        _ = every.tick() => limiters.iter().for_each(|limiter| limiter.sweep()),
+                        _ = stop.cancelled() => return,
+                        _ = shutdown.cancelled() => return,
+                    }
+                }
+            });
+        }
         for pool in table.pools.values() {
             let Some(health) = pool.health.clone() else {
                 continue;

@@ -19,6 +19,7 @@ use http_body_util::BodyExt;
 
 use super::{Gateway, Table};
 use crate::listener::ConnectionTls;
+use crate::ratelimit::{Decision, Key, Limiter};
 
 /// Longest request target forwarded (414 beyond), as NGINX's default large buffer.
 const MAX_URI_BYTES: usize = 8 * 1024;
@@ -179,8 +180,24 @@ pub(super) async fn handle(State(gateway): State<Gateway>, request: Request) -> 
     let started = Instant::now();
     let table = gateway.table();
     let metrics = &gateway.inner.metrics;
-    let (route_name, response) = proxy(&gateway, &table, request).await;
+    let mut limited = None;
+    let (route_name, mut response) = proxy(&gateway, &table, request, &mut limited).await;
     let status = response.status();
+    if let Some(Limited {
+        limiter,
+        key,
+        decision,
+        failures_only,
+    }) = limited
+    {
+        // Login routes count only what failed; the headers tell the client where it stands.
+        let decision = if failures_only && status.as_u16() >= 400 {
+            limiter.record_failure(key)
+        } else {
+            decision
+        };
+        limiter.write_headers(&decision, response.headers_mut());
+    }
     metrics
         .requests
         .with_label_values(&[route_name.as_str(), class_of(status)])
@@ -192,7 +209,20 @@ pub(super) async fn handle(State(gateway): State<Gateway>, request: Request) -> 
     response
 }
 
-async fn proxy(gateway: &Gateway, table: &Arc<Table>, request: Request) -> (String, Response) {
+/// A request a rate limit let through, and what its response must report.
+struct Limited {
+    limiter: Arc<Limiter>,
+    key: Key,
+    decision: Decision,
+    failures_only: bool,
+}
+
+async fn proxy(
+    gateway: &Gateway,
+    table: &Arc<Table>,
+    request: Request,
+    limited: &mut Option<Limited>,
+) -> (String, Response) {
     let metrics = &gateway.inner.metrics;
     let unrouted = || "unmatched".to_owned();
     if let Some(problem) = framing_problem(request.headers()) {
@@ -295,7 +325,36 @@ async fn proxy(gateway: &Gateway, table: &Arc<Table>, request: Request) -> (Stri
     let id = request_id(&headers);
     headers.insert(X_REQUEST_ID, id.clone());
     append_via(&mut headers);
-    let _ = client;
+    if let Some(limiter) = &route.limiter {
+        let key = limiter.key_for(client, &parts.headers, &route.name);
+        let failures_only = route
+            .config
+            .rate_limit
+            .as_ref()
+            .is_some_and(|limit| limit.count == crate::config::RateLimitCount::Failures);
+        let decision = if failures_only {
+            limiter.peek(key)
+        } else {
+            limiter.check(key)
+        };
+        if !decision.is_allowed() {
+            metrics.rejected.with_label_values(&["rate_limited"]).inc();
+            let mut response = refuse(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "too many requests; see Retry-After",
+                false,
+            );
+            limiter.write_headers(&decision, response.headers_mut());
+            return (route_name, response);
+        }
+        *limited = Some(Limited {
+            limiter: limiter.clone(),
+            key,
+            decision,
+            failures_only,
+        });
+    }
 
     let path_and_query = parts
         .uri

@@ -58,11 +58,17 @@ pub struct Route {
     /// What replaces the prefix before forwarding (`Some("/")`-like for strip).
     pub rewrite: Option<String>,
     pub max_body_bytes: u64,
+    pub limiter: Option<Arc<crate::ratelimit::Limiter>>,
     pub config: RouteConfig,
 }
 
 impl Route {
-    pub fn new(index: usize, config: &RouteConfig, pool: Arc<Pool>) -> Route {
+    pub fn new(
+        index: usize,
+        config: &RouteConfig,
+        pool: Arc<Pool>,
+        limiter: Option<Arc<crate::ratelimit::Limiter>>,
+    ) -> Route {
         let rewrite = match (&config.rewrite_prefix, config.strip_prefix) {
             (Some(replacement), _) => Some(replacement.clone()),
             (None, true) => Some(String::new()),
@@ -78,6 +84,7 @@ impl Route {
             pool,
             rewrite,
             max_body_bytes: config.max_body_bytes.0,
+            limiter,
             config: config.clone(),
         }
     }
@@ -145,7 +152,7 @@ mod tests {
                 config.host = host.map(str::to_owned);
                 config.path_prefix = (*prefix).to_owned();
                 config.name = Some(format!("{}{}", host.unwrap_or("*"), prefix));
-                Route::new(index, &config, pool.clone())
+                Route::new(index, &config, pool.clone(), None)
             })
             .collect();
         RouteTable::new(routes)
@@ -188,21 +195,21 @@ mod tests {
         let mut config: RouteConfig =
             toml::from_str("upstream = \"app\"\npath_prefix = \"/api\"").unwrap();
         assert_eq!(
-            Route::new(0, &config, pool.clone()).upstream_path("/api/x?y=1"),
+            Route::new(0, &config, pool.clone(), None).upstream_path("/api/x?y=1"),
             "/api/x?y=1"
         );
         config.strip_prefix = true;
         assert_eq!(
-            Route::new(0, &config, pool.clone()).upstream_path("/api/x?y=1"),
+            Route::new(0, &config, pool.clone(), None).upstream_path("/api/x?y=1"),
             "/x?y=1"
         );
         assert_eq!(
-            Route::new(0, &config, pool.clone()).upstream_path("/api"),
+            Route::new(0, &config, pool.clone(), None).upstream_path("/api"),
             "/"
         );
         config.rewrite_prefix = Some("/v2/".to_owned());
         assert_eq!(
-            Route::new(0, &config, pool).upstream_path("/api/x"),
+            Route::new(0, &config, pool, None).upstream_path("/api/x"),
             "/v2/x"
         );
     }

@@ -115,9 +115,17 @@ impl LimiterConfig {
 
     /// A route's `rate_limit = { key, rate, burst }`.
     pub fn from_route(config: &RouteRateLimitConfig) -> Result<LimiterConfig, LimiterError> {
+        let base = LimiterConfig::new(config.key.parse()?, config.rate);
         Ok(LimiterConfig {
             burst: config.burst,
-            ..LimiterConfig::new(config.key.parse()?, config.rate)
+            max_keys: config.max_keys.unwrap_or(base.max_keys),
+            penalty: config.penalty.as_ref().map(|penalty| PenaltyPolicy {
+                after: penalty.after,
+                within: penalty.within.0,
+                ban: penalty.ban.0,
+                max_ban: penalty.max_ban.0,
+            }),
+            ..base
         })
     }
 }

@@ -81,12 +81,18 @@ impl Upstream {
                         .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
                         .collect();
                     headers.insert(":path".to_owned(), request.uri().to_string());
+                    let status = if request.uri().path().contains("fail") {
+                        axum::http::StatusCode::UNAUTHORIZED
+                    } else {
+                        axum::http::StatusCode::OK
+                    };
                     seen.lock().unwrap().push(headers);
                     let body = axum::body::to_bytes(request.into_body(), usize::MAX)
                         .await
                         .map(|b| b.len())
                         .unwrap_or(0);
                     (
+                        status,
                         [
                             ("x-upstream", name),
                             ("connection", "x-private"),
@@ -375,4 +381,68 @@ fn sighup_changes_routes_with_requests_in_flight() {
         0,
         "no request failed across the reload"
     );
+}
+
+#[test]
+fn rate_limits_answer_429_with_their_headers_and_recover() {
+    let a = Upstream::start("a");
+    let dir = scratch();
+    let extra = "[[gateway.routes]]\nname = \"limited\"\npath_prefix = \"/limited\"\nupstream = \"app\"\n\
+                 rate_limit = { key = \"ip\", rate = \"5/s\", burst = 5 }\n\
+                 [[gateway.routes]]\nname = \"login\"\npath_prefix = \"/login\"\nupstream = \"app\"\n\
+                 rate_limit = { key = \"ip\", rate = \"2/m\", burst = 2, count = \"failures\" }\n";
+    let (_keel, _api, gw) = start(dir.path(), &gateway_config(dir.path(), &[&a], extra));
+    let request = |spoof: usize| {
+        send(
+            gw,
+            &format!(
+                "GET /limited HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 10.1.1.{spoof}\r\nConnection: close\r\n\r\n"
+            ),
+        )
+    };
+    // A different spoofed X-Forwarded-For on each request: the peer is not trusted, so
+    // the key stays the peer's address.
+    for spoof in 0..5 {
+        let reply = request(spoof);
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        assert_eq!(
+            reply.header("ratelimit-policy"),
+            Some("\"limited\";q=5;w=1")
+        );
+        assert!(
+            reply
+                .header("ratelimit")
+                .unwrap()
+                .starts_with("\"limited\";r=")
+        );
+    }
+    let refused = request(99);
+    assert_eq!(refused.status, 429);
+    assert_eq!(refused.json()["code"], "rate_limited");
+    assert!(
+        refused
+            .header("retry-after")
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            >= 1
+    );
+    assert!(refused.header("ratelimit").unwrap().contains(";r=0"));
+    let started = Instant::now();
+    while request(0).status != 200 {
+        assert!(started.elapsed() < DEADLINE, "the limit never recovered");
+    }
+
+    // Login mode: successes do not count, failures do.
+    for _ in 0..5 {
+        assert_eq!(get(gw, "/login/ok").status, 200);
+    }
+    assert_eq!(get(gw, "/login/fail").status, 401);
+    assert_eq!(get(gw, "/login/fail").status, 401);
+    assert_eq!(
+        get(gw, "/login/fail").status,
+        429,
+        "two failures per minute"
+    );
+    assert_eq!(get(gw, "/login/ok").status, 429, "until the window passes");
 }
