@@ -477,6 +477,9 @@ fn configuration_is_checked() {
         key: "header:x-api-key".to_owned(),
         rate: rate("100/s"),
         burst: None,
+        count: Default::default(),
+        max_keys: None,
+        penalty: None,
     };
     let config = LimiterConfig::from_route(&route).unwrap();
     assert_eq!(
