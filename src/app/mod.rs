@@ -196,6 +196,7 @@ pub struct Endpoints {
     pub api_tls: bool,
     pub resp: Option<SocketAddr>,
     pub gateway: Option<SocketAddr>,
+    pub gateway_tls: Option<SocketAddr>,
 }
 
 /// Called once when keel is ready (`keel demo` prints its URLs here).
@@ -251,9 +252,10 @@ pub async fn run(config: Config, launch: Launch) -> Result<(), AppError> {
         api_tls: api.certificate().is_some(),
         resp: None,
         gateway: None,
+        gateway_tls: None,
     };
     tracing::info!(addr = %endpoints.api, tls = endpoints.api_tls, "api listener bound");
-    let mut certificates: Vec<_> = api.certificate().into_iter().collect();
+    let mut certificates_to_reload: Vec<_> = api.certificate().into_iter().collect();
     let api_options = HttpOptions {
         header_read_timeout: api_config.header_read_timeout.0,
         max_headers: api_config.max_headers as usize,
@@ -369,11 +371,26 @@ pub async fn run(config: Config, launch: Launch) -> Result<(), AppError> {
     });
 
     let gateway_config = &config.listeners.gateway;
-    if let (false, Some(addr)) = (config.gateway.routes.is_empty(), gateway_config.bind.0) {
-        let listener = match Listener::bind(
-            "gateway",
+    let gateway_options = HttpOptions {
+        header_read_timeout: api_config.header_read_timeout.0,
+        max_headers: api_config.max_headers as usize,
+        drain_timeout: config.lifecycle.drain_timeout.0,
+    };
+    let mut gateway_listeners = Vec::new();
+    if !config.gateway.routes.is_empty() {
+        if let Some(addr) = gateway_config.tls_bind.0 {
+            gateway_listeners.push(("gateway tls", addr, gateway_config.certificates.as_slice()));
+        }
+        if let Some(addr) = gateway_config.bind.0 {
+            gateway_listeners.push(("gateway", addr, &[][..]));
+        }
+    }
+    let mut https_port = None;
+    for (name, addr, certificates) in gateway_listeners {
+        let listener = match Listener::bind_with_certificates(
+            name,
             addr,
-            None,
+            certificates,
             &[b"h2", b"http/1.1"],
             gateway_config.max_connections,
         )
@@ -386,17 +403,27 @@ pub async fn run(config: Config, launch: Launch) -> Result<(), AppError> {
                 return Err(error.into());
             }
         };
-        tracing::info!(addr = %listener.local_addr(), routes = config.gateway.routes.len(), "gateway listener bound");
-        endpoints.gateway = Some(listener.local_addr());
-        let options = HttpOptions {
-            header_read_timeout: api_config.header_read_timeout.0,
-            max_headers: api_config.max_headers as usize,
-            drain_timeout: config.lifecycle.drain_timeout.0,
+        let tls = !certificates.is_empty();
+        tracing::info!(addr = %listener.local_addr(), tls, routes = config.gateway.routes.len(), "{name} listener bound");
+        certificates_to_reload.extend(listener.certificates());
+        let router = match (tls, https_port) {
+            (true, _) => {
+                https_port = Some(listener.local_addr().port());
+                endpoints.gateway_tls = Some(listener.local_addr());
+                gateway.router()
+            }
+            (false, Some(port)) if gateway_config.redirect_http => {
+                crate::gateway::redirect_router(port)
+            }
+            (false, _) => gateway.router(),
         };
+        if !tls {
+            endpoints.gateway = Some(listener.local_addr());
+        }
         servers.spawn(serve_http(
             listener,
-            gateway.router(),
-            options,
+            router,
+            gateway_options,
             shutdown.clone(),
         ));
     }
@@ -421,7 +448,7 @@ pub async fn run(config: Config, launch: Launch) -> Result<(), AppError> {
         };
         tracing::info!(addr = %resp.local_addr(), tls = resp.certificate().is_some(), "resp listener bound");
         endpoints.resp = Some(resp.local_addr());
-        certificates.extend(resp.certificate());
+        certificates_to_reload.extend(resp.certificate());
         let max_bulk = config
             .cache
             .max_value_bytes
@@ -462,7 +489,7 @@ pub async fn run(config: Config, launch: Launch) -> Result<(), AppError> {
             _ = interrupt.recv() => { tracing::info!("SIGINT received; shutting down"); break; }
             _ = hangup.recv() => {
                 tracing::info!("SIGHUP received; reloading configuration and certificates");
-                if let Some(next) = reload::reload(&launch.sources, &current, &launch.log, &certificates) {
+                if let Some(next) = reload::reload(&launch.sources, &current, &launch.log, &certificates_to_reload) {
                     let gateway_changed = !crate::config::changed_paths(&current, &next)
                         .iter()
                         .all(|path| !path.starts_with("gateway."));

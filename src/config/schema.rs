@@ -176,6 +176,8 @@ pub struct GatewayListenerConfig {
     /// Certificates for the TLS listener, chosen by SNI.
     pub certificates: Vec<TlsFiles>,
     pub max_connections: u32,
+    /// With `tls_bind`: answer plain HTTP with a 308 to the same URL over HTTPS.
+    pub redirect_http: bool,
 }
 
 impl Default for GatewayListenerConfig {
@@ -185,6 +187,7 @@ impl Default for GatewayListenerConfig {
             tls_bind: Bind(None),
             certificates: Vec::new(),
             max_connections: 10_000,
+            redirect_http: false,
         }
     }
 }

@@ -257,3 +257,33 @@ impl Gateway {
         }
     }
 }
+
+/// The plain listener when `redirect_http` is on: every request gets a 308 to the same
+/// host and target on the HTTPS port.
+pub fn redirect_router(https_port: u16) -> Router {
+    Router::new().fallback(move |request: axum::extract::Request| async move {
+        let host = request
+            .headers()
+            .get(hyper::header::HOST)
+            .and_then(|value| value.to_str().ok())
+            .map(|host| {
+                host.rsplit_once(':')
+                    .map_or(host, |(name, _)| name)
+                    .to_owned()
+            })
+            .unwrap_or_else(|| "localhost".to_owned());
+        let target = request
+            .uri()
+            .path_and_query()
+            .map_or("/", |target| target.as_str());
+        let location = if https_port == 443 {
+            format!("https://{host}{target}")
+        } else {
+            format!("https://{host}:{https_port}{target}")
+        };
+        (
+            hyper::StatusCode::PERMANENT_REDIRECT,
+            [(hyper::header::LOCATION, location)],
+        )
+    })
+}

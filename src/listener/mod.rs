@@ -27,7 +27,9 @@ use tokio_util::task::TaskTracker;
 use crate::config::TlsFiles;
 
 pub use http::{ConnectionTls, HttpOptions, serve_http};
-pub use tls::{ReloadableCert, TlsError, crypto_provider, load_certified_key, server_config};
+pub use tls::{
+    ReloadableCert, SniCertificates, TlsError, crypto_provider, load_certified_key, server_config,
+};
 
 /// A TLS handshake that has not finished by then is dropped; it holds a connection slot.
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -52,7 +54,7 @@ pub struct Listener {
     name: &'static str,
     tcp: TcpListener,
     local_addr: SocketAddr,
-    tls: Option<(TlsAcceptor, Arc<ReloadableCert>)>,
+    tls: Option<(TlsAcceptor, Vec<Arc<ReloadableCert>>)>,
     /// One permit per open connection. Accepting waits for a permit, so at the limit
     /// new clients queue in the kernel backlog instead of being accepted and dropped.
     slots: Arc<Semaphore>,
@@ -66,15 +68,42 @@ impl Listener {
         alpn: &[&[u8]],
         max_connections: u32,
     ) -> Result<Listener, ListenerError> {
-        let tls = match tls {
-            Some(files) => {
-                let cert = ReloadableCert::load(files).map_err(|source| ListenerError::Tls {
+        Listener::bind_with_certificates(
+            name,
+            addr,
+            tls.map(std::slice::from_ref).unwrap_or_default(),
+            alpn,
+            max_connections,
+        )
+        .await
+    }
+
+    /// Binds with TLS when `certificates` is not empty: one certificate, or several
+    /// chosen by SNI.
+    pub async fn bind_with_certificates(
+        name: &'static str,
+        addr: SocketAddr,
+        certificates: &[TlsFiles],
+        alpn: &[&[u8]],
+        max_connections: u32,
+    ) -> Result<Listener, ListenerError> {
+        let tls = if certificates.is_empty() {
+            None
+        } else {
+            let loaded = certificates
+                .iter()
+                .map(ReloadableCert::load)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|source| ListenerError::Tls {
                     listener: name,
                     source,
                 })?;
-                Some((TlsAcceptor::from(server_config(cert.clone(), alpn)), cert))
-            }
-            None => None,
+            let resolver: Arc<dyn rustls::server::ResolvesServerCert> = if loaded.len() == 1 {
+                loaded[0].clone()
+            } else {
+                Arc::new(SniCertificates::new(loaded.clone()))
+            };
+            Some((TlsAcceptor::from(server_config(resolver, alpn)), loaded))
         };
         let tcp = TcpListener::bind(addr)
             .await
@@ -105,9 +134,19 @@ impl Listener {
         self.local_addr
     }
 
-    /// The certificate SIGHUP reloads, when this listener speaks TLS.
+    /// The (first) certificate SIGHUP reloads, when this listener speaks TLS.
     pub fn certificate(&self) -> Option<Arc<ReloadableCert>> {
-        self.tls.as_ref().map(|(_, cert)| cert.clone())
+        self.tls
+            .as_ref()
+            .and_then(|(_, certs)| certs.first().cloned())
+    }
+
+    /// Every certificate of this listener.
+    pub fn certificates(&self) -> Vec<Arc<ReloadableCert>> {
+        self.tls
+            .as_ref()
+            .map(|(_, certs)| certs.clone())
+            .unwrap_or_default()
     }
 
     pub fn tls_acceptor(&self) -> Option<TlsAcceptor> {

@@ -99,6 +99,53 @@ impl ReloadableCert {
     pub fn files(&self) -> &TlsFiles {
         &self.files
     }
+
+    fn current(&self) -> Arc<CertifiedKey> {
+        self.current
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+}
+
+/// Several certificates on one listener, chosen by the name the client asks for (SNI):
+/// the first whose certificate is valid for that name (wildcards included), else the
+/// first. Each one reloads on SIGHUP like a single certificate.
+#[derive(Debug)]
+pub struct SniCertificates {
+    certificates: Vec<Arc<ReloadableCert>>,
+}
+
+impl SniCertificates {
+    pub fn new(certificates: Vec<Arc<ReloadableCert>>) -> SniCertificates {
+        SniCertificates { certificates }
+    }
+}
+
+fn serves(key: &CertifiedKey, name: &rustls_pki_types::ServerName<'_>) -> bool {
+    key.end_entity_cert()
+        .ok()
+        .and_then(|der| webpki::EndEntityCert::try_from(der).ok())
+        .is_some_and(|cert| cert.verify_is_valid_for_subject_name(name).is_ok())
+}
+
+impl ResolvesServerCert for SniCertificates {
+    fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let asked = client_hello
+            .server_name()
+            .and_then(|name| rustls_pki_types::ServerName::try_from(name.to_owned()).ok());
+        if let Some(name) = asked {
+            for certificate in &self.certificates {
+                let key = certificate.current();
+                if serves(&key, &name) {
+                    return Some(key);
+                }
+            }
+        }
+        self.certificates
+            .first()
+            .map(|certificate| certificate.current())
+    }
 }
 
 impl ResolvesServerCert for ReloadableCert {
@@ -113,7 +160,7 @@ impl ResolvesServerCert for ReloadableCert {
 }
 
 /// A server configuration for one listener. `alpn` lists protocols in preference order.
-pub fn server_config(cert: Arc<ReloadableCert>, alpn: &[&[u8]]) -> Arc<ServerConfig> {
+pub fn server_config(cert: Arc<dyn ResolvesServerCert>, alpn: &[&[u8]]) -> Arc<ServerConfig> {
     let mut config = ServerConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .expect("ring supports TLS 1.2 and 1.3")

@@ -446,3 +446,88 @@ fn rate_limits_answer_429_with_their_headers_and_recover() {
     );
     assert_eq!(get(gw, "/login/ok").status, 429, "until the window passes");
 }
+
+/// A self-signed certificate for `name`, written as NAME.crt / NAME.key in `dir`.
+fn self_signed(dir: &std::path::Path, name: &str) -> rustls::pki_types::CertificateDer<'static> {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec![name.to_owned()]).unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    std::fs::write(dir.join(format!("{name}.crt")), cert.pem()).unwrap();
+    std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+    cert.der().clone()
+}
+
+#[test]
+fn tls_picks_the_certificate_by_sni_and_plain_http_redirects() {
+    use rustls::pki_types::ServerName;
+    let a = Upstream::start("a");
+    let dir = scratch();
+    let certs: Vec<_> = ["a.test", "b.test"]
+        .iter()
+        .map(|name| self_signed(dir.path(), name))
+        .collect();
+    let file = |name: &str| dir.path().join(name).display().to_string();
+    let config = gateway_config(dir.path(), &[&a], "").replace(
+        "[listeners.gateway]\nbind = \"127.0.0.1:0\"\n",
+        &format!(
+            "[listeners.gateway]\nbind = \"127.0.0.1:0\"\ntls_bind = \"127.0.0.1:0\"\nredirect_http = true\n\
+             certificates = [{{ cert = {:?}, key = {:?} }}, {{ cert = {:?}, key = {:?} }}]\n",
+            file("a.test.crt"), file("a.test.key"), file("b.test.crt"), file("b.test.key")
+        ),
+    );
+    let (keel, _api, plain) = start(dir.path(), &config);
+    let tls_addr: SocketAddr = {
+        let line = keel.wait_for_log("gateway tls listener bound");
+        let start = line.find("addr=").unwrap() + 5;
+        line[start..]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in &certs {
+        roots.add(cert.clone()).unwrap();
+    }
+    let client = Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    );
+    for (index, name) in ["a.test", "b.test"].iter().enumerate() {
+        let connection =
+            rustls::ClientConnection::new(client.clone(), ServerName::try_from(*name).unwrap())
+                .unwrap();
+        let mut stream =
+            rustls::StreamOwned::new(connection, TcpStream::connect(tls_addr).unwrap());
+        write!(
+            stream,
+            "GET /secure HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut raw = Vec::new();
+        let _ = stream.read_to_end(&mut raw);
+        let presented = stream.conn.peer_certificates().unwrap()[0].clone();
+        assert_eq!(presented, certs[index], "{name} got its own certificate");
+        let reply = parse_reply(&raw);
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        assert_eq!(reply.body, "a 0");
+    }
+    let seen = a.seen.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(seen["x-forwarded-proto"], "https");
+
+    let redirect = send(
+        plain,
+        "GET /page?x=1 HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(redirect.status, 308);
+    assert_eq!(
+        redirect.header("location"),
+        Some(format!("https://shop.test:{}/page?x=1", tls_addr.port()).as_str())
+    );
+}
