@@ -260,6 +260,7 @@ pub async fn run(config: Config, launch: Launch) -> Result<(), AppError> {
         header_read_timeout: api_config.header_read_timeout.0,
         max_headers: api_config.max_headers as usize,
         drain_timeout: config.lifecycle.drain_timeout.0,
+        inspect_framing: false,
     };
     let services = Arc::new(OnceLock::new());
     let auth = Authenticator::from_config(&config);
@@ -375,6 +376,7 @@ pub async fn run(config: Config, launch: Launch) -> Result<(), AppError> {
         header_read_timeout: api_config.header_read_timeout.0,
         max_headers: api_config.max_headers as usize,
         drain_timeout: config.lifecycle.drain_timeout.0,
+        inspect_framing: true,
     };
     let mut gateway_listeners = Vec::new();
     if !config.gateway.routes.is_empty() {

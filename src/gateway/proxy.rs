@@ -18,7 +18,7 @@ use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
 
 use super::{Gateway, Table};
-use crate::listener::ConnectionTls;
+use crate::listener::{AmbiguousFraming, ConnectionTls};
 use crate::ratelimit::{Decision, Key, Limiter};
 
 /// Longest request target forwarded (414 beyond), as NGINX's default large buffer.
@@ -225,7 +225,12 @@ async fn proxy(
 ) -> (String, Response) {
     let metrics = &gateway.inner.metrics;
     let unrouted = || "unmatched".to_owned();
-    if let Some(problem) = framing_problem(request.headers()) {
+    let ambiguous = request
+        .extensions()
+        .get::<AmbiguousFraming>()
+        .is_some_and(|flag| flag.0)
+        .then_some("both Content-Length and Transfer-Encoding");
+    if let Some(problem) = ambiguous.or_else(|| framing_problem(request.headers())) {
         metrics.rejected.with_label_values(&["framing"]).inc();
         return (
             unrouted(),

@@ -12,6 +12,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
+use super::framing::Inspected;
 use super::{Listener, Stream};
 
 /// Request extension: whether the connection came in over TLS (X-Forwarded-Proto).
@@ -26,6 +27,9 @@ pub struct HttpOptions {
     pub max_headers: usize,
     /// How long shutdown waits for in-flight requests before dropping connections.
     pub drain_timeout: Duration,
+    /// Look at HTTP/1 request heads before hyper does and mark requests whose framing
+    /// was ambiguous (`AmbiguousFraming`); the gateway refuses them.
+    pub inspect_framing: bool,
 }
 
 /// Serves `router` until `shutdown`; then each connection finishes the requests in
@@ -59,10 +63,19 @@ async fn serve_connection(
     shutdown: CancellationToken,
 ) {
     let tls = ConnectionTls(matches!(stream, Stream::Tls(_)));
+    let (stream, heads) = if options.inspect_framing {
+        let (stream, heads) = Inspected::new(stream);
+        (Either::Inspected(stream), Some(heads))
+    } else {
+        (Either::Plain(stream), None)
+    };
     let service = router.map_request(move |request: hyper::Request<hyper::body::Incoming>| {
         let mut request = request.map(axum::body::Body::new);
         request.extensions_mut().insert(ConnectInfo(peer));
         request.extensions_mut().insert(tls);
+        if let Some(heads) = &heads {
+            request.extensions_mut().insert(heads.next());
+        }
         request
     });
     let mut builder = Builder::new(TokioExecutor::new());
@@ -87,5 +100,57 @@ async fn serve_connection(
     };
     if let Err(error) = outcome {
         tracing::debug!(%peer, %error, "connection ended with an error");
+    }
+}
+
+/// A connection's stream, inspected or not (one concrete type for hyper).
+enum Either {
+    Plain(Stream),
+    Inspected(Inspected<Stream>),
+}
+
+impl tokio::io::AsyncRead for Either {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Either::Plain(stream) => std::pin::Pin::new(stream).poll_read(cx, buf),
+            Either::Inspected(stream) => std::pin::Pin::new(stream).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Either {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Either::Plain(stream) => std::pin::Pin::new(stream).poll_write(cx, data),
+            Either::Inspected(stream) => std::pin::Pin::new(stream).poll_write(cx, data),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Either::Plain(stream) => std::pin::Pin::new(stream).poll_flush(cx),
+            Either::Inspected(stream) => std::pin::Pin::new(stream).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Either::Plain(stream) => std::pin::Pin::new(stream).poll_shutdown(cx),
+            Either::Inspected(stream) => std::pin::Pin::new(stream).poll_shutdown(cx),
+        }
     }
 }

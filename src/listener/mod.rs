@@ -6,6 +6,7 @@
 //! finishes each TLS handshake and hands a `Stream` to a protocol's connection handler
 //! (`serve_http` here, the RESP server in `resp/`), and drains on shutdown.
 
+mod framing;
 mod http;
 mod tls;
 
@@ -26,6 +27,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::TlsFiles;
 
+pub use framing::AmbiguousFraming;
 pub use http::{ConnectionTls, HttpOptions, serve_http};
 pub use tls::{
     ReloadableCert, SniCertificates, TlsError, crypto_provider, load_certified_key, server_config,
