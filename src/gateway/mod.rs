@@ -1,0 +1,3 @@
+//! The gateway: the reverse proxy in front of the site's upstreams.
+
+pub mod cache_policy;
