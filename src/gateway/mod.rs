@@ -1,3 +1,4 @@
 //! The gateway: the reverse proxy in front of the site's upstreams.
 
 pub mod cache_policy;
+pub mod compress;
