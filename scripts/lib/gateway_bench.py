@@ -12,7 +12,8 @@ runs (`wrk -t1 -c50 -d10s --latency`, no script):
   (b) pass-through, GET /pass/data.json, keep-alive to the upstream on both sides,
   (c) pass-through behind a rate limit that never rejects, GET /limited/data.json,
       checked for no 429/503,
-  (d) (a) over TLS on a self-signed certificate (wrk keeps its connections: steady state).
+  (d) (a) over TLS on a self-signed certificate (wrk keeps its connections: steady state),
+in the order (a), (d), (b), (c), so that both cached runs fit in one 30 s TTL.
 keel runs once (fresh data dir, gateway listener and api listener on free loopback ports,
 RESP off); NGINX runs with worker_processes 1, then with worker_processes auto. Where this
 keel has no response cache (no `X-Cache: HIT` on the second request) or no gateway TLS
@@ -56,6 +57,10 @@ WORKLOADS = [  # key, path, TLS, label
     ("limited", "/limited/data.json", False, "(c) pass-through, rate limit that never rejects"),
     ("cached_tls", "/cached/data.json", True, "(d) cached hit over TLS"),
 ]
+# Both cached runs first and back to back: they share one cache entry on each side (NGINX's
+# default proxy_cache_key is the upstream URL, without the client's scheme), and a 30 s TTL
+# outlasts warm-up + run + warm-up + run, so neither run sees the entry expire.
+RUN_ORDER = [WORKLOADS[0], WORKLOADS[3], WORKLOADS[1], WORKLOADS[2]]
 
 
 def body():
@@ -353,17 +358,17 @@ def keel_side(workdir, upstream_port):
     except RuntimeError as error:
         print(f"  keel with a TLS listener: {error}", file=sys.stderr)
         print("  trying again without tls_bind", flush=True)
-        results["cached_tls"] = {"available": False, "reason": "keel refused the TLS listener configuration"}
         try:
             keel, port, tls_port, api_port, log_path = start_keel(workdir, upstream_port, tls=False)
         except RuntimeError as error:
             failures.append(f"keel: {error}")
             return results
+        results["cached_tls"] = {"available": False, "reason": "keel refused the TLS listener configuration"}
     try:
         if tls_port is not None and not wait_port(tls_port, deadline=5, proc=keel):
             results["cached_tls"] = {"available": False, "reason": "the TLS listener (tls_bind) did not come up"}
             tls_port = None
-        for key, path, tls, label in WORKLOADS:
+        for key, path, tls, label in RUN_ORDER:
             if key in results:
                 print(f"  keel {label}: {NOT_AVAILABLE}: {results[key]['reason']}", flush=True)
                 continue
@@ -403,7 +408,9 @@ def keel_side(workdir, upstream_port):
 def nginx_side(workdir, upstream_port, workers, version):
     name = f"nginx-{workers}"
     port, tls_port = free_port(), free_port()
-    http2_off = "http2 off;" if tuple(int(n) for n in version.split(".")) >= (1, 25, 1) else ""
+    # `http2 off` exists from 1.25.1 on; before, a listener without `http2` speaks HTTP/1.1 only.
+    newer = re.fullmatch(r"[\d.]+", version) and tuple(map(int, version.split("."))) >= (1, 25, 1)
+    http2_off = "http2 off;" if newer else ""
     proc, directory = start_nginx(name, workdir, "proxy.nginx.conf", WORKERS=workers, PORT=port, TLS_PORT=tls_port,
                                   UPSTREAM_PORT=upstream_port, HTTP2_OFF=http2_off,
                                   CERT=f"{workdir}/cert.pem", KEY=f"{workdir}/key.pem")
@@ -412,7 +419,7 @@ def nginx_side(workdir, upstream_port, workers, version):
         if not nginx_started(proc, directory, port) or not wait_port(tls_port, proc=proc):
             failures.append(f"{name}: nginx did not start")
             return results
-        for key, path, tls, label in WORKLOADS:
+        for key, path, tls, label in RUN_ORDER:
             target_port = tls_port if tls else port
             negotiated = None
             if path.startswith("/cached/"):

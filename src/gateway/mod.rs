@@ -3,6 +3,8 @@
 //! limits. The [`Gateway`] handle holds the current route table; SIGHUP swaps in a new
 //! one while requests in flight finish on the table they started with.
 
+pub mod cache_policy;
+pub mod compress;
 mod metrics;
 mod proxy;
 mod route;
