@@ -222,6 +222,12 @@ fn l1_is_bounded_by_bytes_and_l2_answers_what_it_evicted() {
             204
         );
     }
+    // Reads look at writes still queued for L2 first; wait until L2 has them all, so
+    // what L1 evicted is really answered by L2.
+    let started = std::time::Instant::now();
+    while get(addr, "/v1/cache/stats").json()["l2"]["queued_writes"] != 0 {
+        assert!(started.elapsed() < DEADLINE, "L2 never caught up");
+    }
     for index in 0..300 {
         let reply = get(addr, &format!("/v1/cache/big:{index}"));
         assert_eq!(
