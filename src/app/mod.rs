@@ -356,6 +356,7 @@ pub async fn run(config: Config, launch: Launch) -> Result<(), AppError> {
         &config.gateway,
         GatewayMetrics::new(metrics.registry()),
         RateLimitMetrics::new(metrics.registry()),
+        Some(cache.clone()),
         shutdown.clone(),
     );
     let _ = services.set(Services {

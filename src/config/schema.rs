@@ -492,8 +492,26 @@ fn root_prefix() -> String {
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct RouteCacheConfig {
+    /// Freshness when the upstream's response says nothing.
     pub ttl: Span,
     pub stale_while_revalidate: Option<Span>,
+    pub stale_if_error: Option<Span>,
+    /// Query parameters left out of the cache key (`utm_source`, ...).
+    #[serde(default)]
+    pub ignore_query: Vec<String>,
+    /// Store responses to requests carrying `Authorization` (off: never).
+    #[serde(default)]
+    pub cache_authorized: bool,
+    /// Store responses that set cookies (off: never).
+    #[serde(default)]
+    pub cache_set_cookie: bool,
+    /// Largest body stored; larger responses pass through uncached.
+    #[serde(default = "cached_body_limit")]
+    pub max_body_bytes: ByteSize,
+}
+
+fn cached_body_limit() -> ByteSize {
+    ByteSize(8 << 20)
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -10,6 +10,7 @@ pub struct GatewayMetrics {
     pub upstream_requests: IntCounterVec,
     pub upstream_healthy: IntGaugeVec,
     pub rejected: IntCounterVec,
+    pub cache_results: IntCounterVec,
 }
 
 const BUCKETS: &[f64] = &[
@@ -60,8 +61,17 @@ impl GatewayMetrics {
                 &["reason"],
             )
             .expect("valid metric"),
+            cache_results: IntCounterVec::new(
+                Opts::new(
+                    "keel_gateway_cache_total",
+                    "Response-cache lookups by route and result (hit, miss, stale, coalesced, bypass).",
+                ),
+                &["route", "result"],
+            )
+            .expect("valid metric"),
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 5] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 6] = [
+            Box::new(metrics.cache_results.clone()),
             Box::new(metrics.requests.clone()),
             Box::new(metrics.request_seconds.clone()),
             Box::new(metrics.upstream_requests.clone()),

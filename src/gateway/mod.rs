@@ -7,6 +7,7 @@ pub mod cache_policy;
 pub mod compress;
 mod metrics;
 mod proxy;
+mod response_cache;
 mod route;
 mod upstream;
 
@@ -22,8 +23,10 @@ use ipnet::IpNet;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use crate::cache::Cache;
 use crate::config::GatewayConfig;
 use crate::ratelimit::{Limiter, LimiterConfig, RateLimitMetrics};
+use response_cache::{PurgeTarget, RouteCache};
 
 pub use metrics::GatewayMetrics;
 pub use route::{Route, RouteTable};
@@ -43,7 +46,7 @@ pub struct Table {
 }
 
 impl Table {
-    fn build(config: &GatewayConfig, limits: &RateLimitMetrics) -> Table {
+    fn build(config: &GatewayConfig, limits: &RateLimitMetrics, cache: Option<&Cache>) -> Table {
         let pools: BTreeMap<String, Arc<Pool>> = config
             .upstreams
             .iter()
@@ -74,7 +77,16 @@ impl Table {
                         }
                     }
                 });
-                Some(Route::new(index, route, pool, limiter))
+                let mut built = Route::new(index, route, pool, limiter);
+                built.cache = match (&route.cache, cache) {
+                    (Some(config), Some(cache)) => Some(Arc::new(RouteCache::new(
+                        config,
+                        route.compress,
+                        cache.clone(),
+                    ))),
+                    _ => None,
+                };
+                Some(built)
             })
             .collect();
         Table {
@@ -114,6 +126,7 @@ struct Inner {
     table: RwLock<Arc<Table>>,
     metrics: GatewayMetrics,
     limits: RateLimitMetrics,
+    cache: Option<Cache>,
     shutdown: CancellationToken,
 }
 
@@ -128,13 +141,15 @@ impl Gateway {
         config: &GatewayConfig,
         metrics: GatewayMetrics,
         limits: RateLimitMetrics,
+        cache: Option<Cache>,
         shutdown: CancellationToken,
     ) -> Gateway {
         let gateway = Gateway {
             inner: Arc::new(Inner {
-                table: RwLock::new(Arc::new(Table::build(config, &limits))),
+                table: RwLock::new(Arc::new(Table::build(config, &limits, cache.as_ref()))),
                 metrics,
                 limits,
+                cache,
                 shutdown,
             }),
         };
@@ -153,7 +168,11 @@ impl Gateway {
     /// Applies a new configuration: new requests use it at once; requests in flight
     /// finish on the table they started with; the old health checks stop.
     pub fn reload(&self, config: &GatewayConfig) {
-        let next = Arc::new(Table::build(config, &self.inner.limits));
+        let next = Arc::new(Table::build(
+            config,
+            &self.inner.limits,
+            self.inner.cache.as_ref(),
+        ));
         self.start_background(&next);
         let previous = std::mem::replace(
             &mut *self.inner.table.write().unwrap_or_else(|p| p.into_inner()),
@@ -288,4 +307,127 @@ pub fn redirect_router(https_port: u16) -> Router {
             [(hyper::header::LOCATION, location)],
         )
     })
+}
+
+/// Compression of a response that passes through (not from the cache): streamed, when
+/// the route compresses, the client accepts it and the response is worth it.
+fn compress_for(
+    route: &Route,
+    request_headers: &axum::http::HeaderMap,
+    response: axum::response::Response,
+) -> axum::response::Response {
+    if !route.config.compress {
+        return response;
+    }
+    let policy = compress::CompressPolicy::default();
+    let known = response
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok()?.parse().ok());
+    if !compress::should_compress(&policy, response.status(), response.headers(), known) {
+        return response;
+    }
+    let coding = compress::negotiate(
+        request_headers.get(hyper::header::ACCEPT_ENCODING),
+        &policy.enabled,
+    );
+    let (mut parts, body) = response.into_parts();
+    compress::apply_headers(&mut parts.headers, coding);
+    if coding == compress::Coding::Identity {
+        return axum::response::Response::from_parts(parts, body);
+    }
+    axum::response::Response::from_parts(
+        parts,
+        axum::body::Body::new(compress::encode_body(coding, body)),
+    )
+}
+
+/// What `POST /v1/gateway/purge` names.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PurgeRequest {
+    pub url: Option<String>,
+    pub prefix: Option<String>,
+    pub tag: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PurgeError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("the gateway has no cache")]
+    NoCache,
+    #[error(transparent)]
+    Cache(#[from] crate::cache::CacheError),
+}
+
+impl Gateway {
+    /// Removes cached responses by URL (all its variants and encodings), by URL prefix
+    /// or by tag (`Cache-Tag` / `Surrogate-Key`), from both cache layers.
+    pub async fn purge(&self, request: PurgeRequest) -> Result<usize, PurgeError> {
+        let cache = self.inner.cache.as_ref().ok_or(PurgeError::NoCache)?;
+        let target = match (request.url, request.prefix, request.tag) {
+            (Some(url), None, None) => {
+                let (scheme, host, path, query) = split_url(&url)?;
+                let table = self.table();
+                let policy = table
+                    .routes
+                    .find(&host, &path)
+                    .and_then(|route| route.cache.as_ref())
+                    .map(|cache| cache.policy().clone())
+                    .ok_or_else(|| PurgeError::Invalid(format!("no cached route serves {url}")))?;
+                PurgeTarget::Primary(cache_policy::primary_key(
+                    &hyper::Method::GET,
+                    &scheme,
+                    &host,
+                    &path,
+                    query.as_deref(),
+                    &policy,
+                ))
+            }
+            (None, Some(prefix), None) => {
+                let (scheme, host, path, _) = split_url(&prefix)?;
+                PurgeTarget::Prefix(format!("GET {scheme}://{host}{path}"))
+            }
+            (None, None, Some(tag))
+                if !tag.is_empty() && tag.len() <= cache_policy::MAX_TAG_BYTES =>
+            {
+                PurgeTarget::Tag(tag)
+            }
+            _ => {
+                return Err(PurgeError::Invalid(
+                    "give exactly one of url, prefix or tag".to_owned(),
+                ));
+            }
+        };
+        Ok(RouteCache::purge(cache, target).await?)
+    }
+}
+
+/// `https://host[:port]/path?query` → (scheme, host without default port, path, query).
+fn split_url(url: &str) -> Result<(String, String, String, Option<String>), PurgeError> {
+    let uri: hyper::Uri = url
+        .parse()
+        .map_err(|_| PurgeError::Invalid(format!("{url:?} is not a URL")))?;
+    let scheme = uri
+        .scheme_str()
+        .filter(|scheme| matches!(*scheme, "http" | "https"))
+        .ok_or_else(|| PurgeError::Invalid(format!("{url:?} must start with http:// or https://")))?
+        .to_owned();
+    let host = uri
+        .host()
+        .ok_or_else(|| PurgeError::Invalid(format!("{url:?} has no host")))?
+        .to_ascii_lowercase();
+    let host = match uri.port_u16() {
+        Some(port) if !((scheme == "http" && port == 80) || (scheme == "https" && port == 443)) => {
+            format!("{host}:{port}")
+        }
+        _ => host,
+    };
+    Ok((
+        scheme,
+        host,
+        uri.path().to_owned(),
+        uri.query().map(str::to_owned),
+    ))
 }

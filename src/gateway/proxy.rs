@@ -17,6 +17,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header}
 use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
 
+use super::route::Route;
 use super::{Gateway, Table};
 use crate::listener::{AmbiguousFraming, ConnectionTls};
 use crate::ratelimit::{Decision, Key, Limiter};
@@ -44,7 +45,7 @@ const VIA_VALUE: &str = "1.1 keel";
 
 /// An answer the gateway gives itself, as problem+json; framing errors also close the
 /// connection, since what follows on it cannot be trusted.
-fn refuse(
+pub(super) fn refuse(
     status: StatusCode,
     code: &'static str,
     detail: impl Into<String>,
@@ -89,7 +90,7 @@ fn framing_problem(headers: &HeaderMap) -> Option<&'static str> {
 }
 
 /// Removes hop-by-hop headers, including those the Connection header names.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -369,69 +370,97 @@ async fn proxy(
     // A body-less request can be sent again as it is; one with a body cannot.
     let empty_body =
         declared_length.unwrap_or(0) == 0 && !parts.headers.contains_key(header::TRANSFER_ENCODING);
+    let outgoing = Outgoing {
+        method: parts.method.clone(),
+        headers,
+        target: upstream_target,
+        body: (!empty_body).then(|| {
+            Body::new(http_body_util::Limited::new(
+                body,
+                route.max_body_bytes as usize,
+            ))
+        }),
+    };
+    if let Some(cache) = &route.cache {
+        let scheme = if tls { "https" } else { "http" };
+        let response = cache
+            .serve(gateway, table, route, &parts, scheme, &host, outgoing, &id)
+            .await;
+        return (route_name, response);
+    }
+    let response = match send_upstream(gateway, table, route, outgoing).await {
+        Ok(response) => downstream(response, &id),
+        Err(refusal) => refusal,
+    };
+    (
+        route_name,
+        super::compress_for(route, &parts.headers, response),
+    )
+}
+
+/// A request on its way to an upstream server.
+pub(super) struct Outgoing {
+    pub method: Method,
+    pub headers: HeaderMap,
+    /// Path and query as the upstream sees them.
+    pub target: String,
+    /// `None`: no body, so the request can be sent again as it is.
+    pub body: Option<Body>,
+}
+
+/// Sends to a server of the route's pool, with the retries that are safe: to another
+/// server when the connection could not be made, or for idempotent requests without a
+/// body. `Err` is the gateway's own answer (502, 503, 504, 413).
+pub(super) async fn send_upstream(
+    gateway: &Gateway,
+    table: &Table,
+    route: &Route,
+    mut outgoing: Outgoing,
+) -> Result<hyper::Response<hyper::body::Incoming>, Response> {
+    let metrics = &gateway.inner.metrics;
     let idempotent = matches!(
-        parts.method,
+        outgoing.method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
     );
+    let empty_body = outgoing.body.is_none();
     let limit = route.max_body_bytes;
-    let mut body = Some(Body::new(http_body_util::Limited::new(
-        body,
-        limit as usize,
-    )));
-
     let pool = &route.pool;
     let upstream_client = table.client(&pool.name);
     let mut tried: Vec<usize> = Vec::new();
     loop {
         let Some((index, lease)) = pool.pick(&tried) else {
             metrics.rejected.with_label_values(&["no_upstream"]).inc();
-            return (
-                route_name,
-                refuse(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "no_upstream",
-                    format!("no healthy server in upstream {}", pool.name),
-                    false,
-                ),
-            );
+            return Err(refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_upstream",
+                format!("no healthy server in upstream {}", pool.name),
+                false,
+            ));
         };
         tried.push(index);
         let server = lease.server.address.clone();
-        let uri = format!("http://{server}{upstream_target}");
         let mut builder = hyper::Request::builder()
-            .method(parts.method.clone())
-            .uri(uri)
+            .method(outgoing.method.clone())
+            .uri(format!("http://{server}{}", outgoing.target))
             .version(hyper::Version::HTTP_11);
         if let Some(request_headers) = builder.headers_mut() {
-            *request_headers = headers.clone();
+            *request_headers = outgoing.headers.clone();
         }
-        let outgoing_body = if empty_body {
-            Body::empty()
-        } else {
-            body.take().unwrap_or_else(Body::empty)
-        };
-        let outgoing = match builder.body(outgoing_body) {
-            Ok(outgoing) => outgoing,
-            Err(error) => {
-                return (
-                    route_name,
-                    refuse(
-                        StatusCode::BAD_REQUEST,
-                        "bad_request",
-                        error.to_string(),
-                        false,
-                    ),
-                );
-            }
-        };
+        let body = outgoing.body.take().unwrap_or_else(Body::empty);
+        let request = builder.body(body).map_err(|error| {
+            refuse(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                error.to_string(),
+                false,
+            )
+        })?;
         let upstream_name = pool.name.as_str();
         let sent =
-            tokio::time::timeout(pool.response_timeout, upstream_client.request(outgoing)).await;
-        let may_retry = empty_body || body.is_some();
+            tokio::time::timeout(pool.response_timeout, upstream_client.request(request)).await;
         match sent {
             Ok(Ok(response)) => {
-                let status = response.status();
-                let server_fault = matches!(status.as_u16(), 502..=504);
+                let server_fault = matches!(response.status().as_u16(), 502..=504);
                 if server_fault {
                     lease.failed();
                 } else {
@@ -445,7 +474,7 @@ async fn proxy(
                         if server_fault { "failed" } else { "ok" },
                     ])
                     .inc();
-                return (route_name, downstream(response, &id));
+                return Ok(response);
             }
             Ok(Err(error)) => {
                 lease.failed();
@@ -455,30 +484,25 @@ async fn proxy(
                     .with_label_values(&[upstream_name, server.as_str(), "failed"])
                     .inc();
                 if body_over_limit(&error) {
-                    return (
-                        route_name,
-                        refuse(
-                            StatusCode::PAYLOAD_TOO_LARGE,
-                            "body_too_large",
-                            format!("the body is larger than {limit} bytes"),
-                            true,
-                        ),
-                    );
+                    return Err(refuse(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "body_too_large",
+                        format!("the body is larger than {limit} bytes"),
+                        true,
+                    ));
                 }
                 tracing::debug!(%error, server, connect, "upstream request failed");
-                let retry = may_retry && (connect || (idempotent && empty_body));
+                // A failed connect never consumed the body; anything else may have.
+                let retry = empty_body && (connect || idempotent);
                 if retry && tried.len() < pool.servers.len() {
                     continue;
                 }
-                return (
-                    route_name,
-                    refuse(
-                        StatusCode::BAD_GATEWAY,
-                        "upstream_failed",
-                        format!("upstream {upstream_name} did not answer properly"),
-                        false,
-                    ),
-                );
+                return Err(refuse(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream_failed",
+                    format!("upstream {upstream_name} did not answer properly"),
+                    false,
+                ));
             }
             Err(_) => {
                 lease.failed();
@@ -489,18 +513,15 @@ async fn proxy(
                 if idempotent && empty_body && tried.len() < pool.servers.len() {
                     continue;
                 }
-                return (
-                    route_name,
-                    refuse(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "upstream_timeout",
-                        format!(
-                            "upstream {upstream_name} did not answer within {:?}",
-                            pool.response_timeout
-                        ),
-                        false,
+                return Err(refuse(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream_timeout",
+                    format!(
+                        "upstream {upstream_name} did not answer within {:?}",
+                        pool.response_timeout
                     ),
-                );
+                    false,
+                ));
             }
         }
     }
@@ -517,7 +538,7 @@ fn body_over_limit(error: &hyper_util::client::legacy::Error) -> bool {
     false
 }
 
-fn append_via(headers: &mut HeaderMap) {
+pub(super) fn append_via(headers: &mut HeaderMap) {
     let via = match headers.get(header::VIA).and_then(|v| v.to_str().ok()) {
         Some(previous) => format!("{previous}, {VIA_VALUE}"),
         None => VIA_VALUE.to_owned(),
@@ -529,7 +550,10 @@ fn append_via(headers: &mut HeaderMap) {
 
 /// The upstream's response as the client gets it: hop-by-hop headers dropped, Via and
 /// the request id added, the body streamed.
-fn downstream(response: hyper::Response<hyper::body::Incoming>, id: &HeaderValue) -> Response {
+pub(super) fn downstream(
+    response: hyper::Response<hyper::body::Incoming>,
+    id: &HeaderValue,
+) -> Response {
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     append_via(&mut parts.headers);

@@ -59,6 +59,7 @@ pub struct Route {
     pub rewrite: Option<String>,
     pub max_body_bytes: u64,
     pub limiter: Option<Arc<crate::ratelimit::Limiter>>,
+    pub cache: Option<Arc<super::response_cache::RouteCache>>,
     pub config: RouteConfig,
 }
 
@@ -85,6 +86,7 @@ impl Route {
             rewrite,
             max_body_bytes: config.max_body_bytes.0,
             limiter,
+            cache: None,
             config: config.clone(),
         }
     }

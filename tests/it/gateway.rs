@@ -71,16 +71,21 @@ impl Upstream {
                 }),
             )
             .fallback(move |request: axum::extract::Request| {
+                use axum::response::IntoResponse;
                 let hits = hits.clone();
                 let seen = seen.clone();
                 async move {
-                    hits.fetch_add(1, Ordering::SeqCst);
+                    let count = hits.fetch_add(1, Ordering::SeqCst) + 1;
                     let mut headers: HashMap<String, String> = request
                         .headers()
                         .iter()
                         .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
                         .collect();
                     headers.insert(":path".to_owned(), request.uri().to_string());
+                    if request.uri().path().starts_with("/c/") {
+                        seen.lock().unwrap().push(headers);
+                        return cacheable(name, count, request).await;
+                    }
                     let status = if request.uri().path().contains("fail") {
                         axum::http::StatusCode::UNAUTHORIZED
                     } else {
@@ -100,6 +105,7 @@ impl Upstream {
                         ],
                         format!("{name} {body}"),
                     )
+                        .into_response()
                 }
             });
         self.runtime.spawn(async move {
@@ -130,6 +136,71 @@ impl Upstream {
             .unwrap();
         self.serve(listener);
     }
+}
+
+/// `/c/...` answers for the cache tests: the query sets the response's Cache-Control
+/// (`cc`), Cache-Tag (`tag`), Vary (`vary`), ETag (`etag`, with 304 on a match) and
+/// Set-Cookie (`cookie`); `slow` in the path waits 300 ms. The body names the upstream,
+/// the request count and the X-Lang header.
+async fn cacheable(
+    name: &str,
+    count: usize,
+    request: axum::extract::Request,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let query: HashMap<String, String> = request
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(k, v)| {
+            (
+                k.to_owned(),
+                v.replace("%20", " ")
+                    .replace("%3D", "=")
+                    .replace("%2C", ",")
+                    .replace("%22", "\""),
+            )
+        })
+        .collect();
+    let slow = request.uri().path().contains("slow");
+    let request = request.map(|_| ());
+    if slow {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let mut headers = axum::http::HeaderMap::new();
+    headers.insert("content-type", "text/plain".parse().unwrap());
+    let pairs = [
+        ("cc", "cache-control"),
+        ("tag", "cache-tag"),
+        ("vary", "vary"),
+        ("etag", "etag"),
+        ("cookie", "set-cookie"),
+    ];
+    for (param, header) in pairs {
+        if let Some(value) = query.get(param) {
+            headers.insert(header, value.parse().unwrap());
+        }
+    }
+    if let (Some(etag), Some(presented)) =
+        (query.get("etag"), request.headers().get("if-none-match"))
+        && presented.to_str().unwrap_or("") == etag
+    {
+        return (axum::http::StatusCode::NOT_MODIFIED, headers).into_response();
+    }
+    let lang = request
+        .headers()
+        .get("x-lang")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_owned();
+    let filler = if query.contains_key("big") {
+        "z".repeat(4000)
+    } else {
+        String::new()
+    };
+    (headers, format!("{name} {count} {lang} {filler}")).into_response()
 }
 
 fn gateway_config(dir: &std::path::Path, upstreams: &[&Upstream], extra: &str) -> String {
@@ -528,5 +599,181 @@ fn tls_picks_the_certificate_by_sni_and_plain_http_redirects() {
     assert_eq!(
         redirect.header("location"),
         Some(format!("https://shop.test:{}/page?x=1", tls_addr.port()).as_str())
+    );
+}
+
+fn cache_config(dir: &std::path::Path, upstream: &Upstream) -> String {
+    gateway_config(
+        dir,
+        &[upstream],
+        "[[gateway.routes]]\nname = \"cached\"\npath_prefix = \"/c/\"\nupstream = \"app\"\ncompress = true\n\
+         cache = { ttl = \"30s\" }\n",
+    )
+}
+
+fn fetch(gw: SocketAddr, path: &str, extra: &str) -> Reply {
+    send(
+        gw,
+        &format!("GET {path} HTTP/1.1\r\nHost: site.test\r\n{extra}Connection: close\r\n\r\n"),
+    )
+}
+
+#[test]
+fn responses_are_cached_revalidated_and_purged() {
+    let a = Upstream::start("a");
+    let dir = scratch();
+    let (_keel, api, gw) = start(dir.path(), &cache_config(dir.path(), &a));
+    let first = fetch(gw, "/c/page", "");
+    assert_eq!(first.header("x-cache"), Some("MISS"), "{}", first.body);
+    let second = fetch(gw, "/c/page", "");
+    assert_eq!(second.header("x-cache"), Some("HIT"));
+    assert_eq!(second.body, first.body, "the same stored response");
+    assert!(second.header("age").is_some());
+    assert_eq!(a.hits.load(Ordering::SeqCst), 1);
+    // Ignored by nobody: a different query is a different entry.
+    assert_eq!(fetch(gw, "/c/page?x=1", "").header("x-cache"), Some("MISS"));
+
+    // Authorization bypasses; Set-Cookie is not stored; no-store is not stored.
+    assert_eq!(
+        fetch(gw, "/c/page", "Authorization: Bearer x\r\n").header("x-cache"),
+        Some("BYPASS")
+    );
+    for path in ["/c/cookie?cookie=s%3D1", "/c/nostore?cc=no-store"] {
+        assert_eq!(fetch(gw, path, "").header("x-cache"), Some("MISS"));
+        assert_eq!(
+            fetch(gw, path, "").header("x-cache"),
+            Some("MISS"),
+            "{path} was not stored"
+        );
+    }
+
+    // Vary: one entry per X-Lang value.
+    let en = fetch(gw, "/c/vary?vary=x-lang", "X-Lang: en\r\n");
+    let fr = fetch(gw, "/c/vary?vary=x-lang", "X-Lang: fr\r\n");
+    assert!(
+        en.body.contains(" en ") && fr.body.contains(" fr "),
+        "{} / {}",
+        en.body,
+        fr.body
+    );
+    assert_eq!(fr.header("x-cache"), Some("MISS"));
+    let en_again = fetch(gw, "/c/vary?vary=x-lang", "X-Lang: en\r\n");
+    assert_eq!(en_again.header("x-cache"), Some("HIT"));
+    assert_eq!(en_again.body, en.body);
+
+    // Stale while revalidating: served stale at once, refreshed behind it.
+    let path = "/c/swr?cc=max-age%3D1%2C%20stale-while-revalidate%3D60";
+    let original = fetch(gw, path, "");
+    let started = Instant::now();
+    let stale = loop {
+        let reply = fetch(gw, path, "");
+        if reply.header("x-cache") == Some("STALE") {
+            break reply;
+        }
+        assert!(started.elapsed() < DEADLINE, "never went stale");
+    };
+    assert_eq!(stale.body, original.body);
+    let started = Instant::now();
+    loop {
+        let reply = fetch(gw, path, "");
+        if reply.body != original.body {
+            break;
+        }
+        assert!(started.elapsed() < DEADLINE, "never refreshed");
+    }
+
+    // ETag revalidation: once expired, the upstream answers 304 and keel keeps the body.
+    let path = "/c/etag?cc=max-age%3D1&etag=%22v1%22";
+    let original = fetch(gw, path, "");
+    assert_eq!(original.header("etag"), Some("\"v1\""));
+    let client_304 = fetch(gw, path, "If-None-Match: \"v1\"\r\n");
+    assert_eq!(client_304.status, 304);
+    let started = Instant::now();
+    loop {
+        let reply = fetch(gw, path, "");
+        if reply.header("x-cache") == Some("MISS") {
+            assert_eq!(reply.status, 200);
+            assert_eq!(reply.body, original.body, "refreshed by a 304, same body");
+            break;
+        }
+        assert!(started.elapsed() < DEADLINE, "never revalidated");
+    }
+    let revalidated = a
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|headers| headers.get("if-none-match").is_some_and(|v| v == "\"v1\""));
+    assert!(revalidated, "keel asked with its validator");
+
+    // Purge by tag and by URL.
+    let tagged = "/c/tagged?tag=news";
+    fetch(gw, tagged, "");
+    assert_eq!(fetch(gw, tagged, "").header("x-cache"), Some("HIT"));
+    let purge = crate::support::request(api, "POST", "/v1/gateway/purge", "{\"tag\": \"news\"}");
+    assert_eq!(purge.status, 200, "{}", purge.body);
+    assert_eq!(fetch(gw, tagged, "").header("x-cache"), Some("MISS"));
+    assert_eq!(fetch(gw, "/c/page", "").header("x-cache"), Some("HIT"));
+    let gw_url = "{\"url\": \"http://site.test/c/page\"}";
+    let purge = crate::support::request(api, "POST", "/v1/gateway/purge", gw_url);
+    assert_eq!(purge.status, 200, "{}", purge.body);
+    assert_eq!(fetch(gw, "/c/page", "").header("x-cache"), Some("MISS"));
+    let bad = crate::support::request(api, "POST", "/v1/gateway/purge", "{}");
+    assert_eq!(bad.json()["code"], "bad_purge");
+}
+
+#[test]
+fn concurrent_misses_make_one_upstream_request() {
+    let a = Upstream::start("a");
+    let dir = scratch();
+    let (_keel, _api, gw) = start(dir.path(), &cache_config(dir.path(), &a));
+    let threads: Vec<_> = (0..100)
+        .map(|_| std::thread::spawn(move || fetch(gw, "/c/slow-report", "")))
+        .collect();
+    let replies: Vec<Reply> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    assert!(replies.iter().all(|r| r.status == 200));
+    let bodies: std::collections::HashSet<&str> = replies.iter().map(|r| r.body.as_str()).collect();
+    assert_eq!(bodies.len(), 1, "everyone got the one response");
+    assert_eq!(
+        a.hits.load(Ordering::SeqCst),
+        1,
+        "100 concurrent misses, 1 upstream request"
+    );
+}
+
+#[test]
+fn compression_follows_accept_encoding_and_is_cached_per_encoding() {
+    use std::io::Read as _;
+    let a = Upstream::start("a");
+    let dir = scratch();
+    let (_keel, _api, gw) = start(dir.path(), &cache_config(dir.path(), &a));
+    let plain = fetch(gw, "/c/doc?big=1", "");
+    assert!(plain.header("content-encoding").is_none());
+    let gzip = fetch(gw, "/c/doc?big=1", "Accept-Encoding: gzip\r\n");
+    assert_eq!(gzip.header("content-encoding"), Some("gzip"));
+    assert!(
+        gzip.header("vary")
+            .unwrap()
+            .to_ascii_lowercase()
+            .contains("accept-encoding")
+    );
+    let mut decoded = String::new();
+    flate2::read::GzDecoder::new(gzip.raw_body.as_slice())
+        .read_to_string(&mut decoded)
+        .unwrap();
+    assert_eq!(decoded, plain.body);
+    assert!(gzip.raw_body.len() < plain.raw_body.len() / 4);
+    let refused = fetch(
+        gw,
+        "/c/doc?big=1",
+        "Accept-Encoding: gzip;q=0, br;q=0, zstd;q=0\r\n",
+    );
+    assert!(refused.header("content-encoding").is_none());
+    let br = fetch(gw, "/c/doc?big=1", "Accept-Encoding: br\r\n");
+    assert_eq!(br.header("content-encoding"), Some("br"));
+    assert_eq!(
+        a.hits.load(Ordering::SeqCst),
+        1,
+        "one stored identity body serves every encoding"
     );
 }
