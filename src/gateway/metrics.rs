@@ -11,6 +11,7 @@ pub struct GatewayMetrics {
     pub upstream_healthy: IntGaugeVec,
     pub rejected: IntCounterVec,
     pub cache_results: IntCounterVec,
+    pub bytes: IntCounterVec,
 }
 
 const BUCKETS: &[f64] = &[
@@ -61,6 +62,14 @@ impl GatewayMetrics {
                 &["reason"],
             )
             .expect("valid metric"),
+            bytes: IntCounterVec::new(
+                Opts::new(
+                    "keel_gateway_bytes_total",
+                    "Body bytes by route and direction (in: from clients, out: to clients).",
+                ),
+                &["route", "direction"],
+            )
+            .expect("valid metric"),
             cache_results: IntCounterVec::new(
                 Opts::new(
                     "keel_gateway_cache_total",
@@ -70,7 +79,8 @@ impl GatewayMetrics {
             )
             .expect("valid metric"),
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 6] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 7] = [
+            Box::new(metrics.bytes.clone()),
             Box::new(metrics.cache_results.clone()),
             Box::new(metrics.requests.clone()),
             Box::new(metrics.request_seconds.clone()),

@@ -207,7 +207,23 @@ pub(super) async fn handle(State(gateway): State<Gateway>, request: Request) -> 
         .request_seconds
         .with_label_values(&[route_name.as_str()])
         .observe(started.elapsed().as_secs_f64());
-    response
+    let counter = metrics
+        .bytes
+        .with_label_values(&[route_name.as_str(), "out"]);
+    response.map(|body| Body::new(counted(body, counter)))
+}
+
+/// A body that adds the size of every data frame passing through to `counter`.
+fn counted(
+    body: Body,
+    counter: prometheus::IntCounter,
+) -> impl hyper::body::Body<Data = bytes::Bytes, Error = axum::Error> + Send + 'static {
+    body.map_frame(move |frame| {
+        if let Some(data) = frame.data_ref() {
+            counter.inc_by(data.len() as u64);
+        }
+        frame
+    })
 }
 
 /// A request a rate limit let through, and what its response must report.
@@ -375,8 +391,11 @@ async fn proxy(
         headers,
         target: upstream_target,
         body: (!empty_body).then(|| {
+            let counter = metrics
+                .bytes
+                .with_label_values(&[route.name.as_str(), "in"]);
             Body::new(http_body_util::Limited::new(
-                body,
+                counted(body, counter),
                 route.max_body_bytes as usize,
             ))
         }),
@@ -425,6 +444,7 @@ pub(super) async fn send_upstream(
     let empty_body = outgoing.body.is_none();
     let limit = route.max_body_bytes;
     let pool = &route.pool;
+    pool.earn_retry();
     let upstream_client = table.client(&pool.name);
     let mut tried: Vec<usize> = Vec::new();
     loop {
@@ -492,8 +512,10 @@ pub(super) async fn send_upstream(
                     ));
                 }
                 tracing::debug!(%error, server, connect, "upstream request failed");
-                // A failed connect never consumed the body; anything else may have.
-                let retry = empty_body && (connect || idempotent);
+                // A failed connect never reached the server: always worth another. Any
+                // other failure may have; only idempotent, body-less requests are sent
+                // again, and only within the pool's retry budget.
+                let retry = empty_body && (connect || (idempotent && pool.spend_retry()));
                 if retry && tried.len() < pool.servers.len() {
                     continue;
                 }
@@ -510,7 +532,11 @@ pub(super) async fn send_upstream(
                     .upstream_requests
                     .with_label_values(&[upstream_name, server.as_str(), "timeout"])
                     .inc();
-                if idempotent && empty_body && tried.len() < pool.servers.len() {
+                if idempotent
+                    && empty_body
+                    && tried.len() < pool.servers.len()
+                    && pool.spend_retry()
+                {
                     continue;
                 }
                 return Err(refuse(

@@ -12,6 +12,9 @@ use serde::Serialize;
 
 use crate::config::{Balance, HealthCheckConfig, UpstreamConfig, parse_server};
 
+const RETRY_BUDGET_PER_REQUEST: f64 = 0.1;
+const RETRY_BUDGET_MAX: f64 = 10.0;
+
 fn now_ms() -> u64 {
     crate::cache::now_ms()
 }
@@ -156,6 +159,9 @@ pub struct Pool {
     pub health: Option<HealthCheckConfig>,
     /// Smooth weighted round-robin state: the current weight of each server.
     current: Mutex<Vec<i64>>,
+    /// Retries of requests that may have reached a server: each request earns a tenth
+    /// of one, up to ten in hand (Finagle's budget), so retries add at most ~10 %.
+    retry_budget: Mutex<f64>,
 }
 
 impl Pool {
@@ -169,6 +175,7 @@ impl Pool {
         Pool {
             name: name.to_owned(),
             current: Mutex::new(vec![0; servers.len()]),
+            retry_budget: Mutex::new(RETRY_BUDGET_MAX),
             servers,
             balance: config.balance,
             max_fails: config.max_fails.max(1),
@@ -177,6 +184,23 @@ impl Pool {
             response_timeout: config.response_timeout.0,
             idle_timeout: config.idle_timeout.0,
             health: config.health.clone(),
+        }
+    }
+
+    /// Every request deposits into the retry budget.
+    pub fn earn_retry(&self) {
+        let mut budget = self.retry_budget.lock().unwrap_or_else(|p| p.into_inner());
+        *budget = (*budget + RETRY_BUDGET_PER_REQUEST).min(RETRY_BUDGET_MAX);
+    }
+
+    /// Takes one retry from the budget, if there is one.
+    pub fn spend_retry(&self) -> bool {
+        let mut budget = self.retry_budget.lock().unwrap_or_else(|p| p.into_inner());
+        if *budget >= 1.0 {
+            *budget -= 1.0;
+            true
+        } else {
+            false
         }
     }
 

@@ -777,3 +777,85 @@ fn compression_follows_accept_encoding_and_is_cached_per_encoding() {
         "one stored identity body serves every encoding"
     );
 }
+
+#[test]
+fn nginx_as_the_upstream() {
+    let Ok(nginx) = which("nginx") else {
+        eprintln!("skipped: nginx is not installed (scripts/bench gateway installs it)");
+        return;
+    };
+    let dir = scratch();
+    let root = dir.path().join("nginx");
+    std::fs::create_dir_all(root.join("html")).unwrap();
+    std::fs::write(root.join("html/hello.json"), "{\"from\":\"nginx\"}").unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let conf = format!(
+        "worker_processes 1;\npid {root}/nginx.pid;\nerror_log {root}/error.log;\nevents {{ worker_connections 64; }}\n\
+         http {{ access_log off; client_body_temp_path {root}/tmp; proxy_temp_path {root}/tmp; fastcgi_temp_path {root}/tmp; \
+         uwsgi_temp_path {root}/tmp; scgi_temp_path {root}/tmp;\n  server {{ listen 127.0.0.1:{port}; root {root}/html; \
+         default_type application/json; location = /healthz {{ return 200 ok; }} }} }}\n",
+        root = root.display()
+    );
+    std::fs::create_dir_all(root.join("tmp")).unwrap();
+    std::fs::write(root.join("nginx.conf"), conf).unwrap();
+    let mut child = std::process::Command::new(nginx)
+        .args([
+            "-p",
+            &root.display().to_string(),
+            "-c",
+            &root.join("nginx.conf").display().to_string(),
+            "-g",
+            "daemon off;",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // SIGTERM lets the master stop its workers (SIGKILL would orphan them).
+    let stop_nginx = |child: &mut std::process::Child| {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let _ = child.wait();
+    };
+    let started = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(started.elapsed() < DEADLINE, "nginx did not start");
+    }
+    let config = base_config(dir.path())
+        + &format!(
+            "[listeners.gateway]\nbind = \"127.0.0.1:0\"\n[gateway.upstreams.nginx]\nservers = [\"127.0.0.1:{port}\"]\n\
+             health = {{ path = \"/healthz\", interval = \"200ms\" }}\n\
+             [[gateway.routes]]\npath_prefix = \"/\"\nupstream = \"nginx\"\ncompress = true\ncache = {{ ttl = \"10s\" }}\n"
+        );
+    let (_keel, _api, gw) = start(dir.path(), &config);
+    let first = get(gw, "/hello.json");
+    assert_eq!(first.status, 200, "{}", first.body);
+    assert_eq!(first.body, "{\"from\":\"nginx\"}");
+    assert_eq!(first.header("x-cache"), Some("MISS"));
+    let second = get(gw, "/hello.json");
+    if second.header("x-cache") != Some("HIT") {
+        stop_nginx(&mut child);
+        panic!(
+            "nginx's response was not served from the cache: {:?}",
+            second.headers
+        );
+    }
+    let missing = get(gw, "/missing.json").status;
+    stop_nginx(&mut child);
+    assert_eq!(missing, 404);
+}
+
+fn which(program: &str) -> Result<std::path::PathBuf, ()> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
+        .map(|dir| dir.join(program))
+        .find(|candidate| candidate.is_file())
+        .ok_or(())
+}
