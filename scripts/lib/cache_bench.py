@@ -16,15 +16,11 @@ import tempfile
 import time
 import urllib.request
 
+from benchkit import free_port
+
 KEEL = sys.argv[1]
 QUICK = os.environ.get("KEEL_BENCH_QUICK") == "1"
 REQUESTS = 50_000 if QUICK else 200_000
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_port(port, deadline=20):

@@ -40,6 +40,8 @@ import tempfile
 import time
 import urllib.request
 
+from benchkit import free_port, ready, wait_port, stop, duration_ms, parse_wrk
+
 KEEL = sys.argv[1]
 QUICK = os.environ.get("KEEL_BENCH_QUICK") == "1"
 MEMORY = os.environ.get("KEEL_BENCH_RATELIMIT_MEMORY") == "1"
@@ -83,34 +85,6 @@ failures = []
 commands = []
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def ready(port):
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-            s.sendall(b"GET /readyz HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n")
-            return s.recv(64).startswith(b"HTTP/1.1 200")
-    except OSError:
-        return False
-
-
-def wait_port(port, deadline=20, proc=None):
-    end = time.time() + deadline
-    while time.time() < end:
-        if proc is not None and proc.poll() is not None:
-            return False
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return True
-        except OSError:
-            time.sleep(0.05)
-    return False
-
-
 def shown(argv, workdir):
     """The command as printed: the temporary directory as $TMP, the templates relative."""
     text = shlex.join(argv).replace(workdir, "$TMP")
@@ -121,17 +95,6 @@ def run(argv, workdir, **kwargs):
     commands.append(shown(argv, workdir))
     print(f"$ {commands[-1]}", flush=True)
     return subprocess.run(argv, capture_output=True, text=True, **kwargs)
-
-
-def stop(proc):
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def fill(template, **values):
@@ -210,37 +173,6 @@ def upstream_requests(port):
 
 
 # --- wrk ---------------------------------------------------------------------------
-
-def duration_ms(text):
-    match = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
-    if not match:
-        return None
-    return float(match[1]) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}[match[2]]
-
-
-def parse_wrk(out):
-    result = {"non_2xx": 0, "socket_errors": 0}
-    section = None
-    for line in out.splitlines():
-        words = line.split()
-        if not words:
-            continue
-        if words[0] == "Latency" and len(words) >= 2 and words[1] != "Distribution":
-            result["avg_ms"] = duration_ms(words[1])
-        elif line.strip() == "Latency Distribution":
-            section = "latency"
-        elif section == "latency" and words[0] in ("50%", "99%") and len(words) == 2:
-            result[f"p{words[0][:-1]}_ms"] = duration_ms(words[1])
-        elif words[0] == "Requests/sec:":
-            result["rps"] = float(words[1])
-        elif line.strip().startswith("Non-2xx or 3xx responses:"):
-            result["non_2xx"] = int(words[-1])
-        elif words[0] == "Socket" and words[1] == "errors:":
-            result["socket_errors"] = sum(int(n.rstrip(",")) for n in words[3::2])
-        elif len(words) >= 3 and words[1] == "requests" and words[2] == "in":
-            result["requests"] = int(words[0])
-    return result
-
 
 def wrk(name, url, workdir, upstream_port):
     before = upstream_requests(upstream_port)

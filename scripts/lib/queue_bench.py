@@ -23,6 +23,8 @@ import tempfile
 import time
 import urllib.request
 
+from benchkit import free_port, ready
+
 KEEL = sys.argv[1]
 HARNESS = sys.argv[2]
 QUICK = os.environ.get("KEEL_BENCH_QUICK") == "1"
@@ -38,21 +40,6 @@ PG = "host=127.0.0.1 user=postgres dbname=keel_bench"
 METRIC = "keel_queue_commit_batch_size"
 
 failures = []
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def ready(port):
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-            s.sendall(b"GET /readyz HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n")
-            return s.recv(64).startswith(b"HTTP/1.1 200")
-    except OSError:
-        return False
 
 
 def harness(name, *args):

@@ -31,6 +31,8 @@ import tempfile
 import time
 import urllib.request
 
+from benchkit import free_port, ready, duration_ms, stop
+
 KEEL = sys.argv[1]
 QUICK = os.environ.get("KEEL_BENCH_QUICK") == "1"
 SECONDS = 3 if QUICK else 10
@@ -70,21 +72,6 @@ failures = []
 commands = []
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def ready(port):
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-            s.sendall(b"GET /readyz HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n")
-            return s.recv(64).startswith(b"HTTP/1.1 200")
-    except OSError:
-        return False
-
-
 def wait_port(port, deadline=20):
     end = time.time() + deadline
     while time.time() < end:
@@ -117,13 +104,6 @@ def run(argv, workdir, **kwargs):
 
 
 # --- wrk ---------------------------------------------------------------------------
-
-def duration_ms(text):
-    match = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
-    if not match:
-        return None
-    return float(match[1]) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}[match[2]]
-
 
 def parse_wrk(out):
     result = {"non_2xx": 0, "socket_errors": 0}
@@ -365,17 +345,6 @@ logfile = {directory}/pgbouncer.log
             sys.stderr.write(output.read()[-2000:])
         raise RuntimeError("pgbouncer did not start")
     return proc, port
-
-
-def stop(proc):
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def parse_pgbench(out):

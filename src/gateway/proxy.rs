@@ -213,17 +213,44 @@ pub(super) async fn handle(State(gateway): State<Gateway>, request: Request) -> 
     response.map(|body| Body::new(counted(body, counter)))
 }
 
-/// A body that adds the size of every data frame passing through to `counter`.
-fn counted(
-    body: Body,
+/// A body that adds the size of every data frame passing through to `counter`, and
+/// keeps the inner body's size hint (a known length stays a Content-Length).
+fn counted(body: Body, counter: prometheus::IntCounter) -> Counted {
+    Counted {
+        inner: body,
+        counter,
+    }
+}
+
+pub(super) struct Counted {
+    inner: Body,
     counter: prometheus::IntCounter,
-) -> impl hyper::body::Body<Data = bytes::Bytes, Error = axum::Error> + Send + 'static {
-    body.map_frame(move |frame| {
-        if let Some(data) = frame.data_ref() {
-            counter.inc_by(data.len() as u64);
+}
+
+impl hyper::body::Body for Counted {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.counter.inc_by(data.len() as u64);
         }
-        frame
-    })
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// A request a rate limit let through, and what its response must report.
