@@ -180,20 +180,33 @@ pub struct BackoffSpec {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DurationValue(pub Duration);
 
+/// Either form a duration or time takes on the wire: a number of milliseconds, or text.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum MillisOrText {
+    Millis(i64),
+    Text(String),
+}
+
+impl MillisOrText {
+    /// The milliseconds, refused when negative (`what` names the value in the error),
+    /// or the text for the caller to parse.
+    fn read<E: serde::de::Error>(self, what: &str) -> Result<Result<u64, String>, E> {
+        match self {
+            MillisOrText::Millis(ms) if ms < 0 => {
+                Err(E::custom(format!("{what} cannot be negative: {ms}")))
+            }
+            MillisOrText::Millis(ms) => Ok(Ok(ms as u64)),
+            MillisOrText::Text(text) => Ok(Err(text)),
+        }
+    }
+}
+
 impl<'de> Deserialize<'de> for DurationValue {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Millis(i64),
-            Text(String),
-        }
-        match Raw::deserialize(deserializer)? {
-            Raw::Millis(ms) if ms < 0 => Err(serde::de::Error::custom(format!(
-                "a duration cannot be negative: {ms}"
-            ))),
-            Raw::Millis(ms) => Ok(DurationValue(Duration::from_millis(ms as u64))),
-            Raw::Text(text) => text
+        match MillisOrText::deserialize(deserializer)?.read("a duration")? {
+            Ok(ms) => Ok(DurationValue(Duration::from_millis(ms))),
+            Err(text) => text
                 .parse::<crate::config::Span>()
                 .map(|span| DurationValue(span.0))
                 .map_err(serde::de::Error::custom),
@@ -207,18 +220,9 @@ pub struct TimeValue(pub Millis);
 
 impl<'de> Deserialize<'de> for TimeValue {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Millis(i64),
-            Text(String),
-        }
-        match Raw::deserialize(deserializer)? {
-            Raw::Millis(ms) if ms < 0 => Err(serde::de::Error::custom(format!(
-                "a time cannot be before 1970: {ms}"
-            ))),
-            Raw::Millis(ms) => Ok(TimeValue(ms as u64)),
-            Raw::Text(text) => chrono::DateTime::parse_from_rfc3339(&text)
+        match MillisOrText::deserialize(deserializer)?.read("a time (milliseconds since 1970)")? {
+            Ok(ms) => Ok(TimeValue(ms)),
+            Err(text) => chrono::DateTime::parse_from_rfc3339(&text)
                 .ok()
                 .and_then(|time| u64::try_from(time.timestamp_millis()).ok())
                 .map(TimeValue)

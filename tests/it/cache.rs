@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::{
-    DEADLINE, Keel, base_config, get, parse_reply, request, request_bytes, resp_config, scratch,
+    DEADLINE, Keel, TestServer, base_config, get, parse_reply, request, request_bytes, resp_config,
+    scratch,
 };
 
 #[test]
@@ -311,21 +312,12 @@ fn kill_9_during_writes_leaves_a_store_that_opens_and_holds_whole_values() {
 struct Origin {
     addr: SocketAddr,
     calls: Arc<AtomicUsize>,
-    _runtime: tokio::runtime::Runtime,
+    _server: TestServer,
 }
 
 fn origin(delay: Duration) -> Origin {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
     let calls = Arc::new(AtomicUsize::new(0));
     let counter = calls.clone();
-    let listener = runtime
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
     let app = axum::Router::new().route(
         "/users/{key}",
         axum::routing::get(
@@ -346,11 +338,11 @@ fn origin(delay: Duration) -> Origin {
             },
         ),
     );
-    runtime.spawn(async move { axum::serve(listener, app).await });
+    let server = TestServer::start(app);
     Origin {
-        addr,
+        addr: server.addr,
         calls,
-        _runtime: runtime,
+        _server: server,
     }
 }
 

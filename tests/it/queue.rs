@@ -17,7 +17,7 @@ use keel::queue::{
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{DEADLINE, Keel, base_config, get, request, scratch};
+use crate::support::{DEADLINE, Keel, TestServer, base_config, get, request, scratch};
 
 // --- in process, with a manual clock -------------------------------------------------
 
@@ -715,19 +715,10 @@ fn rest_bad_input_is_refused_with_a_code_and_nothing_is_stored() {
 struct HookServer {
     addr: SocketAddr,
     calls: Arc<AtomicUsize>,
-    _runtime: tokio::runtime::Runtime,
+    _server: TestServer,
 }
 
 fn hook_server() -> HookServer {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let listener = runtime
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
     let calls = Arc::new(AtomicUsize::new(0));
     let counter = calls.clone();
     let app = axum::Router::new().route(
@@ -752,11 +743,11 @@ fn hook_server() -> HookServer {
             },
         ),
     );
-    runtime.spawn(async move { axum::serve(listener, app).await });
+    let server = TestServer::start(app);
     HookServer {
-        addr,
+        addr: server.addr,
         calls,
-        _runtime: runtime,
+        _server: server,
     }
 }
 

@@ -271,3 +271,29 @@ pub fn parse_reply(raw: &[u8]) -> Reply {
         raw_body,
     }
 }
+
+/// An axum app served on 127.0.0.1:0 by a runtime of its own: a real HTTP server for
+/// keel to talk to (loaders, webhooks, upstreams). It stops when dropped.
+pub struct TestServer {
+    pub addr: std::net::SocketAddr,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl TestServer {
+    pub fn start(app: axum::Router) -> TestServer {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        runtime.spawn(async move { axum::serve(listener, app).await });
+        TestServer {
+            addr,
+            _runtime: runtime,
+        }
+    }
+}
