@@ -1,7 +1,11 @@
 //! Gateway metrics (`keel_gateway_*`), labelled by route name and upstream server as
 //! configured (never by anything a client sends), so series stay bounded.
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+use std::sync::Arc;
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+};
 
 #[derive(Clone)]
 pub struct GatewayMetrics {
@@ -92,5 +96,38 @@ impl GatewayMetrics {
             let _ = registry.register(collector);
         }
         metrics
+    }
+}
+
+/// One route's series, resolved once when the route table is built: a label lookup
+/// hashes its strings under a lock, which the per-request path should not pay.
+pub struct RouteMetrics {
+    by_class: [IntCounter; 5],
+    pub seconds: Histogram,
+    pub bytes_in: IntCounter,
+    pub bytes_out: IntCounter,
+}
+
+impl RouteMetrics {
+    pub fn class(&self, status: u16) -> &IntCounter {
+        &self.by_class[match status {
+            100..=199 => 0,
+            200..=299 => 1,
+            300..=399 => 2,
+            400..=499 => 3,
+            _ => 4,
+        }]
+    }
+}
+
+impl GatewayMetrics {
+    pub fn for_route(&self, route: &str) -> Arc<RouteMetrics> {
+        Arc::new(RouteMetrics {
+            by_class: ["1xx", "2xx", "3xx", "4xx", "5xx"]
+                .map(|class| self.requests.with_label_values(&[route, class])),
+            seconds: self.request_seconds.with_label_values(&[route]),
+            bytes_in: self.bytes.with_label_values(&[route, "in"]),
+            bytes_out: self.bytes.with_label_values(&[route, "out"]),
+        })
     }
 }

@@ -46,7 +46,12 @@ pub struct Table {
 }
 
 impl Table {
-    fn build(config: &GatewayConfig, limits: &RateLimitMetrics, cache: Option<&Cache>) -> Table {
+    fn build(
+        config: &GatewayConfig,
+        metrics: &GatewayMetrics,
+        limits: &RateLimitMetrics,
+        cache: Option<&Cache>,
+    ) -> Table {
         let pools: BTreeMap<String, Arc<Pool>> = config
             .upstreams
             .iter()
@@ -77,7 +82,7 @@ impl Table {
                         }
                     }
                 });
-                let mut built = Route::new(index, route, pool, limiter);
+                let mut built = Route::new(index, route, pool, limiter, metrics.for_route(&name));
                 built.cache = match (&route.cache, cache) {
                     (Some(config), Some(cache)) => Some(Arc::new(RouteCache::new(
                         config,
@@ -125,6 +130,8 @@ pub struct Gateway {
 struct Inner {
     table: RwLock<Arc<Table>>,
     metrics: GatewayMetrics,
+    /// The series of requests no route matched.
+    unmatched: Arc<metrics::RouteMetrics>,
     limits: RateLimitMetrics,
     cache: Option<Cache>,
     shutdown: CancellationToken,
@@ -146,7 +153,13 @@ impl Gateway {
     ) -> Gateway {
         let gateway = Gateway {
             inner: Arc::new(Inner {
-                table: RwLock::new(Arc::new(Table::build(config, &limits, cache.as_ref()))),
+                table: RwLock::new(Arc::new(Table::build(
+                    config,
+                    &metrics,
+                    &limits,
+                    cache.as_ref(),
+                ))),
+                unmatched: metrics.for_route("unmatched"),
                 metrics,
                 limits,
                 cache,
@@ -170,6 +183,7 @@ impl Gateway {
     pub fn reload(&self, config: &GatewayConfig) {
         let next = Arc::new(Table::build(
             config,
+            &self.inner.metrics,
             &self.inner.limits,
             self.inner.cache.as_ref(),
         ));

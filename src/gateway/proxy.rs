@@ -17,6 +17,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header}
 use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
 
+use super::metrics::RouteMetrics;
 use super::route::Route;
 use super::{Gateway, Table};
 use crate::listener::{AmbiguousFraming, ConnectionTls};
@@ -167,22 +168,11 @@ fn request_host(request: &Request) -> String {
     without_port.to_ascii_lowercase()
 }
 
-fn class_of(status: StatusCode) -> &'static str {
-    match status.as_u16() {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
-    }
-}
-
 pub(super) async fn handle(State(gateway): State<Gateway>, request: Request) -> Response {
     let started = Instant::now();
     let table = gateway.table();
-    let metrics = &gateway.inner.metrics;
     let mut limited = None;
-    let (route_name, mut response) = proxy(&gateway, &table, request, &mut limited).await;
+    let (route_metrics, mut response) = proxy(&gateway, &table, request, &mut limited).await;
     let status = response.status();
     if let Some(Limited {
         limiter,
@@ -199,17 +189,11 @@ pub(super) async fn handle(State(gateway): State<Gateway>, request: Request) -> 
         };
         limiter.write_headers(&decision, response.headers_mut());
     }
-    metrics
-        .requests
-        .with_label_values(&[route_name.as_str(), class_of(status)])
-        .inc();
-    metrics
-        .request_seconds
-        .with_label_values(&[route_name.as_str()])
+    route_metrics.class(status.as_u16()).inc();
+    route_metrics
+        .seconds
         .observe(started.elapsed().as_secs_f64());
-    let counter = metrics
-        .bytes
-        .with_label_values(&[route_name.as_str(), "out"]);
+    let counter = route_metrics.bytes_out.clone();
     response.map(|body| Body::new(counted(body, counter)))
 }
 
@@ -266,9 +250,9 @@ async fn proxy(
     table: &Arc<Table>,
     request: Request,
     limited: &mut Option<Limited>,
-) -> (String, Response) {
+) -> (Arc<RouteMetrics>, Response) {
     let metrics = &gateway.inner.metrics;
-    let unrouted = || "unmatched".to_owned();
+    let unrouted = || gateway.inner.unmatched.clone();
     let ambiguous = request
         .extensions()
         .get::<AmbiguousFraming>()
@@ -316,7 +300,7 @@ async fn proxy(
             ),
         );
     };
-    let route_name = route.name.clone();
+    let route_name = route.metrics.clone();
     let declared_length = request
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -418,9 +402,7 @@ async fn proxy(
         headers,
         target: upstream_target,
         body: (!empty_body).then(|| {
-            let counter = metrics
-                .bytes
-                .with_label_values(&[route.name.as_str(), "in"]);
+            let counter = route.metrics.bytes_in.clone();
             Body::new(http_body_util::Limited::new(
                 counted(body, counter),
                 route.max_body_bytes as usize,
@@ -491,7 +473,13 @@ pub(super) async fn send_upstream(
             .uri(format!("http://{server}{}", outgoing.target))
             .version(hyper::Version::HTTP_11);
         if let Some(request_headers) = builder.headers_mut() {
-            *request_headers = outgoing.headers.clone();
+            // Kept for another attempt only when one can follow.
+            let last_attempt = !empty_body || tried.len() >= pool.servers.len();
+            *request_headers = if last_attempt {
+                std::mem::take(&mut outgoing.headers)
+            } else {
+                outgoing.headers.clone()
+            };
         }
         let body = outgoing.body.take().unwrap_or_else(Body::empty);
         let request = builder.body(body).map_err(|error| {

@@ -60,6 +60,7 @@ pub struct Route {
     pub max_body_bytes: u64,
     pub limiter: Option<Arc<crate::ratelimit::Limiter>>,
     pub cache: Option<Arc<super::response_cache::RouteCache>>,
+    pub metrics: Arc<super::metrics::RouteMetrics>,
     pub config: RouteConfig,
 }
 
@@ -69,6 +70,7 @@ impl Route {
         config: &RouteConfig,
         pool: Arc<Pool>,
         limiter: Option<Arc<crate::ratelimit::Limiter>>,
+        metrics: Arc<super::metrics::RouteMetrics>,
     ) -> Route {
         let rewrite = match (&config.rewrite_prefix, config.strip_prefix) {
             (Some(replacement), _) => Some(replacement.clone()),
@@ -87,6 +89,7 @@ impl Route {
             max_body_bytes: config.max_body_bytes.0,
             limiter,
             cache: None,
+            metrics,
             config: config.clone(),
         }
     }
@@ -141,6 +144,10 @@ mod tests {
     use super::*;
     use crate::config::UpstreamConfig;
 
+    fn test_metrics() -> Arc<super::super::metrics::RouteMetrics> {
+        super::super::GatewayMetrics::new(&prometheus::Registry::new()).for_route("test")
+    }
+
     fn table(specs: &[(Option<&str>, &str)]) -> RouteTable {
         let pool = Arc::new(Pool::from_config(
             "app",
@@ -154,7 +161,7 @@ mod tests {
                 config.host = host.map(str::to_owned);
                 config.path_prefix = (*prefix).to_owned();
                 config.name = Some(format!("{}{}", host.unwrap_or("*"), prefix));
-                Route::new(index, &config, pool.clone(), None)
+                Route::new(index, &config, pool.clone(), None, test_metrics())
             })
             .collect();
         RouteTable::new(routes)
@@ -197,21 +204,21 @@ mod tests {
         let mut config: RouteConfig =
             toml::from_str("upstream = \"app\"\npath_prefix = \"/api\"").unwrap();
         assert_eq!(
-            Route::new(0, &config, pool.clone(), None).upstream_path("/api/x?y=1"),
+            Route::new(0, &config, pool.clone(), None, test_metrics()).upstream_path("/api/x?y=1"),
             "/api/x?y=1"
         );
         config.strip_prefix = true;
         assert_eq!(
-            Route::new(0, &config, pool.clone(), None).upstream_path("/api/x?y=1"),
+            Route::new(0, &config, pool.clone(), None, test_metrics()).upstream_path("/api/x?y=1"),
             "/x?y=1"
         );
         assert_eq!(
-            Route::new(0, &config, pool.clone(), None).upstream_path("/api"),
+            Route::new(0, &config, pool.clone(), None, test_metrics()).upstream_path("/api"),
             "/"
         );
         config.rewrite_prefix = Some("/v2/".to_owned());
         assert_eq!(
-            Route::new(0, &config, pool, None).upstream_path("/api/x"),
+            Route::new(0, &config, pool, None, test_metrics()).upstream_path("/api/x"),
             "/v2/x"
         );
     }
