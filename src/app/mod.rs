@@ -32,7 +32,7 @@ use crate::config::{
 use crate::gateway::{Gateway, GatewayMetrics};
 use crate::http::{self, ApiState, Services};
 use crate::listener::{HttpOptions, Listener, ListenerError, serve_http};
-use crate::observe::{BuildInfo, DependencyState, LogHandle, Metrics, Readiness};
+use crate::observe::{BuildInfo, DependencyState, History, LogHandle, Metrics, Readiness};
 use crate::queue::{Clock, ProcessorRegistry, Queue, QueueMetrics, SystemClock, Wakeups};
 use crate::ratelimit::RateLimitMetrics;
 use crate::resp::{ParseLimits, RespContext, RespMetrics, serve_resp};
@@ -370,6 +370,11 @@ pub async fn run(config: Config, launch: Launch) -> Result<(), AppError> {
         queue,
         sql,
         gateway: gateway.clone(),
+        history: {
+            let history = History::new(metrics.registry().clone());
+            history.spawn_sampler(shutdown.clone());
+            history
+        },
     });
 
     let gateway_config = &config.listeners.gateway;

@@ -51,6 +51,7 @@ pub struct Services {
     pub sql: Sql,
     pub backup: crate::app::Backup,
     pub gateway: crate::gateway::Gateway,
+    pub history: Arc<crate::observe::History>,
 }
 
 impl ApiState {

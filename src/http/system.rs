@@ -23,6 +23,64 @@ pub(super) fn routes() -> Router<ApiState> {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/v1/config/validate", post(validate_config))
+        .route("/v1/metrics/history", get(history))
+        .route("/v1/metrics/stream", get(stream))
+}
+
+#[derive(serde::Deserialize)]
+struct HistoryQuery {
+    resolution: Option<String>,
+}
+
+/// The key series at 1 s (last 15 minutes) or 10 s (last 24 hours) resolution.
+async fn history(
+    State(state): State<ApiState>,
+    axum::extract::Query(query): axum::extract::Query<HistoryQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let history = &state.services()?.history;
+    let fine = match query.resolution.as_deref().unwrap_or("1s") {
+        "1s" => true,
+        "10s" => false,
+        other => {
+            return Err(ApiError::bad_request(
+                "bad_resolution",
+                format!("{other:?}: resolution is 1s or 10s"),
+            ));
+        }
+    };
+    Ok(Json(json!({
+        "series": crate::observe::History::series(),
+        "points": history.points(fine),
+    })))
+}
+
+/// New 1 s points as server-sent events, one `point` event per second.
+async fn stream(
+    State(state): State<ApiState>,
+) -> Result<
+    axum::response::sse::Sse<
+        impl futures_util::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
+    >,
+    ApiError,
+> {
+    let receiver = state.services()?.history.subscribe();
+    let events = futures_util::stream::unfold(receiver, |mut receiver| async move {
+        loop {
+            match receiver.recv().await {
+                Ok(point) => {
+                    let event = axum::response::sse::Event::default()
+                        .event("point")
+                        .json_data(&point)
+                        .unwrap_or_default();
+                    return Some((Ok(event), receiver));
+                }
+                // A slow client skips points rather than holding memory for them.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    Ok(axum::response::sse::Sse::new(events).keep_alive(axum::response::sse::KeepAlive::default()))
 }
 
 async fn index() -> Json<serde_json::Value> {

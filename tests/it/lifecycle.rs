@@ -451,3 +451,58 @@ fn sighup_with_a_broken_file_keeps_the_running_configuration() {
     assert!(line.contains("log.level"), "{line}");
     assert_eq!(get(addr, "/healthz").status, 200);
 }
+
+#[test]
+fn the_history_records_the_key_series_and_streams_new_points() {
+    use std::io::{BufRead, BufReader, Write};
+    let dir = scratch();
+    let (_keel, addr) = Keel::start(dir.path(), &base_config(dir.path()));
+    // Traffic the requests series must see.
+    for _ in 0..20 {
+        assert_eq!(get(addr, "/healthz").status, 200);
+    }
+    let started = std::time::Instant::now();
+    let history = loop {
+        let history = get(addr, "/v1/metrics/history").json();
+        if history["points"]
+            .as_array()
+            .is_some_and(|points| !points.is_empty())
+        {
+            break history;
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "no point was ever taken: {history}"
+        );
+    };
+    let series: Vec<&str> = history["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|name| name.as_str().unwrap())
+        .collect();
+    assert!(series.contains(&"requests_per_sec") && series.contains(&"rss_bytes"));
+    let point = &history["points"][0];
+    assert_eq!(point["values"].as_array().unwrap().len(), series.len());
+    let rss = point["values"][series.iter().position(|s| *s == "rss_bytes").unwrap()]
+        .as_f64()
+        .unwrap();
+    assert!(rss > 1_000_000.0, "{rss}");
+    assert_eq!(
+        get(addr, "/v1/metrics/history?resolution=5m").json()["code"],
+        "bad_resolution"
+    );
+
+    // The stream delivers the next point as a server-sent event.
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    write!(stream, "GET /v1/metrics/stream HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut lines = BufReader::new(stream).lines();
+    let event = lines
+        .by_ref()
+        .map(|line| line.unwrap())
+        .find(|line| line.starts_with("event: point"));
+    assert!(event.is_some(), "no point event arrived");
+    let data = lines.next().unwrap().unwrap();
+    assert!(data.starts_with("data: {\"at\":"), "{data}");
+}
