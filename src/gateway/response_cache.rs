@@ -357,24 +357,23 @@ impl RouteCache {
                 Err(refusal) => Fetched::Failed(refusal),
             };
         }
+        // Whatever happens to this request (its client may hang up mid-fill), the
+        // guard takes the variant out of `in_flight`, so followers are never stranded.
+        let guard = FillGuard {
+            cache: self,
+            variant,
+            finished: false,
+        };
         let filled = self
             .fill(
                 gateway, table, route, primary, variant, outgoing, stored, id,
             )
             .await;
-        let waiters = self
-            .in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(variant)
-            .unwrap_or_default();
         let shared = match &filled {
             Fetched::Stored(fresh, _) => Some(fresh.clone()),
             _ => None,
         };
-        for waiter in waiters {
-            let _ = waiter.send(shared.clone());
-        }
+        guard.finish(shared);
         filled
     }
 
@@ -637,6 +636,41 @@ impl RouteCache {
                     .invalidate(Target::Tags(vec![format!("gw:t:{tag}")]))
                     .await
             }
+        }
+    }
+}
+
+/// The leader's claim on a variant's fill. Finishing tells the followers the result;
+/// dropping it unfinished (the leader's request went away) lets them go ask the upstream.
+struct FillGuard<'a> {
+    cache: &'a RouteCache,
+    variant: &'a str,
+    finished: bool,
+}
+
+impl FillGuard<'_> {
+    fn waiters(&self) -> Waiters {
+        self.cache
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(self.variant)
+            .unwrap_or_default()
+    }
+
+    fn finish(mut self, shared: Option<Arc<StoredResponse>>) {
+        self.finished = true;
+        for waiter in self.waiters() {
+            let _ = waiter.send(shared.clone());
+        }
+    }
+}
+
+impl Drop for FillGuard<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            // The senders go with the entry: each follower sees its channel close.
+            drop(self.waiters());
         }
     }
 }

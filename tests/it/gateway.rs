@@ -859,3 +859,26 @@ fn which(program: &str) -> Result<std::path::PathBuf, ()> {
         .find(|candidate| candidate.is_file())
         .ok_or(())
 }
+
+#[test]
+fn a_client_hanging_up_during_a_cache_fill_strands_nobody() {
+    let a = Upstream::start("a");
+    let dir = scratch();
+    let (_keel, _api, gw) = start(dir.path(), &cache_config(dir.path(), &a));
+    let mut leader = TcpStream::connect(gw).unwrap();
+    leader
+        .write_all(b"GET /c/slow-gone HTTP/1.1\r\nHost: site.test\r\n\r\n")
+        .unwrap();
+    // Hang up once the fill is at the upstream (which takes 300 ms to answer).
+    let started = Instant::now();
+    while a.hits.load(Ordering::SeqCst) == 0 {
+        assert!(started.elapsed() < DEADLINE, "the fill never started");
+    }
+    drop(leader);
+    let reply = fetch(gw, "/c/slow-gone", "");
+    assert_eq!(
+        reply.status, 200,
+        "the next request is answered: {}",
+        reply.body
+    );
+}
