@@ -301,7 +301,17 @@ impl Sql {
     }
 
     /// A write (or any statement) on the writer, committed before it is answered.
+    ///
+    /// Runs on a task of its own: a write commits even when its caller goes away (a
+    /// client hanging up), and the invalidation of cached results must follow it.
     pub async fn execute(&self, statement: Statement) -> Result<ResultSet, SqlError> {
+        let sql = self.clone();
+        tokio::spawn(async move { sql.execute_now(statement).await })
+            .await
+            .map_err(|error| SqlError::Internal(format!("a write task failed: {error}")))?
+    }
+
+    async fn execute_now(&self, statement: Statement) -> Result<ResultSet, SqlError> {
         if !self.inner.allow_writes {
             return Err(SqlError::WritesDisabled);
         }
@@ -331,8 +341,20 @@ impl Sql {
     }
 
     /// Several statements: with `transaction`, all commit or none; without, each commits
-    /// on its own and the first failure stops the rest.
+    /// on its own and the first failure stops the rest. On a task of its own, like
+    /// `execute`.
     pub async fn batch(
+        &self,
+        statements: Vec<Statement>,
+        transaction: bool,
+    ) -> Result<Vec<ResultSet>, SqlError> {
+        let sql = self.clone();
+        tokio::spawn(async move { sql.batch_now(statements, transaction).await })
+            .await
+            .map_err(|error| SqlError::Internal(format!("a write task failed: {error}")))?
+    }
+
+    async fn batch_now(
         &self,
         statements: Vec<Statement>,
         transaction: bool,
@@ -349,7 +371,7 @@ impl Sql {
         if !transaction {
             let mut results = Vec::with_capacity(statements.len());
             for (index, statement) in statements.into_iter().enumerate() {
-                match self.execute(statement).await {
+                match self.execute_now(statement).await {
                     Ok(result) => results.push(result),
                     Err(error) => {
                         return Err(SqlError::Batch {
