@@ -826,9 +826,13 @@ impl<'t> Tx<'t> {
         if over == 0 && cutoff.is_none() {
             return Ok(0);
         }
+        // Only the rows over the count, plus a few to check for age: this runs on every
+        // finish, so it must not read hundreds of rows to remove none. The minute sweep
+        // (and the next finishes) take the rest of an age backlog.
+        let limit = over.min(STEP_ROWS) + if cutoff.is_some() { 32 } else { 0 };
         let mut removed = 0u64;
         for (index, (finished_at, id)) in self
-            .ids_in_state(queue, state, over.clamp(1, STEP_ROWS) + STEP_ROWS / 4)?
+            .ids_in_state(queue, state, limit)?
             .into_iter()
             .enumerate()
         {
