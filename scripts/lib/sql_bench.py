@@ -31,7 +31,7 @@ import tempfile
 import time
 import urllib.request
 
-from benchkit import free_port, ready, duration_ms, stop
+from benchkit import free_port, ready, duration_ms, parse_wrk, stop
 
 KEEL = sys.argv[1]
 QUICK = os.environ.get("KEEL_BENCH_QUICK") == "1"
@@ -104,30 +104,6 @@ def run(argv, workdir, **kwargs):
 
 
 # --- wrk ---------------------------------------------------------------------------
-
-def parse_wrk(out):
-    result = {"non_2xx": 0, "socket_errors": 0}
-    section = None
-    for line in out.splitlines():
-        words = line.split()
-        if not words:
-            continue
-        if words[0] == "Latency" and len(words) >= 2 and words[1] != "Distribution":
-            result["avg_ms"] = duration_ms(words[1])
-        elif line.strip() == "Latency Distribution":
-            section = "latency"
-        elif section == "latency" and words[0] in ("50%", "99%") and len(words) == 2:
-            result[f"p{words[0][:-1]}_ms"] = duration_ms(words[1])
-        elif words[0] == "Requests/sec:":
-            result["rps"] = float(words[1])
-        elif line.strip().startswith("Non-2xx or 3xx responses:"):
-            result["non_2xx"] = int(words[-1])
-        elif words[0] == "Socket" and words[1] == "errors:":
-            result["socket_errors"] = sum(int(n.rstrip(",")) for n in words[3::2])
-        elif len(words) >= 3 and words[1] == "requests" and words[2] == "in":
-            result["requests"] = int(words[0])
-    return result
-
 
 def wrk(name, script, url, connections, workdir):
     proc = run(["wrk", "-t2", f"-c{connections}", f"-d{SECONDS}s", "--latency",
