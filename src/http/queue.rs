@@ -38,6 +38,17 @@ fn queue_of(state: &ApiState) -> Result<&Queue, ApiError> {
     Ok(&state.services()?.queue)
 }
 
+/// What every call on one job starts with: the queue, the job id from the path and
+/// the JSON body (malformed: `bad_json`; wrong shape: `data_code`).
+fn job_call<'a, T: serde::de::DeserializeOwned>(
+    state: &'a ApiState,
+    id: &str,
+    body: Result<Bytes, BytesRejection>,
+    data_code: &'static str,
+) -> Result<(&'a Queue, u64, T), ApiError> {
+    Ok((queue_of(state)?, job_id(id)?, json_body(body, data_code)?))
+}
+
 fn job_id(raw: &str) -> Result<u64, ApiError> {
     raw.parse()
         .map_err(|_| ApiError::bad_request("bad_job_id", format!("{raw:?} is not a job id")))
@@ -115,9 +126,7 @@ async fn ack(
     Path(id): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let queue = queue_of(&state)?;
-    let id = job_id(&id)?;
-    let body: AckBody = json_body(body, "bad_ack")?;
+    let (queue, id, body): (_, _, AckBody) = job_call(&state, &id, body, "bad_ack")?;
     let mut results = queue
         .ack(vec![Ack {
             id,
@@ -171,9 +180,7 @@ async fn fail(
     Path(id): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let queue = queue_of(&state)?;
-    let id = job_id(&id)?;
-    let body: FailBody = json_body(body, "bad_fail")?;
+    let (queue, id, body): (_, _, FailBody) = job_call(&state, &id, body, "bad_fail")?;
     let error = body.error.unwrap_or_else(|| "failed".to_owned());
     let failed = queue.fail(id, &body.lease_token, &error).await?;
     let job = failed.job;
@@ -197,9 +204,7 @@ async fn heartbeat(
     Path(id): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let queue = queue_of(&state)?;
-    let id = job_id(&id)?;
-    let body: HeartbeatBody = json_body(body, "bad_heartbeat")?;
+    let (queue, id, body): (_, _, HeartbeatBody) = job_call(&state, &id, body, "bad_heartbeat")?;
     let job = queue
         .heartbeat(
             id,
@@ -224,9 +229,7 @@ async fn progress(
     Path(id): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let queue = queue_of(&state)?;
-    let id = job_id(&id)?;
-    let body: ProgressBody = json_body(body, "bad_progress")?;
+    let (queue, id, body): (_, _, ProgressBody) = job_call(&state, &id, body, "bad_progress")?;
     queue.progress(id, &body.lease_token, body.progress).await?;
     Ok(Json(json!({ "id": id })))
 }

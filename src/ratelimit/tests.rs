@@ -618,6 +618,8 @@ async fn the_sweeper_sweeps_until_shutdown() {
 /// The memory a tracked key costs. Run alone, so other tests do not move the RSS:
 /// `cargo test --lib ratelimit::tests::memory_per_key -- --ignored --nocapture`
 #[test]
+// Ignored because it reads the whole process's RSS: tests running beside it in the
+// same process would move the figure. Run by `KEEL_BENCH_RATELIMIT_MEMORY=1 scripts/bench gateway`.
 #[ignore = "measures process RSS; run alone"]
 #[allow(clippy::print_stdout)] // The figure is this test's output.
 fn memory_per_key() {

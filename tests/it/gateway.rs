@@ -26,11 +26,8 @@ struct Upstream {
 
 impl Upstream {
     fn start(name: &'static str) -> Upstream {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
+        // Its own runtime (not TestServer's): it stops and starts again on one port.
+        let runtime = crate::support::server_runtime();
         let listener = runtime
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
             .unwrap();

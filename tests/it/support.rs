@@ -272,6 +272,15 @@ pub fn parse_reply(raw: &[u8]) -> Reply {
     }
 }
 
+/// The runtime a test's own HTTP server runs on, apart from the test thread.
+pub fn server_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// An axum app served on 127.0.0.1:0 by a runtime of its own: a real HTTP server for
 /// keel to talk to (loaders, webhooks, upstreams). It stops when dropped.
 pub struct TestServer {
@@ -281,11 +290,7 @@ pub struct TestServer {
 
 impl TestServer {
     pub fn start(app: axum::Router) -> TestServer {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
+        let runtime = server_runtime();
         let listener = runtime
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
             .unwrap();
