@@ -22,6 +22,7 @@ pub mod backends;
 pub mod cache;
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod gateway;
 pub mod http;
 pub mod listener;

@@ -9,7 +9,8 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 use crate::app::{self, Announce, AppError, Endpoints, Launch};
-use crate::config::{self, Config, ConfigErrors, ConfigSources, LogLevel, TlsFiles};
+use crate::config::{self, Config, ConfigErrors, ConfigSources, TlsFiles};
+use crate::demo::{DemoOptions, DemoSite, RunningDemo};
 use crate::listener::load_certified_key;
 use crate::observe::{BuildInfo, init_logging};
 
@@ -95,6 +96,19 @@ struct DemoArgs {
     /// Address of the api listener and dashboard.
     #[arg(long, default_value = "127.0.0.1:3100")]
     bind: String,
+    /// Address of the Redis-protocol listener.
+    #[arg(long, default_value = "127.0.0.1:6380")]
+    resp_bind: String,
+    /// Address of the gateway (the reverse proxy in front of the demo app).
+    #[arg(long, default_value = "127.0.0.1:8090")]
+    gateway_bind: String,
+    /// Keep the demo's state in DIR (created if missing, reused by the next run)
+    /// instead of a temporary directory.
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+    /// Do not generate traffic; the charts then show only your own requests.
+    #[arg(long)]
+    no_traffic: bool,
     /// Keep the temporary data directory after exit.
     #[arg(long)]
     keep: bool,
@@ -410,57 +424,96 @@ fn serve(config: Config, sources: ConfigSources, announce: Option<Announce>) -> 
 }
 
 fn demo(args: &DemoArgs) -> ExitCode {
-    let data_dir = std::env::temp_dir().join(format!("keel-demo-{}", std::process::id()));
-    let sources = ConfigSources {
-        explicit_file: None,
-        env: Vec::new(),
-        sets: vec![
-            ("data_dir".to_owned(), data_dir.display().to_string()),
-            ("listeners.api.bind".to_owned(), args.bind.clone()),
-        ],
+    let options = DemoOptions {
+        api: args.bind.clone(),
+        resp: args.resp_bind.clone(),
+        gateway: args.gateway_bind.clone(),
+        data_dir: args.data.clone(),
+        traffic: !args.no_traffic,
     };
-    // The demo ignores /etc/keel/keel.toml: it must behave the same on every machine.
+    let site = match DemoSite::prepare(&options) {
+        Ok(site) => site,
+        Err(error) => {
+            eprintln!("keel: cannot prepare the demo: {error}");
+            return ExitCode::from(1);
+        }
+    };
+    let dir = site.dir.clone();
+    let remove_dir = site.temporary && !args.keep;
+    // The demo reads only its generated file: /etc/keel/keel.toml and KEEL_* must not
+    // make it behave differently from one machine to the next.
     let sources = ConfigSources {
-        explicit_file: Some(PathBuf::from("/dev/null")),
-        ..sources
+        explicit_file: Some(site.config_path.clone()),
+        env: Vec::new(),
+        sets: Vec::new(),
     };
     let config = match config::load(&sources) {
         Ok(config) => config,
         Err(errors) => return config_failure(&errors),
     };
-    let config = Config {
-        log: config::LogConfig {
-            level: LogLevel::Info,
-            ..config.log.clone()
-        },
-        ..config
-    };
-    let announce_dir = data_dir.clone();
     let announce = Box::new(move |endpoints: &Endpoints| {
-        let base = format!(
-            "{}://{}",
-            if endpoints.api_tls { "https" } else { "http" },
-            endpoints.api
-        );
-        println!();
-        println!("keel demo is running ({})", BuildInfo::CURRENT.version);
-        println!("  api:        {base}/");
-        println!("  health:     {base}/healthz   readiness: {base}/readyz");
-        println!("  metrics:    {base}/metrics");
-        if let Some(resp) = endpoints.resp {
-            println!(
-                "  cache:      {base}/v1/cache/KEY   redis-cli -h {} -p {}",
-                resp.ip(),
-                resp.port()
-            );
-        }
-        println!("  data dir:   {} (temporary)", announce_dir.display());
-        println!("Press Ctrl-C to stop.");
-        println!();
+        let endpoints = endpoints.clone();
+        tokio::spawn(async move {
+            let config_path = site.config_path.clone();
+            match site.start(endpoints).await {
+                Ok(running) => print_demo(&running, &config_path, remove_dir),
+                Err(error) => eprintln!("keel: the demo app cannot start: {error}"),
+            }
+        });
     });
     let code = serve(config, sources, Some(announce));
-    if !args.keep {
-        let _ = std::fs::remove_dir_all(&data_dir);
+    if remove_dir {
+        let _ = std::fs::remove_dir_all(&dir);
     }
     code
+}
+
+fn print_demo(demo: &RunningDemo, config_path: &std::path::Path, temporary: bool) {
+    let token = demo.token.as_deref().unwrap_or("(auth is off)");
+    let dir = config_path.parent().unwrap_or(config_path);
+    println!();
+    println!("keel demo is running ({})", BuildInfo::CURRENT.version);
+    println!();
+    println!("  Dashboard:    {}/", demo.dashboard);
+    println!("  Admin token:  {token}");
+    println!(
+        "  Data dir:     {}{}",
+        dir.display(),
+        if temporary {
+            " (temporary, removed at exit)"
+        } else {
+            ""
+        }
+    );
+    println!("  Config:       {}", config_path.display());
+    println!("  Demo app:     http://{} (posts and users)", demo.app);
+    println!();
+    println!("Try:");
+    if let Some(gateway) = &demo.gateway {
+        println!("  curl -i {gateway}/api/posts/1");
+    }
+    if let Some(resp) = demo.resp {
+        let auth = demo
+            .token
+            .as_deref()
+            .map(|token| format!(" --no-auth-warning -a {token}"))
+            .unwrap_or_default();
+        println!(
+            "  redis-cli -h {} -p {}{auth} GET demo:hello",
+            resp.ip(),
+            resp.port()
+        );
+    }
+    let authorization = demo
+        .token
+        .as_deref()
+        .map(|token| format!(" -H 'Authorization: Bearer {token}'"))
+        .unwrap_or_default();
+    println!(
+        "  curl{authorization} -H 'Content-Type: application/json' -d '{{\"payload\":{{\"to\":\"ada@example.com\"}}}}' {}/v1/queues/email/jobs",
+        demo.dashboard
+    );
+    println!();
+    println!("Press Ctrl-C to stop.");
+    println!();
 }

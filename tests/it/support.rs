@@ -235,6 +235,29 @@ pub fn request_bytes(addr: SocketAddr, method: &str, path: &str, body: &[u8]) ->
     read_reply(&mut stream)
 }
 
+/// `request` with extra header lines (`Authorization`, `Content-Type`, ...).
+pub fn request_with_headers(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Reply {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(body.as_bytes()).unwrap();
+    read_reply(&mut stream)
+}
+
 pub fn get(addr: SocketAddr, path: &str) -> Reply {
     request(addr, "GET", path, "")
 }
