@@ -43,21 +43,25 @@ export class LineChart {
     this.drawing.append(...this.grid, ...this.paths);
 
     this.top = el("span", { class: "axis top", text: "" });
+    this.start = el("span", { text: "" });
     this.values = series.map(() => el("span", { class: "value", text: "—" }));
     const legend = el("ul", { class: "legend" }, series.map((entry, index) =>
       el("li", {}, el("span", { class: `swatch s${index}`, "aria-hidden": "true" }), `${entry.label} `, this.values[index])));
     this.element = el("figure", { class: "chart", dataset: { points: 0 } },
       el("figcaption", { text: title }),
       el("div", { class: "plot" }, this.top, this.drawing, el("span", { class: "axis bottom", text: "0" })),
-      el("div", { class: "time-axis", "aria-hidden": "true" },
-        el("span", { text: `−${Math.round(windowSeconds / 60)} min` }), el("span", { text: "now" })),
+      el("div", { class: "time-axis", "aria-hidden": "true" }, this.start, el("span", { text: "now" })),
       legend);
   }
 
-  /// Draws `points` (oldest first, `at` in Unix seconds).
+  /// Draws `points` (oldest first, `at` in Unix seconds). The time axis spans what
+  /// there is, from one minute up to the chart's window, so a keel that just started
+  /// does not draw in a sliver at the right edge.
   update(points) {
     const latestAt = points.length ? points[points.length - 1].at : 0;
-    const shown = points.filter((point) => point.at > latestAt - this.windowSeconds);
+    const available = points.length ? latestAt - points[0].at : 0;
+    const span = Math.min(this.windowSeconds, Math.max(60, available));
+    const shown = points.filter((point) => point.at > latestAt - span);
     let highest = 0;
     for (const point of shown) {
       for (const entry of this.series) {
@@ -66,7 +70,7 @@ export class LineChart {
       }
     }
     const top = this.fixedMax ?? niceCeiling(highest);
-    const x = (at) => ((at - (latestAt - this.windowSeconds)) / this.windowSeconds) * WIDTH;
+    const x = (at) => ((at - (latestAt - span)) / span) * WIDTH;
     const y = (value) => HEIGHT - (Math.min(value, top) / top) * HEIGHT;
     this.series.forEach((entry, index) => {
       let d = "";
@@ -94,7 +98,9 @@ export class LineChart {
       this.values[index].textContent = value === null ? "—" : this.format(value);
     });
     const summary = this.series.map((entry, index) => `${entry.label} ${latest[index] === null ? "no data" : this.format(latest[index])}`);
-    this.drawing.setAttribute("aria-label", `${this.title}, last ${Math.round(this.windowSeconds / 60)} minutes; latest: ${summary.join(", ")}`);
+    const minutes = `${Math.round(span / 60)} min`;
+    this.start.textContent = `−${minutes}`;
+    this.drawing.setAttribute("aria-label", `${this.title}, last ${minutes}; latest: ${summary.join(", ")}`);
     this.element.dataset.points = String(shown.length);
   }
 }
