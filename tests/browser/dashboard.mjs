@@ -3,6 +3,8 @@
 //
 //   KEEL_URL        the api listener (default http://127.0.0.1:8080)
 //   KEEL_TOKEN      an access token, when keel has authentication on
+//   KEEL_READONLY_TOKEN  a token of role readonly: checks its session has no write
+//                   controls (optional)
 //   KEEL_SEED=1     seed the data first (seed.mjs); leave unset against `keel demo`
 //   KEEL_GATEWAY_URL  the gateway listener, for seeding traffic (optional)
 //   KEEL_ANALYZE_SQL  the analyzer's query over an unindexed column
@@ -25,6 +27,7 @@ import { seed } from "./seed.mjs";
 
 const BASE = (process.env.KEEL_URL || "http://127.0.0.1:8080").replace(/\/$/, "");
 const TOKEN = process.env.KEEL_TOKEN || "";
+const READONLY_TOKEN = process.env.KEEL_READONLY_TOKEN || "";
 const ANALYZE_SQL = process.env.KEEL_ANALYZE_SQL || "SELECT * FROM posts WHERE author_email = 'x'";
 const DEAD_QUEUE = process.env.KEEL_DEAD_QUEUE || "email";
 const HERE = path.dirname(fileURLToPath(import.meta.url));
@@ -117,20 +120,50 @@ async function authEnabled() {
   return Boolean((await answer.json()).auth_enabled);
 }
 
-async function logIn(page) {
+async function logIn(page, token, { checkWrongToken = true } = {}) {
   await until(page, "the login form", () => !document.getElementById("login").hidden);
-  assert.ok(TOKEN, "keel has authentication on: give KEEL_TOKEN");
-  await page.fill("#login-token", `wrong-${Date.now()}`);
-  await page.click("#login-form button[type=submit]");
-  await until(page, "the login error", () => {
-    const message = document.getElementById("login-error");
-    return !message.hidden && message.textContent.trim().length > 0;
-  });
-  ok(`a wrong token shows an error in the login form: ${await page.textContent("#login-error")}`);
-  await page.fill("#login-token", TOKEN);
+  assert.ok(token, "keel has authentication on: give KEEL_TOKEN");
+  if (checkWrongToken) {
+    await page.fill("#login-token", `wrong-${Date.now()}`);
+    await page.click("#login-form button[type=submit]");
+    await until(page, "the login error", () => {
+      const message = document.getElementById("login-error");
+      return !message.hidden && message.textContent.trim().length > 0;
+    });
+    ok(`a wrong token shows an error in the login form: ${await page.textContent("#login-error")}`);
+  }
+  await page.fill("#login-token", token);
   await page.click("#login-form button[type=submit]");
   await until(page, "the dashboard after login", () => !document.getElementById("nav").hidden);
   ok("logged in with the token");
+  assert.equal(await page.evaluate(() => JSON.stringify(localStorage) + JSON.stringify(sessionStorage)), "{}{}",
+    "nothing of the session in web storage");
+}
+
+/// A readonly session sees the data but no control that changes anything.
+async function readonlyHasNoWriteControls(browser) {
+  const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
+  const page = await context.newPage();
+  await page.goto(`${BASE}/`);
+  await logIn(page, READONLY_TOKEN, { checkWrongToken: false });
+  await show(page, "queues");
+  await tableLoaded(page, "#queues-table", 1);
+  await tableLoaded(page, "#dead-jobs", 0);
+  assert.equal(await page.$$eval("#page-queues button", (buttons) => buttons.length), 0, "no buttons on Queues");
+  await show(page, "cache");
+  await tableLoaded(page, "#cache-layers", 1);
+  assert.equal(await page.$("#cache-invalidate"), null, "no invalidate form");
+  assert.ok(await page.$("#cache-lookup"), "looking up stays");
+  await context.close();
+  ok("a readonly session has no write controls on Queues and Cache");
+}
+
+async function logOut(page) {
+  await page.click("#logout");
+  await until(page, "the login form after logout", () => !document.getElementById("login").hidden);
+  const status = await page.evaluate(async () => (await fetch("/v1/queues", { credentials: "same-origin" })).status);
+  assert.equal(status, 401, "the session is gone after logout");
+  ok("logging out shows the login form and ends the session");
 }
 
 async function retryDeadJob(page) {
@@ -258,7 +291,7 @@ async function main() {
 
     await page.goto(`${BASE}/`);
     if (auth) {
-      await logIn(page);
+      await logIn(page, TOKEN);
     } else {
       await until(page, "the dashboard", () => !document.getElementById("nav").hidden);
       ok("auth is off: the dashboard opens without a login");
@@ -275,13 +308,19 @@ async function main() {
     await invalidateKey(page);
     await analyze(page);
     await phoneWidth(page);
-    if (auth) await csrfRefused(context);
-    else console.log("# skipped: the CSRF check needs authentication on");
+    if (auth) {
+      await csrfRefused(context);
+      if (READONLY_TOKEN) await readonlyHasNoWriteControls(browser);
+      else console.log("# skipped: the readonly check needs KEEL_READONLY_TOKEN");
+    } else {
+      console.log("# skipped: the CSRF and role checks need authentication on");
+    }
 
     assert.deepEqual(consoleErrors, [], "console errors");
     ok("no console errors");
     assert.deepEqual(foreign, [], "requests to other hosts");
     ok(`no requests to any host but ${ORIGIN}`);
+    if (auth) await logOut(page);
   } finally {
     await browser.close();
   }

@@ -20,7 +20,7 @@ export async function seed({ base, token, gateway }) {
     { name: "send-welcome", payload: { to: "ada@example.com", template: "welcome" }, attempts: 1 },
     { name: "send-digest", payload: { to: "grace@example.com", template: "digest" } },
   ]);
-  const reserved = (await rest.post(`${queue}/reserve`, { max: 2 })).json.jobs;
+  const reserved = (await rest.post(`${queue}/reserve`, { max: 100 })).json.jobs;
   for (const job of reserved) {
     if (job.name === "send-welcome") {
       await rest.post(`/v1/jobs/${job.id}/fail`, { lease_token: job.lease_token, error: "SMTP 550: mailbox unavailable" });
