@@ -150,17 +150,19 @@ impl GatewayMetrics {
             .collect()
             .iter()
             .flat_map(|family| family.get_metric())
+            .filter(|metric| label_value(metric, "route") == Some(route))
             .filter_map(|metric| {
-                let label = |name: &str| {
-                    metric
-                        .get_label()
-                        .iter()
-                        .find(|pair| pair.name() == name)
-                        .map(|pair| pair.value().to_owned())
-                };
-                (label("route")? == route)
-                    .then(|| Some((label("result")?, metric.get_counter().get_value() as u64)))?
+                let result = label_value(metric, "result")?.to_owned();
+                Some((result, metric.get_counter().get_value() as u64))
             })
             .collect()
     }
+}
+
+fn label_value<'a>(metric: &'a prometheus::proto::Metric, name: &str) -> Option<&'a str> {
+    metric
+        .get_label()
+        .iter()
+        .find(|pair| pair.name() == name)
+        .map(|pair| pair.value())
 }
