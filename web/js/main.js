@@ -159,5 +159,11 @@ api.onUnauthorized(() => {
   if (session) showLogin();
 });
 
+// The skip link moves focus without touching the hash, which belongs to the router.
+document.querySelector(".skip-link").addEventListener("click", (event) => {
+  event.preventDefault();
+  $("main").focus();
+});
+
 window.addEventListener("hashchange", () => route(true));
 boot();

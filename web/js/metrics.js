@@ -10,6 +10,9 @@ let index = new Map();
 let points = [];
 let source = null;
 let retry = null;
+/// Bumped by every start and stop, so work begun for an older start (an await that
+/// returns after a logout) does nothing.
+let generation = 0;
 const listeners = new Set();
 
 function notify() {
@@ -36,41 +39,51 @@ export function subscribe(listener) {
   return () => listeners.delete(listener);
 }
 
-/// Loads the history and follows the stream. Errors reach `onError` (the page's alert).
+/// Loads the history and follows the stream. Errors reach `onError` (the page's alert),
+/// except a 401, which api.js already answers with the login form.
 export async function start(onError) {
   stop();
+  const mine = generation;
+  const report = (error) => {
+    if (error.status !== 401 && mine === generation) onError(error);
+  };
   try {
     await loadHistory();
   } catch (error) {
-    onError(error);
+    report(error);
   }
-  source = new EventSource("/v1/metrics/stream", { withCredentials: true });
+  if (mine !== generation) return;
+  const stream = new EventSource("/v1/metrics/stream", { withCredentials: true });
+  source = stream;
   let broken = false;
-  source.addEventListener("point", (event) => {
+  stream.addEventListener("point", (event) => {
     const point = JSON.parse(event.data);
     if (points.length && points[points.length - 1].at >= point.at) return;
     points.push(point);
     if (points.length > KEEP) points.splice(0, points.length - KEEP);
     notify();
   });
-  source.addEventListener("open", () => {
+  stream.addEventListener("open", () => {
     // After a break, fill the gap from the history.
-    if (broken) loadHistory().catch(onError);
+    if (broken) loadHistory().catch(report);
     broken = false;
   });
-  source.addEventListener("error", () => {
+  stream.addEventListener("error", () => {
     broken = true;
-    if (source && source.readyState === EventSource.CLOSED) {
+    if (mine === generation && stream.readyState === EventSource.CLOSED) {
       // The browser gave up (an error status such as 401): ask once by fetch, which
       // shows the login form on a 401, then try again a little later.
       source = null;
-      loadHistory().catch(onError);
-      retry = setTimeout(() => start(onError), 5000);
+      loadHistory().catch(report);
+      retry = setTimeout(() => {
+        if (mine === generation) start(onError);
+      }, 5000);
     }
   });
 }
 
 export function stop() {
+  generation += 1;
   if (source) source.close();
   source = null;
   clearTimeout(retry);
