@@ -130,6 +130,7 @@ async function logIn(page, token, { checkWrongToken = true } = {}) {
       const message = document.getElementById("login-error");
       return !message.hidden && message.textContent.trim().length > 0;
     });
+    await screenshot(page, "login");
     ok(`a wrong token shows an error in the login form: ${await page.textContent("#login-error")}`);
   }
   await page.fill("#login-token", token);
