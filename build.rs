@@ -1,4 +1,5 @@
-//! Records the git commit and build profile for `keel --version` and `keel_build_info`.
+//! Records the git commit and build profile for `keel --version` and `keel_build_info`,
+//! and rebuilds when a dashboard file is added to `web/`.
 
 use std::process::Command;
 
@@ -30,4 +31,7 @@ fn main() {
             println!("cargo:rerun-if-changed={path}");
         }
     }
+    // The dashboard's files are embedded (`src/dashboard`); include_bytes! notices a
+    // changed file, but only a rerun here notices an added one.
+    println!("cargo:rerun-if-changed=web");
 }

@@ -10,6 +10,7 @@
 //! - `listener`: bound sockets with TLS, connection limits and graceful shutdown.
 //! - `auth`: who may call the api (the admin secret today; tokens later).
 //! - `http`: the api listener's router and the problem+json error mapping.
+//! - `dashboard`: the browser dashboard's files (`web/`), embedded and served at `/`.
 //! - `observe`: Prometheus registry, logging, readiness.
 //! - `ratelimit`: keyed rate limits for gateway routes, the api and queues.
 //! - `storage`: the data directory, its lock, database files and migrations.
@@ -22,6 +23,7 @@ pub mod backends;
 pub mod cache;
 pub mod cli;
 pub mod config;
+pub mod dashboard;
 pub mod demo;
 pub mod gateway;
 pub mod http;

@@ -1,6 +1,7 @@
 //! Gateway metrics (`keel_gateway_*`), labelled by route name and upstream server as
 //! configured (never by anything a client sends), so series stay bounded.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use prometheus::{
@@ -109,6 +110,15 @@ pub struct RouteMetrics {
 }
 
 impl RouteMetrics {
+    /// Requests answered so far, by status class.
+    pub fn requests_by_class(&self) -> BTreeMap<&'static str, u64> {
+        CLASSES
+            .iter()
+            .zip(&self.by_class)
+            .map(|(class, counter)| (*class, counter.get()))
+            .collect()
+    }
+
     pub fn class(&self, status: u16) -> &IntCounter {
         &self.by_class[match status {
             100..=199 => 0,
@@ -120,14 +130,39 @@ impl RouteMetrics {
     }
 }
 
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
 impl GatewayMetrics {
     pub fn for_route(&self, route: &str) -> Arc<RouteMetrics> {
         Arc::new(RouteMetrics {
-            by_class: ["1xx", "2xx", "3xx", "4xx", "5xx"]
-                .map(|class| self.requests.with_label_values(&[route, class])),
+            by_class: CLASSES.map(|class| self.requests.with_label_values(&[route, class])),
             seconds: self.request_seconds.with_label_values(&[route]),
             bytes_in: self.bytes.with_label_values(&[route, "in"]),
             bytes_out: self.bytes.with_label_values(&[route, "out"]),
         })
     }
+
+    /// A route's response-cache lookups so far, by result. Read from the collected
+    /// series, so a route without a cache gets no empty series made for it.
+    pub fn cache_results_of(&self, route: &str) -> BTreeMap<String, u64> {
+        use prometheus::core::Collector;
+        self.cache_results
+            .collect()
+            .iter()
+            .flat_map(|family| family.get_metric())
+            .filter(|metric| label_value(metric, "route") == Some(route))
+            .filter_map(|metric| {
+                let result = label_value(metric, "result")?.to_owned();
+                Some((result, metric.get_counter().get_value() as u64))
+            })
+            .collect()
+    }
+}
+
+fn label_value<'a>(metric: &'a prometheus::proto::Metric, name: &str) -> Option<&'a str> {
+    metric
+        .get_label()
+        .iter()
+        .find(|pair| pair.name() == name)
+        .map(|pair| pair.value())
 }

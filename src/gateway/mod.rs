@@ -143,6 +143,29 @@ pub struct UpstreamStatus {
     pub servers: Vec<ServerStatus>,
 }
 
+/// One route as configured, with its counters since start.
+#[derive(Debug, Serialize)]
+pub struct RouteStatus {
+    pub name: String,
+    pub host: Option<String>,
+    pub path_prefix: String,
+    pub upstream: String,
+    /// What replaces the prefix before forwarding (`""` for `strip_prefix`).
+    pub rewrite: Option<String>,
+    pub max_body_bytes: u64,
+    pub compress: bool,
+    pub cache: Option<crate::config::RouteCacheConfig>,
+    pub rate_limit: Option<crate::config::RouteRateLimitConfig>,
+    pub requests: BTreeMap<&'static str, u64>,
+    /// Response-cache lookups by result (`hit`, `miss`, `stale`, ...); empty without a
+    /// cache.
+    pub cache_results: BTreeMap<String, u64>,
+    /// Requests the route's rate limit refused; `None` without one.
+    pub rate_limited: Option<u64>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
 impl Gateway {
     pub fn new(
         config: &GatewayConfig,
@@ -214,6 +237,31 @@ impl Gateway {
             .map(|pool| UpstreamStatus {
                 name: pool.name.clone(),
                 servers: pool.statuses(),
+            })
+            .collect()
+    }
+
+    /// The routes in matching order (most specific host, then longest prefix, first).
+    pub fn routes(&self) -> Vec<RouteStatus> {
+        self.table()
+            .routes
+            .routes()
+            .iter()
+            .map(|route| RouteStatus {
+                name: route.name.clone(),
+                host: route.config.host.clone(),
+                path_prefix: route.prefix.clone(),
+                upstream: route.pool.name.clone(),
+                rewrite: route.rewrite.clone(),
+                max_body_bytes: route.max_body_bytes,
+                compress: route.config.compress,
+                cache: route.config.cache.clone(),
+                rate_limit: route.config.rate_limit.clone(),
+                requests: route.metrics.requests_by_class(),
+                cache_results: self.inner.metrics.cache_results_of(&route.name),
+                rate_limited: route.limiter.as_ref().map(|limiter| limiter.rejected()),
+                bytes_in: route.metrics.bytes_in.get(),
+                bytes_out: route.metrics.bytes_out.get(),
             })
             .collect()
     }

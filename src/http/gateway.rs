@@ -1,4 +1,4 @@
-//! `/v1/gateway/...`: the gateway's upstream health and counters.
+//! `/v1/gateway/...`: the gateway's routes, upstream health and counters, and purge.
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -12,6 +12,7 @@ use crate::gateway::{PurgeError, PurgeRequest};
 
 pub(super) fn routes() -> Router<ApiState> {
     Router::new()
+        .route("/v1/gateway/routes", get(route_list))
         .route("/v1/gateway/upstreams", get(upstreams))
         .route("/v1/gateway/purge", post(purge))
 }
@@ -37,4 +38,9 @@ async fn purge(
 async fn upstreams(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
     let gateway = &state.services()?.gateway;
     Ok(Json(json!({ "upstreams": gateway.upstreams() })))
+}
+
+async fn route_list(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
+    let gateway = &state.services()?.gateway;
+    Ok(Json(json!({ "routes": gateway.routes() })))
 }

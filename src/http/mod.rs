@@ -77,6 +77,7 @@ pub fn router(state: ApiState) -> Router {
         .merge(sql::routes())
         .merge(admin::routes())
         .merge(gateway::routes())
+        .merge(crate::dashboard::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))

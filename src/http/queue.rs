@@ -336,8 +336,21 @@ async fn retry_dead(
     Ok(Json(json!({ "queue": queue_name, "retried": retried })))
 }
 
+/// Every schedule, each with `next_run_at` (Unix ms of its next tick, or null).
 async fn schedules(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
-    let schedules = queue_of(&state)?.schedules().await?;
+    let queue = queue_of(&state)?;
+    let now = queue.now_ms();
+    let schedules: Vec<Value> = queue
+        .schedules()
+        .await?
+        .into_iter()
+        .map(|schedule| {
+            let next_run_at = schedule.next_run(now);
+            let mut value = json!(schedule);
+            value["next_run_at"] = json!(next_run_at);
+            value
+        })
+        .collect();
     Ok(Json(json!({ "schedules": schedules })))
 }
 

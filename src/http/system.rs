@@ -1,5 +1,6 @@
-//! Routes about the process itself: liveness, readiness, metrics, and configuration
-//! validation.
+//! Routes about the process itself: liveness, readiness, metrics, what is running
+//! (`/v1/system`), and configuration validation. `/` is the dashboard (`dashboard`);
+//! the JSON index of the api is `/v1`.
 
 use std::path::Path;
 
@@ -18,7 +19,8 @@ use crate::observe::BuildInfo;
 
 pub(super) fn routes() -> Router<ApiState> {
     Router::new()
-        .route("/", get(index))
+        .route("/v1", get(index))
+        .route("/v1/system", get(system))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -89,8 +91,41 @@ async fn index() -> Json<serde_json::Value> {
         "name": "keel",
         "version": build.version,
         "commit": build.commit,
-        "endpoints": ["/healthz", "/readyz", "/metrics", "/v1/config/validate"],
+        "endpoints": ["/healthz", "/readyz", "/metrics", "/v1/system", "/v1/config/validate"],
+        "dashboard": "/",
     }))
+}
+
+/// What is running: build, uptime, the data directory's databases and their sizes, and
+/// the effective configuration with secrets redacted (the serialization `keel
+/// check-config` prints).
+async fn system(State(state): State<ApiState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let config = state.config.borrow().clone();
+    let build = BuildInfo::CURRENT;
+    let uptime = state.metrics.uptime();
+    let started_at = std::time::SystemTime::now()
+        .checked_sub(uptime)
+        .and_then(|at| at.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|since| since.as_millis() as u64);
+    let data_dir = config.data_dir.clone();
+    let sql_url = config.sql.url.expose().to_owned();
+    let files =
+        tokio::task::spawn_blocking(move || crate::storage::stored_files(&data_dir, &sql_url))
+            .await
+            .map_err(ApiError::internal)?;
+    let summary = serde_json::to_value(&*config).map_err(ApiError::internal)?;
+    Ok(Json(json!({
+        "version": build.version,
+        "commit": build.commit,
+        "profile": build.profile,
+        "pid": std::process::id(),
+        "started_at": started_at,
+        "uptime_seconds": uptime.as_secs_f64(),
+        "data_dir": config.data_dir,
+        "storage": files,
+        "auth_enabled": state.auth.is_enabled(),
+        "config": summary,
+    })))
 }
 
 /// Alive: the process answers. Says nothing about storage.

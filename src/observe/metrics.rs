@@ -95,6 +95,11 @@ impl Metrics {
         }
     }
 
+    /// Time since this process started (since `Metrics` was made, first thing at start).
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
     /// The registry subsystems register their own metrics in.
     pub fn registry(&self) -> &Registry {
         &self.registry

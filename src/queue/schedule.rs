@@ -107,6 +107,15 @@ impl Timing {
     }
 }
 
+impl Schedule {
+    /// When the schedule fires next: its first tick after both `now` and the last tick
+    /// it fired. `None` when the cron has no later tick (or no longer parses).
+    pub fn next_run(&self, now: Millis) -> Option<Millis> {
+        let timing = Timing::parse(&self.cron, &self.timezone).ok()?;
+        timing.next_after(now.max(self.last_tick.unwrap_or(0)))
+    }
+}
+
 impl ScheduleSpec {
     pub fn into_schedule(self, now: Millis, from_config: bool) -> Result<Schedule, QueueError> {
         if self.name.is_empty() || self.name.len() > 128 {

@@ -268,6 +268,12 @@ impl<C: Clock> Limiter<C> {
         &self.name
     }
 
+    /// Requests this limiter (by name, so across reloads) has rejected since start:
+    /// out of quota or banned.
+    pub fn rejected(&self) -> u64 {
+        self.metrics.rejected_limit.get() + self.metrics.rejected_banned.get()
+    }
+
     /// The key this limiter counts the request against (see [`KeyKind::key_for`]).
     pub fn key_for(&self, client: std::net::IpAddr, headers: &HeaderMap, route: &str) -> Key {
         self.key_kind.key_for(client, headers, route)

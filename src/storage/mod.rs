@@ -129,6 +129,49 @@ impl Storage {
     }
 }
 
+/// One database file of the data directory and its size on disk.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StoredFile {
+    pub name: String,
+    pub path: PathBuf,
+    /// `None` when the file does not exist (a layer that is off, PostgreSQL instead of
+    /// SQLite).
+    pub bytes: Option<u64>,
+    /// The write-ahead log beside a SQLite file, which holds commits not yet
+    /// checkpointed into it.
+    pub wal_bytes: Option<u64>,
+}
+
+/// The sizes of the databases in `data_dir` (the layout above), read from the file
+/// system now. `sql_url` places `data.sqlite`.
+pub fn stored_files(data_dir: &Path, sql_url: &str) -> Vec<StoredFile> {
+    let size = |path: &Path| std::fs::metadata(path).ok().map(|meta| meta.len());
+    let mut files = vec![
+        (data_dir.join("keel.sqlite"), true),
+        (data_dir.join("cache.redb"), false),
+        (data_dir.join("queue.redb"), false),
+    ];
+    if let Ok(path) = sqlite_path(data_dir, sql_url) {
+        files.insert(1, (path, true));
+    }
+    files
+        .into_iter()
+        .map(|(path, sqlite)| {
+            let mut wal = path.clone().into_os_string();
+            wal.push("-wal");
+            StoredFile {
+                name: path
+                    .file_name()
+                    .map(|name| name.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                bytes: size(&path),
+                wal_bytes: if sqlite { size(Path::new(&wal)) } else { None },
+                path,
+            }
+        })
+        .collect()
+}
+
 /// `sqlite://data.sqlite` is relative to the data directory; `sqlite:///abs/path` is not.
 pub fn sqlite_path(data_dir: &Path, url: &str) -> Result<PathBuf, StorageError> {
     let rest = url

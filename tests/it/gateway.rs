@@ -879,3 +879,48 @@ fn a_client_hanging_up_during_a_cache_fill_strands_nobody() {
         reply.body
     );
 }
+
+#[test]
+fn routes_are_listed_in_matching_order_with_settings_and_counters() {
+    let a = Upstream::start("a");
+    let dir = scratch();
+    let extra = "[[gateway.routes]]\nname = \"cached\"\npath_prefix = \"/c/\"\nupstream = \"app\"\n\
+                 cache = { ttl = \"30s\" }\n\
+                 [[gateway.routes]]\nname = \"limited\"\npath_prefix = \"/limited\"\nupstream = \"app\"\n\
+                 rate_limit = { key = \"ip\", rate = \"1/m\", burst = 1 }\n";
+    let (_keel, api, gw) = start(dir.path(), &gateway_config(dir.path(), &[&a], extra));
+    assert_eq!(fetch(gw, "/c/page", "").header("x-cache"), Some("MISS"));
+    assert_eq!(fetch(gw, "/c/page", "").header("x-cache"), Some("HIT"));
+    assert_eq!(get(gw, "/limited").status, 200);
+    assert_eq!(get(gw, "/limited").status, 429);
+
+    let listed = get(api, "/v1/gateway/routes");
+    assert_eq!(listed.status, 200, "{}", listed.body);
+    let routes = listed.json()["routes"].as_array().unwrap().clone();
+    let names: Vec<&str> = routes.iter().map(|r| r["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        ["limited", "api", "cached", "app"],
+        "longest prefix first"
+    );
+    let route = |name: &str| routes.iter().find(|r| r["name"] == name).unwrap().clone();
+
+    let cached = route("cached");
+    assert_eq!(cached["path_prefix"], "/c/");
+    assert_eq!(cached["upstream"], "app");
+    assert_eq!(cached["cache"]["ttl"], "30s");
+    assert_eq!(cached["cache_results"]["miss"], 1);
+    assert_eq!(cached["cache_results"]["hit"], 1);
+    assert_eq!(cached["requests"]["2xx"], 2);
+    assert!(cached["rate_limit"].is_null() && cached["rate_limited"].is_null());
+
+    let limited = route("limited");
+    assert_eq!(limited["rate_limit"]["rate"], "1/m");
+    assert_eq!(limited["rate_limited"], 1);
+    assert_eq!(limited["requests"]["4xx"], 1);
+    assert!(
+        limited["cache"].is_null() && limited["cache_results"] == serde_json::json!({}),
+        "a route without a cache gets no cache series: {limited}"
+    );
+    assert_eq!(route("api")["rewrite"], "", "strip_prefix");
+}

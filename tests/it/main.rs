@@ -8,6 +8,7 @@ mod support;
 
 mod cache;
 mod config;
+mod dashboard;
 mod gateway;
 mod lifecycle;
 mod queue;

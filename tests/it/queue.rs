@@ -848,6 +848,19 @@ fn schedules_over_rest_enqueue_on_their_ticks() {
     };
     assert_eq!(job["name"], "tick");
     assert_eq!(job["payload"], json!({"k": 1}));
+    let listed = get(addr, "/v1/schedules").json();
+    let next = listed["schedules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|schedule| schedule["name"] == "tick")
+        .and_then(|schedule| schedule["next_run_at"].as_u64())
+        .expect("next_run_at");
+    let now = keel::cache::now_ms();
+    assert!(
+        next > job["created_at"].as_u64().unwrap() && next <= now + 1_000,
+        "every second: the next run is within a second ({next}, now {now})"
+    );
     assert_eq!(
         request(addr, "DELETE", "/v1/schedules/tick", "").status,
         204
