@@ -340,11 +340,20 @@ fn backup(config: &Config, out: &std::path::Path) -> ExitCode {
         addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
     let body = serde_json::json!({ "dir": out }).to_string();
-    let auth = config
+    // The password if there is one, else the admin token keel created on its first
+    // start with authentication on (readable only by keel's user, like the data).
+    let credential = config
         .auth
         .password
         .as_ref()
-        .map(|secret| format!("Authorization: Bearer {}\r\n", secret.expose()))
+        .map(|secret| secret.expose().to_owned())
+        .or_else(|| {
+            std::fs::read_to_string(crate::auth::admin_token_path(&config.data_dir))
+                .ok()
+                .map(|token| token.trim().to_owned())
+        });
+    let auth = credential
+        .map(|secret| format!("Authorization: Bearer {secret}\r\n"))
         .unwrap_or_default();
     let request = format!(
         "POST /v1/admin/backup HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\n\r\n{body}",

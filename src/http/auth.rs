@@ -264,9 +264,12 @@ async fn session(
 
 async fn list_tokens(State(state): State<ApiState>) -> Result<Response, ApiError> {
     let auth = state.auth.clone();
-    let tokens = tokio::task::spawn_blocking(move || auth.list_tokens())
-        .await
-        .map_err(ApiError::internal)??;
+    let tokens = tokio::task::spawn_blocking(move || {
+        let store = auth.store().ok_or(ApiError::from(AuthError::Disabled))?;
+        store.list().map_err(ApiError::from)
+    })
+    .await
+    .map_err(ApiError::internal)??;
     Ok(Json(json!({ "tokens": tokens })).into_response())
 }
 
