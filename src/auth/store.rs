@@ -396,38 +396,39 @@ fn write_atomically(dir: &Path, path: &Path, file: &TokenFile) -> Result<(), Tok
         })
 }
 
-/// The install's hashing key: made once, 0600 from creation on.
+/// The install's hashing key: made once, 0600 from creation on. Written to a temporary
+/// file and hard-linked into place, which fails if another process got there first, so
+/// no reader ever sees a key file that is still being written.
 fn load_or_create_key(path: &Path) -> Result<Vec<u8>, TokenStoreError> {
     let io = |source| TokenStoreError::Io {
         path: path.to_owned(),
         source,
     };
-    match OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-    {
-        Ok(mut file) => {
-            let key = random_bytes::<32>();
-            file.write_all(&key).map_err(io)?;
-            file.sync_all().map_err(io)?;
-            return Ok(key.to_vec());
+    if !path.exists() {
+        let temp = path.with_extension(format!("tmp.{}", std::process::id()));
+        let _ = std::fs::remove_file(&temp);
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&temp)
+            .map_err(io)?;
+        file.write_all(&random_bytes::<32>()).map_err(io)?;
+        file.sync_all().map_err(io)?;
+        drop(file);
+        let linked = std::fs::hard_link(&temp, path);
+        let _ = std::fs::remove_file(&temp);
+        match linked {
+            Ok(()) => {}
+            Err(error) if error.kind() == ErrorKind::AlreadyExists => {}
+            Err(error) => return Err(io(error)),
         }
-        Err(error) if error.kind() == ErrorKind::AlreadyExists => {}
-        Err(error) => return Err(io(error)),
     }
     let key = std::fs::read(path).map_err(io)?;
     if key.len() != 32 {
-        // Another process may be between creating and writing it; one retry covers that.
-        std::thread::yield_now();
-        let key = std::fs::read(path).map_err(io)?;
-        if key.len() != 32 {
-            return Err(TokenStoreError::BadKey {
-                path: path.to_owned(),
-            });
-        }
-        return Ok(key);
+        return Err(TokenStoreError::BadKey {
+            path: path.to_owned(),
+        });
     }
     Ok(key)
 }

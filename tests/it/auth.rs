@@ -465,6 +465,15 @@ fn dashboard_sessions_need_csrf_for_writes_and_never_leak_a_token() {
     assert_eq!(wrong.status, 401);
     assert_eq!(wrong.json()["code"], "invalid_credentials");
     bodies.push(wrong.body);
+    let malformed = call(
+        addr,
+        "POST",
+        "/v1/auth/login",
+        &[],
+        &format!("\"{operator}\""),
+    );
+    assert_eq!(malformed.status, 400);
+    bodies.push(malformed.body);
 
     let (cookie, csrf, reply) = login(addr, &operator);
     let session = reply.json();
