@@ -233,6 +233,7 @@ impl TokenStore {
                 path: lock_path.clone(),
                 source,
             })?;
+        owned_like_dir(&self.dir, &lock_path);
         lock.lock().map_err(|source| TokenStoreError::Io {
             path: lock_path.clone(),
             source,
@@ -387,6 +388,7 @@ fn write_atomically(dir: &Path, path: &Path, file: &TokenFile) -> Result<(), Tok
     out.write_all(&text).map_err(io)?;
     out.sync_all().map_err(io)?;
     drop(out);
+    owned_like_dir(dir, &temp);
     std::fs::rename(&temp, path).map_err(io)?;
     File::open(dir)
         .and_then(|dir| dir.sync_all())
@@ -416,6 +418,9 @@ fn load_or_create_key(path: &Path) -> Result<Vec<u8>, TokenStoreError> {
         file.write_all(&random_bytes::<32>()).map_err(io)?;
         file.sync_all().map_err(io)?;
         drop(file);
+        if let Some(dir) = path.parent() {
+            owned_like_dir(dir, &temp);
+        }
         let linked = std::fs::hard_link(&temp, path);
         let _ = std::fs::remove_file(&temp);
         match linked {
@@ -431,6 +436,19 @@ fn load_or_create_key(path: &Path) -> Result<Vec<u8>, TokenStoreError> {
         });
     }
     Ok(key)
+}
+
+/// `sudo keel token create` runs as root while keel serves as its own user: a 0600 file
+/// owned by root would be unreadable to the server. Files therefore take the data
+/// directory's owner. Without the privilege to change owners (not root), the file keeps
+/// ours, which is then already the right one or the operator's mistake to see.
+fn owned_like_dir(dir: &Path, file: &Path) {
+    let (Ok(dir_meta), Ok(file_meta)) = (std::fs::metadata(dir), std::fs::metadata(file)) else {
+        return;
+    };
+    if (dir_meta.uid(), dir_meta.gid()) != (file_meta.uid(), file_meta.gid()) {
+        let _ = std::os::unix::fs::chown(file, Some(dir_meta.uid()), Some(dir_meta.gid()));
+    }
 }
 
 fn hex(bytes: &[u8]) -> String {
