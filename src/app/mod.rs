@@ -263,12 +263,24 @@ pub async fn run(config: Config, launch: Launch) -> Result<(), AppError> {
         inspect_framing: false,
     };
     let services = Arc::new(OnceLock::new());
-    let auth = Authenticator::from_config(&config);
+    let limit_metrics = RateLimitMetrics::new(metrics.registry());
+    let auth =
+        Authenticator::from_config(&config, data_dir.path(), metrics.registry(), &limit_metrics)
+            .map_err(|error| AppError::Runtime(format!("authentication: {error}")))?;
     tracing::info!(enabled = auth.is_enabled(), "authentication configured");
+    match auth.bootstrap_admin(data_dir.path()) {
+        Ok(Some(path)) => tracing::info!(
+            path = %path.display(),
+            "no credentials configured yet: created the admin token; read it from this file"
+        ),
+        Ok(None) => {}
+        Err(error) => return Err(AppError::Runtime(format!("authentication: {error}"))),
+    }
+    auth.spawn_sweeper(shutdown.clone());
     let router = http::router(ApiState {
         metrics: metrics.clone(),
         readiness: readiness.clone(),
-        auth,
+        auth: auth.clone(),
         config: config_rx,
         services: services.clone(),
     });
@@ -355,7 +367,7 @@ pub async fn run(config: Config, launch: Launch) -> Result<(), AppError> {
     let gateway = Gateway::new(
         &config.gateway,
         GatewayMetrics::new(metrics.registry()),
-        RateLimitMetrics::new(metrics.registry()),
+        limit_metrics,
         Some(cache.clone()),
         shutdown.clone(),
     );
@@ -467,10 +479,7 @@ pub async fn run(config: Config, launch: Launch) -> Result<(), AppError> {
             max_args: 1024 * 1024,
             max_inline: 64 * 1024,
         };
-        let context = Arc::new(RespContext::new(
-            cache.clone(),
-            Authenticator::from_config(&config),
-        ));
+        let context = Arc::new(RespContext::new(cache.clone(), auth.clone()));
         let resp_metrics = RespMetrics::new(metrics.registry());
         servers.spawn(serve_resp(
             resp,

@@ -45,6 +45,43 @@ enum Command {
     Backup(BackupArgs),
     /// Put a backup in place in the data directory; keel must be stopped.
     Restore(RestoreArgs),
+    /// Create, list or revoke api and RESP tokens (works while keel runs).
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Create a token and print it once.
+    Create(TokenCreateArgs),
+    /// List tokens: name, role, scopes, creation time (never any secret).
+    List(ConfigArgs),
+    /// Revoke a token; a running keel refuses it within a second.
+    Revoke(TokenRevokeArgs),
+}
+
+#[derive(Debug, Args)]
+struct TokenCreateArgs {
+    /// admin, operator or readonly.
+    #[arg(long, value_parser = clap::value_parser!(crate::auth::Role))]
+    role: crate::auth::Role,
+    /// Limit the token to a subsystem (cache, queue, sql, gateway). Repeatable; none
+    /// means all.
+    #[arg(long = "scope", value_name = "SCOPE", value_parser = clap::value_parser!(crate::auth::Scope))]
+    scopes: Vec<crate::auth::Scope>,
+    /// A unique name (A-Z a-z 0-9 _ . -, up to 64) [default: the role and a random suffix].
+    #[arg(long)]
+    name: Option<String>,
+    #[command(flatten)]
+    config: ConfigArgs,
+}
+
+#[derive(Debug, Args)]
+struct TokenRevokeArgs {
+    /// The token's name, as `keel token list` shows it.
+    name: String,
+    #[command(flatten)]
+    config: ConfigArgs,
 }
 
 #[derive(Debug, Args)]
@@ -154,7 +191,88 @@ pub fn main() -> ExitCode {
         Command::Migrate(args) => with_config(&args.config, |config| migrate(&config, args.status)),
         Command::Backup(args) => with_config(&args.config, |config| backup(&config, &args.out)),
         Command::Restore(args) => with_config(&args.config, |config| restore(&config, &args.from)),
+        Command::Token(command) => token(command),
     }
+}
+
+/// `keel token ...`: works on `<data_dir>/tokens.json` directly, without the data
+/// directory's lock, so it runs next to a serving keel.
+fn token(command: TokenCommand) -> ExitCode {
+    use crate::auth::TokenStore;
+    let config_args = match &command {
+        TokenCommand::Create(args) => &args.config,
+        TokenCommand::List(args) => args,
+        TokenCommand::Revoke(args) => &args.config,
+    };
+    let config = match config::load(&config_args.sources()) {
+        Ok(config) => config,
+        Err(errors) => return config_failure(&errors),
+    };
+    let store = match TokenStore::open(&config.data_dir) {
+        Ok(store) => store,
+        Err(error) => {
+            eprintln!("keel: {error}");
+            return ExitCode::from(1);
+        }
+    };
+    let failure = |error: crate::auth::TokenStoreError| {
+        eprintln!("keel: {error}");
+        match error {
+            crate::auth::TokenStoreError::BadName(_)
+            | crate::auth::TokenStoreError::NameTaken(_)
+            | crate::auth::TokenStoreError::NotFound(_) => ExitCode::from(2),
+            _ => ExitCode::from(1),
+        }
+    };
+    match command {
+        TokenCommand::Create(args) => match store.create(args.role, args.scopes, args.name) {
+            Ok((info, token)) => {
+                println!("{token}");
+                eprintln!(
+                    "created token {:?} (role {}, scopes {}); it is shown only this once",
+                    info.name,
+                    info.role,
+                    scopes_text(&info.scopes)
+                );
+                ExitCode::SUCCESS
+            }
+            Err(error) => failure(error),
+        },
+        TokenCommand::List(_) => match store.list() {
+            Ok(tokens) => {
+                println!("{:<32} {:<9} {:<26} CREATED", "NAME", "ROLE", "SCOPES");
+                for token in tokens {
+                    println!(
+                        "{:<32} {:<9} {:<26} {}",
+                        token.name,
+                        token.role,
+                        scopes_text(&token.scopes),
+                        token.created
+                    );
+                }
+                ExitCode::SUCCESS
+            }
+            Err(error) => failure(error),
+        },
+        TokenCommand::Revoke(args) => match store.revoke(&args.name) {
+            Ok((info, _)) => {
+                println!("revoked token {:?}", info.name);
+                ExitCode::SUCCESS
+            }
+            Err(error) => failure(error),
+        },
+    }
+}
+
+fn scopes_text(scopes: &[crate::auth::Scope]) -> String {
+    if scopes.is_empty() {
+        return "all".to_owned();
+    }
+    scopes
+        .iter()
+        .map(|scope| scope.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn with_config(args: &ConfigArgs, run: impl FnOnce(Config) -> ExitCode) -> ExitCode {
@@ -236,11 +354,20 @@ fn backup(config: &Config, out: &std::path::Path) -> ExitCode {
         addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
     let body = serde_json::json!({ "dir": out }).to_string();
-    let auth = config
+    // The password if there is one, else the admin token keel created on its first
+    // start with authentication on (readable only by keel's user, like the data).
+    let credential = config
         .auth
         .password
         .as_ref()
-        .map(|secret| format!("Authorization: Bearer {}\r\n", secret.expose()))
+        .map(|secret| secret.expose().to_owned())
+        .or_else(|| {
+            std::fs::read_to_string(crate::auth::admin_token_path(&config.data_dir))
+                .ok()
+                .map(|token| token.trim().to_owned())
+        });
+    let auth = credential
+        .map(|secret| format!("Authorization: Bearer {secret}\r\n"))
         .unwrap_or_default();
     let request = format!(
         "POST /v1/admin/backup HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\n\r\n{body}",

@@ -192,13 +192,69 @@ impl Default for GatewayListenerConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct AuthConfig {
-    /// Unset means: on when the api or resp listener binds beyond loopback.
+    /// Unset means: on when the api or resp listener binds beyond loopback, or when a
+    /// password is set.
     pub enabled: Option<bool>,
-    /// Static admin secret, also accepted by RESP `AUTH`.
+    /// Static admin secret, also accepted by RESP `AUTH`; tokens are the better way.
     pub password: Option<Secret>,
+    /// Whether `/metrics` needs a token too (scrapers then send `Authorization`).
+    pub metrics: MetricsAccess,
+    /// Requests one token may make on the api listener (per token, across clients).
+    pub token_rate_limit: Rate,
+    /// Failed authentications one client address may make before it gets 429s.
+    pub failure_rate_limit: Rate,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            enabled: None,
+            password: None,
+            metrics: MetricsAccess::Open,
+            token_rate_limit: Rate {
+                count: 1000,
+                per: Duration::from_secs(1),
+            },
+            failure_rate_limit: Rate {
+                count: 20,
+                per: Duration::from_secs(60),
+            },
+        }
+    }
+}
+
+impl AuthConfig {
+    /// Whether authentication is on for this configuration: as set, or else on when a
+    /// listener a client speaks to is reachable beyond this machine or a password is set.
+    pub fn is_enabled(&self, listeners: &ListenersConfig) -> bool {
+        self.enabled.unwrap_or_else(|| {
+            let beyond_loopback = [listeners.api.bind.0, listeners.resp.bind.0]
+                .into_iter()
+                .flatten()
+                .any(|addr| !addr.ip().is_loopback());
+            beyond_loopback || self.has_password()
+        })
+    }
+
+    pub fn has_password(&self) -> bool {
+        self.password
+            .as_ref()
+            .is_some_and(|secret| !secret.expose().is_empty())
+    }
+}
+
+/// Who may read `/metrics`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MetricsAccess {
+    /// Anyone who reaches the api listener (scrapers usually sit on a private network).
+    #[default]
+    Open,
+    /// Any valid token, like the `/v1/metrics` routes.
+    Token,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -91,33 +91,33 @@ fn check_listeners(config: &Config, problem: &mut impl FnMut(&str, String)) {
         );
     }
 
+    // Unset `auth.enabled` turns authentication on beyond loopback (tokens are created
+    // at start); only an explicit `false` leaves such a listener open, and that is refused.
     let auth = &config.auth;
-    let has_secret = auth
-        .password
-        .as_ref()
-        .is_some_and(|secret| !secret.expose().is_empty());
-    if auth.enabled == Some(true) && !has_secret {
-        problem(
-            "auth.password",
-            "auth.enabled = true needs a password to check clients against".to_owned(),
-        );
+    if auth.enabled == Some(false) {
+        for (path, bind) in [
+            ("listeners.api.bind", listeners.api.bind.0),
+            ("listeners.resp.bind", listeners.resp.bind.0),
+        ] {
+            if let Some(addr) = bind
+                && !addr.ip().is_loopback()
+            {
+                problem(
+                    path,
+                    format!(
+                        "{addr} is reachable beyond this machine and auth.enabled = false; \
+                         remove auth.enabled (authentication then turns on by itself), or bind to 127.0.0.1"
+                    ),
+                );
+            }
+        }
     }
-    let auth_on = auth.enabled.unwrap_or(has_secret) && has_secret;
-    for (path, bind) in [
-        ("listeners.api.bind", listeners.api.bind.0),
-        ("listeners.resp.bind", listeners.resp.bind.0),
+    for (path, rate) in [
+        ("auth.token_rate_limit", auth.token_rate_limit),
+        ("auth.failure_rate_limit", auth.failure_rate_limit),
     ] {
-        if let Some(addr) = bind
-            && !addr.ip().is_loopback()
-            && !auth_on
-        {
-            problem(
-                path,
-                format!(
-                    "{addr} is reachable beyond this machine and no authentication is configured; \
-                         set auth.password (and leave auth.enabled unset or true), or bind to 127.0.0.1"
-                ),
-            );
+        if rate.count == 0 {
+            problem(path, "must allow at least one request".to_owned());
         }
     }
 }

@@ -221,3 +221,54 @@ impl From<crate::sql::SqlError> for ApiError {
         }
     }
 }
+
+impl From<crate::auth::AuthError> for ApiError {
+    fn from(error: crate::auth::AuthError) -> Self {
+        use crate::auth::{AuthError, Forbidden, Role};
+        let detail = error.to_string();
+        match error {
+            AuthError::Missing | AuthError::SessionEnded => {
+                ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", detail)
+            }
+            AuthError::Invalid => {
+                ApiError::new(StatusCode::UNAUTHORIZED, "invalid_credentials", detail)
+            }
+            AuthError::Csrf => ApiError::new(StatusCode::FORBIDDEN, "csrf_failed", detail),
+            AuthError::Forbidden(forbidden) => {
+                let problem = ApiError::new(StatusCode::FORBIDDEN, "forbidden", detail);
+                match forbidden {
+                    Forbidden::Role(role) => problem.with("required_role", role.as_str()),
+                    Forbidden::Scope(scope) => problem.with("required_scope", scope.as_str()),
+                    Forbidden::ReadOnly => problem.with("required_role", Role::Operator.as_str()),
+                }
+            }
+            AuthError::TooManyFailures(_) => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_failures", detail)
+            }
+            AuthError::RateLimited(_) => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", detail)
+            }
+            AuthError::Disabled => ApiError::new(StatusCode::CONFLICT, "auth_disabled", detail),
+        }
+    }
+}
+
+impl From<crate::auth::TokenStoreError> for ApiError {
+    fn from(error: crate::auth::TokenStoreError) -> Self {
+        use crate::auth::TokenStoreError;
+        match &error {
+            TokenStoreError::BadName(_) => {
+                ApiError::bad_request("bad_token_name", error.to_string())
+            }
+            TokenStoreError::NameTaken(_) => {
+                ApiError::new(StatusCode::CONFLICT, "token_exists", error.to_string())
+            }
+            TokenStoreError::NotFound(_) => {
+                ApiError::new(StatusCode::NOT_FOUND, "token_not_found", error.to_string())
+            }
+            TokenStoreError::Io { .. }
+            | TokenStoreError::Corrupt { .. }
+            | TokenStoreError::BadKey { .. } => ApiError::internal(error),
+        }
+    }
+}

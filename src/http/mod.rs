@@ -5,6 +5,7 @@
 //! of their own. Wire formats stop here: subsystems never see axum types.
 
 mod admin;
+mod auth;
 mod cache;
 mod error;
 mod gateway;
@@ -18,10 +19,10 @@ use std::time::Instant;
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use tokio::sync::watch;
 
-use crate::auth::{AuthError, Authenticator};
+use crate::auth::Authenticator;
 use crate::cache::Cache;
 use crate::cache::loader::Namespaces;
 use crate::config::Config;
@@ -78,12 +79,13 @@ pub fn router(state: ApiState) -> Router {
         .merge(admin::routes())
         .merge(gateway::routes())
         .merge(crate::dashboard::router())
+        .merge(auth::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(middleware::from_fn_with_state(
             state.auth.clone(),
-            require_auth,
+            auth::require_auth,
         ))
         .layer(middleware::from_fn_with_state(metrics, track_request))
         .with_state(state)
@@ -135,38 +137,6 @@ async fn method_not_allowed(request: Request) -> ApiError {
             request.uri().path()
         ),
     )
-}
-
-/// Everything under `/v1` needs credentials when auth is on; `/healthz`, `/readyz` and
-/// `/metrics` stay open for probes and scrapers.
-async fn require_auth(State(auth): State<Authenticator>, request: Request, next: Next) -> Response {
-    if !request.uri().path().starts_with("/v1/") {
-        return next.run(request).await;
-    }
-    let presented = request
-        .headers()
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|value| value.as_bytes().strip_prefix(b"Bearer "));
-    match auth.check(presented) {
-        Ok(()) => next.run(request).await,
-        Err(error) => {
-            let code = match error {
-                AuthError::Missing => "unauthenticated",
-                AuthError::Invalid => "invalid_credentials",
-            };
-            let mut response = ApiError::new(
-                axum::http::StatusCode::UNAUTHORIZED,
-                code,
-                error.to_string(),
-            )
-            .into_response();
-            response.headers_mut().insert(
-                axum::http::header::WWW_AUTHENTICATE,
-                axum::http::HeaderValue::from_static("Bearer realm=\"keel\""),
-            );
-            response
-        }
-    }
 }
 
 /// Counts and times every request by its route pattern.

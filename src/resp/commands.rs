@@ -10,7 +10,7 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use super::frame::Reply;
-use crate::auth::Authenticator;
+use crate::auth::{AuthError, Authenticator, Principal, Role, Scope};
 use crate::cache::{Cache, CacheError, Entry, Mutation, Pattern, now_ms};
 
 /// The version keel reports to clients that check it (features follow Redis 7).
@@ -78,6 +78,9 @@ pub(super) struct Session {
     pub(super) name: Option<Bytes>,
     pub(super) resp3: bool,
     pub(super) authenticated: bool,
+    /// Who authenticated on this connection, checked again on every command so a
+    /// revoked token stops working on connections already open.
+    pub(super) principal: Option<std::sync::Arc<Principal>>,
 }
 
 /// Whether the connection goes on after the reply.
@@ -159,9 +162,26 @@ pub(super) async fn execute(
     let command = &buffer[..length];
     let cache = &context.cache;
 
+    if let Some(principal) = &session.principal
+        && !context.auth.still_valid(principal)
+    {
+        session.principal = None;
+        session.authenticated = false;
+    }
     if !session.authenticated && !matches!(command, b"AUTH" | b"HELLO" | b"QUIT") {
         return (
             Reply::error("NOAUTH Authentication required."),
+            Flow::Continue,
+        );
+    }
+    if session
+        .principal
+        .as_ref()
+        .is_some_and(|principal| principal.role == Role::Readonly)
+        && !is_read_command(command)
+    {
+        return (
+            Reply::error("NOPERM this token is read-only"),
             Flow::Continue,
         );
     }
@@ -858,6 +878,8 @@ async fn scan(context: &RespContext, args: &[Bytes]) -> Result<Reply, Reply> {
 }
 
 fn auth(context: &RespContext, session: &mut Session, args: &[Bytes]) -> Reply {
+    // `AUTH <user> <token>`: the user name is ignored, as clients send `default` or
+    // whatever their URL holds; the token alone says who this is.
     let password = match args.len() {
         2 => &args[1],
         3 => &args[2],
@@ -868,13 +890,63 @@ fn auth(context: &RespContext, session: &mut Session, args: &[Bytes]) -> Reply {
             "ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?",
         );
     }
-    match context.auth.check(Some(password)) {
-        Ok(()) => {
-            session.authenticated = true;
-            Reply::Ok
-        }
-        Err(_) => Reply::error("WRONGPASS invalid username-password pair or user is disabled."),
+    match authenticate(context, session, password) {
+        Ok(()) => Reply::Ok,
+        Err(reply) => reply,
     }
+}
+
+/// Checks a token (or the password) for this connection: it must reach the cache.
+fn authenticate(
+    context: &RespContext,
+    session: &mut Session,
+    password: &[u8],
+) -> Result<(), Reply> {
+    match context.auth.authenticate(password, session.peer.ip()) {
+        Ok(principal) if !principal.has_scope(Scope::Cache) => {
+            Err(Reply::error("NOPERM this token has no access to the cache"))
+        }
+        Ok(principal) => {
+            session.authenticated = true;
+            session.principal = Some(principal);
+            Ok(())
+        }
+        Err(AuthError::TooManyFailures(decision)) => Err(Reply::error(format!(
+            "ERR too many failed authentications from this address; retry in {} s",
+            decision.retry_after.unwrap_or_default().as_secs().max(1)
+        ))),
+        Err(_) => Err(Reply::error(
+            "WRONGPASS invalid username-password pair or user is disabled.",
+        )),
+    }
+}
+
+/// Commands a read-only token may run: those that change no key. Anything not named
+/// here counts as a write, so a command added later is refused until it is listed.
+fn is_read_command(command: &[u8]) -> bool {
+    matches!(
+        command,
+        b"GET"
+            | b"MGET"
+            | b"EXISTS"
+            | b"TTL"
+            | b"PTTL"
+            | b"TYPE"
+            | b"STRLEN"
+            | b"KEYS"
+            | b"SCAN"
+            | b"DBSIZE"
+            | b"PING"
+            | b"ECHO"
+            | b"SELECT"
+            | b"INFO"
+            | b"AUTH"
+            | b"HELLO"
+            | b"CLIENT"
+            | b"COMMAND"
+            | b"CONFIG"
+            | b"QUIT"
+    )
 }
 
 fn hello(context: &RespContext, session: &mut Session, args: &[Bytes]) -> Result<Reply, Reply> {
@@ -896,12 +968,9 @@ fn hello(context: &RespContext, session: &mut Session, args: &[Bytes]) -> Result
     let mut name = None;
     while index < args.len() {
         if args[index].eq_ignore_ascii_case(b"AUTH") && index + 2 < args.len() {
-            if context.auth.check(Some(&args[index + 2])).is_err() {
-                return Err(Reply::error(
-                    "WRONGPASS invalid username-password pair or user is disabled.",
-                ));
+            if context.auth.is_enabled() {
+                authenticate(context, session, &args[index + 2])?;
             }
-            session.authenticated = true;
             index += 3;
         } else if args[index].eq_ignore_ascii_case(b"SETNAME") && index + 1 < args.len() {
             name = Some(args[index + 1].clone());

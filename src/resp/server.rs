@@ -93,6 +93,7 @@ async fn connection<IO>(
         name: None,
         resp3: false,
         authenticated: !context.auth.is_enabled(),
+        principal: None,
     };
     let mut parser = RequestParser::default();
     let mut input = BytesMut::with_capacity(READ_CHUNK);

@@ -7,6 +7,9 @@
 //! - `cache.redb`: the L2 cache, opened by `backends` for the cache subsystem; a file of
 //!   its own so cache writes never queue behind job commits.
 //! - `queue.redb`: the job queue.
+//! - `tokens.json`, `auth.key`, `tokens.lock`, `admin.token`: owned by `auth` (its
+//!   `TokenStore`), and used without the lock above so `keel token` works next to a
+//!   running keel.
 //!
 //! Opening is blocking work (fsync, migrations); callers run it off the async threads.
 

@@ -65,9 +65,9 @@ const BAD: &[(&str, &str, &str)] = &[
         ":4: cache.namespaces.n.refresh_ahead: 1.5 must be between 0 and 1",
     ),
     (
-        "api beyond loopback without auth",
-        "[listeners.api]\nbind = \"0.0.0.0:3100\"\n",
-        ":2: listeners.api.bind: 0.0.0.0:3100 is reachable beyond this machine and no authentication is configured",
+        "api beyond loopback with auth turned off",
+        "[listeners.api]\nbind = \"0.0.0.0:3100\"\n[auth]\nenabled = false\n",
+        ":2: listeners.api.bind: 0.0.0.0:3100 is reachable beyond this machine and auth.enabled = false",
     ),
     (
         "TOML syntax",
@@ -125,13 +125,17 @@ fn all_problems_of_a_file_are_reported_at_once() {
 fn serve_refuses_a_bad_configuration_with_exit_2() {
     let dir = scratch();
     let path = dir.path().join("bad.toml");
-    std::fs::write(&path, "[listeners.resp]\nbind = \"0.0.0.0:6380\"\n").unwrap();
+    std::fs::write(
+        &path,
+        "[listeners.resp]\nbind = \"0.0.0.0:6380\"\n[auth]\nenabled = false\n",
+    )
+    .unwrap();
     let output = keel_output(&["serve", "--config", path.to_str().unwrap()], &[]);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("listeners.resp.bind"), "{stderr}");
     assert!(
-        stderr.contains("auth.password"),
+        stderr.contains("auth.enabled"),
         "the message says what to configure: {stderr}"
     );
 }

@@ -231,3 +231,29 @@ fn an_unusable_certificate_is_a_clear_start_up_error() {
         keel.log_text()
     );
 }
+
+#[test]
+fn a_login_over_tls_sets_a_secure_cookie() {
+    let dir = scratch();
+    let pki = issue(dir.path(), "login");
+    let config = format!("{}[auth]\nenabled = true\n", tls_config(dir.path()));
+    let (_keel, addr) = Keel::start(dir.path(), &config);
+    let token = std::fs::read_to_string(dir.path().join("data/admin.token")).unwrap();
+    let body = format!(r#"{{"token":"{}"}}"#, token.trim());
+    let mut stream = connect(addr, client(&pki.ca, rustls::ALL_VERSIONS, &[b"http/1.1"]));
+    write!(
+        stream,
+        "POST /v1/auth/login HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    // A peer that closes without close_notify is fine here: the whole answer arrived.
+    let _ = stream.read_to_end(&mut raw);
+    let reply = parse_reply(&raw);
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let cookie = reply.header("set-cookie").unwrap();
+    assert!(cookie.ends_with("; Secure"), "{cookie}");
+    assert!(!reply.body.contains(token.trim()));
+}
