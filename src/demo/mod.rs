@@ -140,7 +140,7 @@ async fn stop_on_signal(stop: CancellationToken) {
 }
 
 fn read_token(dir: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(dir.join("admin.token")).ok()?;
+    let text = std::fs::read_to_string(crate::auth::admin_token_path(dir)).ok()?;
     let token = text.trim();
     (!token.is_empty()).then(|| token.to_owned())
 }

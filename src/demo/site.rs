@@ -60,7 +60,7 @@ bind = "{gateway}"
 
 [auth]
 # On, as it would be on a real site: the admin token is in admin.token next to this file.
-enabled = false
+enabled = true
 
 [cache]
 l1_max_bytes = "64MiB"

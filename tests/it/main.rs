@@ -10,6 +10,7 @@ mod auth;
 mod cache;
 mod config;
 mod dashboard;
+mod demo;
 mod gateway;
 mod lifecycle;
 mod queue;
