@@ -61,6 +61,10 @@ pub enum AuthError {
     Disabled,
 }
 
+/// The dashboard's session cookie. The gateway strips it from proxied requests: cookies
+/// are not port-specific, so a browser sends it to a gateway on the same host too.
+pub const SESSION_COOKIE: &str = "keel_session";
+
 /// A request's credentials, as the protocol front end found them.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Presented<'a> {

@@ -113,6 +113,35 @@ fn is_trusted(table: &Table, address: IpAddr) -> bool {
 
 /// The client's address: the peer, unless the peer is a trusted proxy, then the
 /// rightmost address in X-Forwarded-For that is not a trusted proxy.
+/// Removes keel's own dashboard session from `Cookie` headers, so an upstream app never
+/// sees (and can never replay) an operator's session.
+fn strip_session_cookie(headers: &mut HeaderMap) {
+    let prefix = format!("{}=", crate::auth::SESSION_COOKIE);
+    if !headers.get_all(header::COOKIE).iter().any(|value| {
+        value
+            .as_bytes()
+            .windows(prefix.len())
+            .any(|w| w == prefix.as_bytes())
+    }) {
+        return;
+    }
+    let kept: Vec<String> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(';'))
+        .map(str::trim)
+        .filter(|pair| !pair.is_empty() && !pair.starts_with(&prefix))
+        .map(str::to_owned)
+        .collect();
+    headers.remove(header::COOKIE);
+    if let Ok(value) = HeaderValue::from_str(&kept.join("; "))
+        && !kept.is_empty()
+    {
+        headers.insert(header::COOKIE, value);
+    }
+}
+
 pub(super) fn client_address(table: &Table, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
     if !is_trusted(table, peer) {
         return peer;
@@ -333,6 +362,7 @@ async fn proxy(
     let (parts, body) = request.into_parts();
     let mut headers = parts.headers.clone();
     strip_hop_by_hop(&mut headers);
+    strip_session_cookie(&mut headers);
     let trusted_peer = is_trusted(table, peer);
     // From an untrusted peer the forwarded headers are replaced, not extended: an
     // upstream that trusts the leftmost address cannot be fooled (Caddy, Traefik).
@@ -638,6 +668,19 @@ mod tests {
         assert!(framing_problem(&headers(&[("content-length", "+5")])).is_some());
         assert!(framing_problem(&headers(&[("transfer-encoding", "gzip, chunked")])).is_some());
         assert!(framing_problem(&headers(&[("transfer-encoding", "identity")])).is_some());
+    }
+
+    #[test]
+    fn the_dashboard_session_cookie_never_reaches_an_upstream() {
+        let mut map = headers(&[("cookie", "a=1; keel_session=secret; b=2")]);
+        strip_session_cookie(&mut map);
+        assert_eq!(map.get("cookie").unwrap(), "a=1; b=2");
+        let mut map = headers(&[("cookie", "keel_session=secret")]);
+        strip_session_cookie(&mut map);
+        assert!(map.get("cookie").is_none());
+        let mut map = headers(&[("cookie", "keel_sessionx=1")]);
+        strip_session_cookie(&mut map);
+        assert_eq!(map.get("cookie").unwrap(), "keel_sessionx=1");
     }
 
     #[test]

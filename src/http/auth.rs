@@ -20,7 +20,7 @@ use super::{ApiError, ApiState, json_body};
 use crate::auth::{AuthError, Authenticated, Authenticator, Presented, Principal, Role, Scope};
 use crate::listener::ConnectionTls;
 
-const SESSION_COOKIE: &str = "keel_session";
+use crate::auth::SESSION_COOKIE;
 const CSRF_HEADER: &str = "x-csrf-token";
 
 pub(super) fn routes() -> Router<ApiState> {
