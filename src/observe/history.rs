@@ -29,6 +29,10 @@ enum Source {
     Quantile(&'static [&'static str], f64),
     /// hits / (hits + misses) since the previous sample, for one cache layer.
     HitRatio(&'static str),
+    /// This process's CPU use in percent of one core, from `/proc/self/stat` in clock
+    /// ticks: the Prometheus collector's `process_cpu_seconds_total` counts whole seconds
+    /// only, which at one sample a second reads as 0 % or 100 %.
+    CpuPercent,
 }
 
 /// Which label sets count: `(label, accepted value prefix)`.
@@ -102,10 +106,7 @@ const SERIES: &[(&str, Source)] = &[
         "rss_bytes",
         Source::Gauge("process_resident_memory_bytes", None),
     ),
-    (
-        "cpu_percent",
-        Source::Rate(&["process_cpu_seconds_total"], None),
-    ),
+    ("cpu_percent", Source::CpuPercent),
 ];
 
 /// One point: Unix seconds and a value per series (in `series()` order; `None` when
@@ -226,6 +227,9 @@ impl History {
                     merged.sort_by(|a, b| a.0.total_cmp(&b.0));
                     reading.buckets.insert(series, merged);
                 }
+                Source::CpuPercent => {
+                    reading.totals.insert(series, process_cpu_seconds());
+                }
                 Source::HitRatio(layer) => {
                     let count = |name: &str| {
                         by_name
@@ -265,12 +269,11 @@ impl History {
             .map(|(series, source)| match source {
                 Source::Rate(..) => {
                     let delta = reading.totals[series] - previous.totals[series];
-                    let rate = delta.max(0.0) / seconds;
-                    Some(if *series == "cpu_percent" {
-                        rate * 100.0
-                    } else {
-                        rate
-                    })
+                    Some(delta.max(0.0) / seconds)
+                }
+                Source::CpuPercent => {
+                    let delta = reading.totals[series] - previous.totals[series];
+                    Some(delta.max(0.0) / seconds * 100.0)
                 }
                 Source::Gauge(..) => Some(reading.totals[series]),
                 Source::Quantile(_, quantile) => quantile_ms(
@@ -314,6 +317,16 @@ impl History {
             }
         });
     }
+}
+
+/// User + system CPU seconds of this process, at clock-tick resolution; 0 where
+/// `/proc` cannot be read (the chart then stays flat instead of failing the sample).
+fn process_cpu_seconds() -> f64 {
+    procfs::process::Process::myself()
+        .and_then(|process| process.stat())
+        .map_or(0.0, |stat| {
+            (stat.utime + stat.stime) as f64 / procfs::ticks_per_second() as f64
+        })
 }
 
 fn push_bounded(ring: &mut VecDeque<Point>, point: Point, bound: usize) {
