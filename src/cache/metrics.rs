@@ -18,6 +18,8 @@ pub struct CacheMetrics {
     pub invalidation_seconds: Histogram,
     pub l2_queue_ops: IntGauge,
     pub l2_errors: IntCounter,
+    /// L2 commits that reached the disk (fsync); the ones between are only ordered.
+    pub l2_durable_commits: IntCounter,
     /// The per-layer children, resolved once: label lookups cost more than the read.
     pub l1_hits: IntCounter,
     pub l1_misses: IntCounter,
@@ -90,6 +92,11 @@ impl CacheMetrics {
             .expect("valid metric"),
             l2_errors: IntCounter::new("keel_cache_l2_errors_total", "L2 operations that failed.")
                 .expect("valid metric"),
+            l2_durable_commits: IntCounter::new(
+                "keel_cache_l2_durable_commits_total",
+                "L2 commits flushed to disk; cache writes older than the last one survive a power cut.",
+            )
+            .expect("valid metric"),
         };
         for collector in [
             Box::new(metrics.hits.clone()) as Box<dyn prometheus::core::Collector>,
@@ -103,6 +110,7 @@ impl CacheMetrics {
             Box::new(metrics.invalidation_seconds.clone()),
             Box::new(metrics.l2_queue_ops.clone()),
             Box::new(metrics.l2_errors.clone()),
+            Box::new(metrics.l2_durable_commits.clone()),
         ] {
             // Only tests build two caches on one registry; the first one keeps its series.
             let _ = registry.register(collector);

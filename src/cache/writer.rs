@@ -174,10 +174,14 @@ impl Writer {
             return;
         }
         let count = seqs.len();
-        if let Err(error) = self.store.apply(ops, durable).await {
-            // The writes stay in L1; L2 misses them until they are written again.
-            self.shared.metrics.l2_errors.inc();
-            tracing::error!(%error, count, "cache L2 batch failed");
+        match self.store.apply(ops, durable).await {
+            Ok(()) if durable => self.shared.metrics.l2_durable_commits.inc(),
+            Ok(()) => {}
+            Err(error) => {
+                // The writes stay in L1; L2 misses them until they are written again.
+                self.shared.metrics.l2_errors.inc();
+                tracing::error!(%error, count, "cache L2 batch failed");
+            }
         }
         if durable {
             durability.last_durable = Instant::now();

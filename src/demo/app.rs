@@ -236,7 +236,7 @@ async fn email_hook(axum::Json(payload): axum::Json<Value>) -> Response {
         )
             .into_response();
     }
-    if rand_u32() % 10 == 0 {
+    if rand_u32().is_multiple_of(10) {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             axum::Json(json!({"error": "mail relay busy, try again"})),

@@ -81,18 +81,18 @@ impl Sender {
     fn tick(&self, tick: u64) {
         let post = 1 + rand_u32() % 200; // a hot set, so the response cache hits
         self.spawn_gateway(format!("/api/posts/{post}"));
-        if tick % 2 == 0 {
+        if tick.is_multiple_of(2) {
             self.spawn_gateway(format!("/api/posts?page={}", rand_u32() % 20));
         }
-        if tick % 3 == 0 {
+        if tick.is_multiple_of(3) {
             let user = 1 + rand_u32() % USERS;
             self.spawn_gateway(format!("/api/users/{user}/posts"));
         }
-        if tick % 5 == 0 {
+        if tick.is_multiple_of(5) {
             let user = 1 + rand_u32() % 300;
             self.spawn_api(Method::GET, format!("/v1/cache/ns/users/{user}"), None);
         }
-        if tick % 7 == 0 {
+        if tick.is_multiple_of(7) {
             let user = 1 + rand_u32() % USERS;
             self.spawn_api(
                 Method::GET,
@@ -100,10 +100,10 @@ impl Sender {
                 None,
             );
         }
-        if tick % 10 == 0 {
+        if tick.is_multiple_of(10) {
             self.spawn_api(Method::GET, "/v1/sql/q/popular_posts".to_owned(), None);
             let n = rand_u32();
-            let to = if n % 8 == 0 {
+            let to = if n.is_multiple_of(8) {
                 format!("user{}@bounce.example", n % 100)
             } else {
                 format!("user{}@example.com", 1 + n % USERS)
@@ -111,7 +111,7 @@ impl Sender {
             let sender = self.clone();
             tokio::spawn(async move { sender.enqueue_email(&to).await });
         }
-        if tick % 20 == 0 {
+        if tick.is_multiple_of(20) {
             let email = format!("user{}@example.com", 1 + rand_u32() % USERS);
             let body = json!({ "sql": UNINDEXED_QUERY, "params": { "email": email } });
             self.spawn_api(
@@ -120,19 +120,19 @@ impl Sender {
                 Some(body.to_string().into()),
             );
         }
-        if tick % 30 == 0 {
+        if tick.is_multiple_of(30) {
             let email = format!("user{}@example.com", 1 + rand_u32() % USERS);
             self.spawn_gateway(format!("/api/search?author_email={email}"));
         }
-        if tick % 40 == 0 {
+        if tick.is_multiple_of(40) {
             let key = format!("/v1/cache/demo:visits:{}?ttl=5m", rand_u32() % 50);
             let value = Bytes::from(tick.to_string());
             self.spawn_api(Method::PUT, key, Some(value));
         }
-        if tick % 50 == 0 {
+        if tick.is_multiple_of(50) {
             self.spawn_gateway("/api/slow".to_owned());
         }
-        if tick % 150 == 0 {
+        if tick.is_multiple_of(150) {
             // More than the route's burst at once: the rate-limit chart moves.
             for _ in 0..60 {
                 let post = 1 + rand_u32() % POSTS;

@@ -255,12 +255,16 @@ fn kill_9_during_writes_leaves_a_store_that_opens_and_holds_whole_values() {
     let config = resp_config(dir.path(), "");
     let (mut keel, _) = Keel::start(dir.path(), &config);
     let resp = keel.resp_addr();
+    let api = keel.api_addr();
+    let progress = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let writer_progress = progress.clone();
     let writer = std::thread::spawn(move || {
         let mut con = redis::Client::open(format!("redis://{resp}/"))
             .unwrap()
             .get_connection()
             .unwrap();
         for index in 0.. {
+            writer_progress.store(index, Ordering::Relaxed);
             let value = format!("{index:08}").repeat(64);
             if redis::cmd("SET")
                 .arg(format!("w:{index}"))
@@ -273,9 +277,29 @@ fn kill_9_during_writes_leaves_a_store_that_opens_and_holds_whole_values() {
         }
         unreachable!()
     });
-    // Let a few durable commits happen (one per second) before the kill.
-    keel.wait_for_log("keel ready");
-    std::thread::sleep(Duration::from_millis(2500));
+    // Kill only once acknowledged writes are known to be on disk: two durable L2 commits
+    // after the writer's first hundred (the first may have been under way already).
+    let durable_commits = || {
+        let metrics = get(api, "/metrics").body;
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix("keel_cache_l2_durable_commits_total "))
+            .and_then(|value| value.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + DEADLINE;
+    while progress.load(Ordering::Relaxed) < 100 {
+        assert!(Instant::now() < deadline, "the writer made no progress");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let before = durable_commits();
+    while durable_commits() < before + 2 {
+        assert!(
+            Instant::now() < deadline,
+            "no durable L2 commit within {DEADLINE:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     keel.signal("KILL");
     keel.wait_exit(DEADLINE).expect("killed");
     let written = writer.join().unwrap();

@@ -16,7 +16,7 @@ struct Demo {
 
 impl Demo {
     fn start(tmp: &std::path::Path, extra: &[&str]) -> Demo {
-        let mut child = Command::new(KEEL)
+        let child = Command::new(KEEL)
             .args([
                 "demo",
                 "--bind",
@@ -32,7 +32,12 @@ impl Demo {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn keel demo");
-        let stdout = child.stdout.take().expect("piped stdout");
+        // Owned by `Demo` from here on, so a failed wait below still kills the child.
+        let mut demo = Demo {
+            child,
+            printed: Vec::new(),
+        };
+        let stdout = demo.child.stdout.take().expect("piped stdout");
         // Lines arrive on a channel, so the deadline holds even if the demo stalls.
         let (lines_tx, lines_rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -43,16 +48,15 @@ impl Demo {
             }
         });
         let deadline = Instant::now() + DEADLINE;
-        let mut printed = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let line = lines_rx
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("the demo did not finish printing; got {printed:#?}"));
+            let line = lines_rx.recv_timeout(left).unwrap_or_else(|_| {
+                panic!("the demo did not finish printing; got {:#?}", demo.printed)
+            });
             let done = line.contains("Press Ctrl-C");
-            printed.push(line);
+            demo.printed.push(line);
             if done {
-                return Demo { child, printed };
+                return demo;
             }
         }
     }
@@ -289,7 +293,9 @@ fn collect_expressions(value: &serde_json::Value, into: &mut Vec<String>) {
                 }
             }
         }
-        serde_json::Value::Array(items) => items.iter().for_each(|item| collect_expressions(item, into)),
+        serde_json::Value::Array(items) => items
+            .iter()
+            .for_each(|item| collect_expressions(item, into)),
         _ => {}
     }
 }
