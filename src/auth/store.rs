@@ -117,14 +117,7 @@ impl TokenStore {
             path: dir.to_owned(),
             source,
         };
-        if !dir.exists() {
-            use std::os::unix::fs::DirBuilderExt;
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(io)?;
-        }
+        crate::storage::create_private_dir(dir).map_err(io)?;
         let key = load_or_create_key(&dir.join(KEY_FILE))?;
         let store = TokenStore {
             dir: dir.to_owned(),

@@ -111,6 +111,17 @@ fn post_json(row: &rusqlite::Row<'_>) -> rusqlite::Result<Value> {
     }))
 }
 
+/// Runs a one-parameter query over `posts`, each row as `post_json`.
+fn select_posts(
+    db: &Connection,
+    sql: &str,
+    param: impl rusqlite::ToSql,
+) -> rusqlite::Result<Vec<Value>> {
+    db.prepare_cached(sql)?
+        .query_map([param], post_json)?
+        .collect()
+}
+
 #[derive(Deserialize)]
 struct Page {
     #[serde(default)]
@@ -124,13 +135,12 @@ async fn list_posts(
     let offset = i64::from(page.min(1000)) * 20;
     let posts = app
         .read(move |db| {
-            let mut statement = db.prepare_cached(
+            select_posts(
+                db,
                 "SELECT id, user_id, author_email, title, views, created_at
                  FROM posts ORDER BY id LIMIT 20 OFFSET ?1",
-            )?;
-            statement
-                .query_map([offset], post_json)?
-                .collect::<rusqlite::Result<Vec<_>>>()
+                offset,
+            )
         })
         .await?;
     Ok(axum::Json(json!({ "page": page, "posts": posts })))
@@ -182,13 +192,12 @@ async fn posts_of_user(
 ) -> Result<axum::Json<Value>, AppFailure> {
     let posts = app
         .read(move |db| {
-            let mut statement = db.prepare_cached(
+            select_posts(
+                db,
                 "SELECT id, user_id, author_email, title, views, created_at
                  FROM posts WHERE user_id = ?1 ORDER BY id DESC LIMIT 20",
-            )?;
-            statement
-                .query_map([id], post_json)?
-                .collect::<rusqlite::Result<Vec<_>>>()
+                id,
+            )
         })
         .await?;
     Ok(axum::Json(json!({ "user_id": id, "posts": posts })))
@@ -206,13 +215,12 @@ async fn search_by_author(
 ) -> Result<axum::Json<Value>, AppFailure> {
     let posts = app
         .read(move |db| {
-            let mut statement = db.prepare_cached(
+            select_posts(
+                db,
                 "SELECT id, user_id, author_email, title, views, created_at
                  FROM posts WHERE author_email = ?1 ORDER BY id",
-            )?;
-            statement
-                .query_map([author_email], post_json)?
-                .collect::<rusqlite::Result<Vec<_>>>()
+                author_email,
+            )
         })
         .await?;
     Ok(axum::Json(json!({ "posts": posts })))

@@ -7,6 +7,20 @@ use std::path::{Path, PathBuf};
 
 use super::StorageError;
 
+/// Creates `path` (and its parents) with mode 0700 when it is missing; an existing
+/// directory keeps the mode its operator gave it.
+pub fn create_private_dir(path: &Path) -> std::io::Result<()> {
+    if path.exists() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)?;
+    // The umask may have widened the mode; the data is private whatever it is.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+}
+
 /// A locked data directory. The lock is an `flock` on `keel.lock`, so the kernel
 /// releases it when the process dies however it dies: no stale-lock cleanup needed.
 #[derive(Debug)]
@@ -22,15 +36,7 @@ impl DataDir {
             path: path.to_owned(),
             source,
         };
-        if !path.exists() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(path)
-                .map_err(wrap)?;
-            // The umask may have widened the mode; the data is private whatever it is.
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(wrap)?;
-        }
+        create_private_dir(path).map_err(wrap)?;
         let lock_path = path.join("keel.lock");
         let mut lock = OpenOptions::new()
             .read(true)

@@ -23,7 +23,7 @@ use rusqlite::Connection;
 
 use crate::config::Config;
 
-pub use home::DataDir;
+pub use home::{DataDir, create_private_dir};
 pub use migrate::{
     Migration, MigrationState, apply_migrations, keel_migrations, migration_status,
     migrations_in_dir,
