@@ -17,10 +17,11 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{ApiError, ApiState, json_body};
-use crate::auth::{AuthError, Authenticated, Authenticator, Presented, Principal, Role, Scope};
+use crate::auth::{
+    AuthError, Authenticated, Authenticator, Presented, Principal, Role, SESSION_COOKIE, Scope,
+};
 use crate::listener::ConnectionTls;
 
-use crate::auth::SESSION_COOKIE;
 const CSRF_HEADER: &str = "x-csrf-token";
 
 pub(super) fn routes() -> Router<ApiState> {
