@@ -322,6 +322,12 @@ pub enum Loader {
 #[serde(default)]
 pub struct QueueConfig {
     pub backend: QueueBackend,
+    /// `postgres://...`: where jobs live when `backend = "postgres"`.
+    pub url: Option<Secret>,
+    /// The PostgreSQL schema holding keel's queue tables; nodes sharing it share jobs.
+    pub schema: String,
+    /// Most PostgreSQL connections this node's queue holds.
+    pub pool_size: u32,
     pub queues: BTreeMap<String, QueueDefinition>,
     pub schedules: Vec<ScheduleConfig>,
     /// Largest JSON payload one job may carry.
@@ -336,6 +342,9 @@ impl Default for QueueConfig {
     fn default() -> Self {
         QueueConfig {
             backend: QueueBackend::Redb,
+            url: None,
+            schema: "keel".to_owned(),
+            pool_size: 16,
             queues: BTreeMap::new(),
             schedules: Vec::new(),
             max_payload_bytes: ByteSize(1 << 20),

@@ -257,6 +257,36 @@ fn check_queue(config: &Config, problem: &mut impl FnMut(&str, String)) {
             _ => {}
         }
     }
+    if queue.backend == crate::config::QueueBackend::Postgres {
+        match queue.url.as_ref().map(|url| url.expose()) {
+            None | Some("") => problem(
+                "queue.url",
+                "queue.backend = \"postgres\" needs queue.url = \"postgres://USER@HOST/DB\"".to_owned(),
+            ),
+            Some(url) if !url.starts_with("postgres://") && !url.starts_with("postgresql://") => {
+                problem(
+                    "queue.url",
+                    "must start with postgres:// or postgresql://".to_owned(),
+                )
+            }
+            Some(_) => {}
+        }
+    }
+    if !crate::queue::pg_store::valid_schema(&queue.schema) {
+        problem(
+            "queue.schema",
+            format!(
+                "{:?}: 1 to 48 of a-z 0-9 _, not starting with a digit",
+                queue.schema
+            ),
+        );
+    }
+    if !(1..=1000).contains(&queue.pool_size) {
+        problem(
+            "queue.pool_size",
+            format!("{} is not between 1 and 1000", queue.pool_size),
+        );
+    }
     if !(1..=1000).contains(&queue.default_attempts) {
         problem(
             "queue.default_attempts",
