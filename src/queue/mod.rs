@@ -6,6 +6,8 @@
 //! reports, never by polling), the scheduler (cron ticks), the built-in processors and
 //! a retention sweep for age limits.
 
+#[cfg(test)]
+mod conformance;
 mod job;
 mod metrics;
 pub mod processor;

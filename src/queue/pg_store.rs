@@ -689,7 +689,8 @@ impl Tx<'_> {
             if let Some(key) = new.unique_key.as_deref() {
                 // Serialises enqueues of one key across nodes until commit, so the
                 // check below and the insert after it cannot interleave with another's.
-                let lock = format!("{}\u{0}{queue}\u{0}{key}", self.channel);
+                // Queue names hold no '/', so the text names one (queue, key).
+                let lock = format!("{}/{queue}/{key}", self.channel);
                 self.execute(&self.sql.unique_lock, &[&lock]).await?;
             }
             if let Some(existing) = self.duplicate_of(queue, &new).await? {
