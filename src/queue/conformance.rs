@@ -997,3 +997,264 @@ conformance_suite!(
     schedules_catch_up,
     enqueue_wakes_a_parked_reserve,
 );
+
+/// What only a shared PostgreSQL can show: several nodes on one schema.
+mod scaled_out {
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// A plain connection for looking at (and cutting) the store's own connections.
+    async fn admin(url: &str) -> tokio_postgres::Client {
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        client
+    }
+
+    /// Waits until `n` LISTEN connections of this schema's stores are up.
+    async fn listeners_up(admin: &tokio_postgres::Client, schema: &str, n: i64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let row = admin
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                     WHERE application_name = $1 AND query LIKE 'LISTEN%'",
+                    &[&format!("keel-queue-{schema}")],
+                )
+                .await
+                .unwrap();
+            if row.get::<_, i64>(0) >= n {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{n} LISTEN connections"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn pg_of(h: &Harness) -> (String, String) {
+        h.pg.clone().unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_nodes_complete_each_job_exactly_once() {
+        let Some(a) = Harness::postgres().await else {
+            return;
+        };
+        let b = a.other_node().await;
+        const JOBS: usize = 400;
+        for batch in 0..JOBS / 100 {
+            let jobs = (0..100)
+                .map(|i| a.new_job(named(&format!("j{batch}-{i}"))))
+                .collect();
+            a.store.enqueue("shared", jobs).await.unwrap();
+        }
+        let completed = Arc::new(Mutex::new(Vec::new()));
+        let mut workers = Vec::new();
+        for store in [&a.store, &a.store, &b.store, &b.store] {
+            let (store, completed) = (store.clone(), completed.clone());
+            workers.push(tokio::spawn(async move {
+                loop {
+                    let lease = Lease {
+                        max_jobs: 7,
+                        lease_ms: Some(LEASE_MS),
+                        default_ms: LEASE_MS,
+                    };
+                    let jobs = store.reserve("shared", lease).await.unwrap();
+                    if jobs.is_empty() {
+                        let stats = store.stats().await.unwrap();
+                        if stats.iter().all(|c| c.queue != "shared" || c.waiting == 0) {
+                            return;
+                        }
+                        continue;
+                    }
+                    let acks = jobs.iter().map(ack_of).collect();
+                    for result in store.ack(acks).await.unwrap() {
+                        let job = result.expect("the lease holder's ack is accepted");
+                        completed.lock().unwrap().push(job.id);
+                    }
+                }
+            }));
+        }
+        for worker in workers {
+            worker.await.unwrap();
+        }
+        let completed = completed.lock().unwrap().clone();
+        let distinct: HashSet<u64> = completed.iter().copied().collect();
+        assert_eq!(completed.len(), JOBS, "every job completed once");
+        assert_eq!(distinct.len(), JOBS, "no job completed twice");
+        let counts = a.counts("shared").await;
+        assert_eq!(
+            (counts.waiting, counts.active, counts.completed),
+            (0, 0, JOBS as u64),
+            "the striped counters add up across nodes"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tick_fired_by_two_nodes_enqueues_one_job() {
+        let Some(a) = Harness::postgres().await else {
+            return;
+        };
+        let b = a.other_node().await;
+        a.store
+            .put_schedule(every_second("shared", CatchUp::One, START))
+            .await
+            .unwrap();
+        const TICKS: u64 = 25;
+        for i in 1..=TICKS {
+            let tick = START + i * 1000;
+            let (x, y) = tokio::join!(
+                a.store
+                    .fire_schedule("shared", tick, Some(a.new_job(named("s")))),
+                b.store
+                    .fire_schedule("shared", tick, Some(b.new_job(named("s")))),
+            );
+            let fired = [x.unwrap(), y.unwrap()];
+            assert_eq!(
+                fired.iter().filter(|f| f.is_some()).count(),
+                1,
+                "tick {i}: {fired:?}"
+            );
+        }
+        assert_eq!(a.counts("shared-jobs").await.waiting, TICKS);
+
+        // Both nodes' schedulers catching up at once: still one job per tick.
+        a.advance((TICKS + 5) * 1000);
+        let (qa, qb) = (a.queue(), b.queue());
+        let (x, y) = tokio::join!(qa.fire_due_schedules(), qb.fire_due_schedules());
+        x.unwrap();
+        y.unwrap();
+        assert_eq!(a.counts("shared-jobs").await.waiting, TICKS + 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_commit_on_one_node_wakes_a_reserve_parked_on_another() {
+        let Some(a) = Harness::postgres().await else {
+            return;
+        };
+        let b = a.other_node().await;
+        let (url, schema) = pg_of(&a);
+        let admin = admin(&url).await;
+        listeners_up(&admin, &schema, 2).await;
+        let parked = park(&b, "remote");
+        let id = a.enqueue("remote", named("r")).await;
+        let jobs = tokio::time::timeout(Duration::from_secs(20), parked)
+            .await
+            .expect("woken by the NOTIFY, well before the wait ends")
+            .unwrap()
+            .unwrap();
+        assert_eq!(ids(&jobs), vec![id]);
+    }
+
+    fn park(
+        h: &Harness,
+        queue: &'static str,
+    ) -> tokio::task::JoinHandle<Result<Vec<super::super::Job>, QueueError>> {
+        let handle = h.queue();
+        tokio::spawn(async move {
+            handle
+                .reserve(
+                    queue,
+                    ReserveRequest {
+                        max: 1,
+                        lease_ms: None,
+                        wait: Duration::from_secs(50),
+                    },
+                )
+                .await
+        })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn recovers_after_postgresql_drops_its_connections() {
+        let Some(a) = Harness::postgres().await else {
+            return;
+        };
+        let b = a.other_node().await;
+        let (url, schema) = pg_of(&a);
+        let admin = admin(&url).await;
+        a.enqueue("before", named("b")).await;
+        listeners_up(&admin, &schema, 2).await;
+
+        admin
+            .execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                 WHERE application_name = $1",
+                &[&format!("keel-queue-{schema}")],
+            )
+            .await
+            .unwrap();
+
+        // Calls on cut connections fail as "unavailable", never as a success; the pool
+        // replaces them without help.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let mut answered = Vec::new();
+        while answered.len() < 3 {
+            match a
+                .store
+                .enqueue("after", vec![a.new_job(named("a"))])
+                .await
+            {
+                Ok(enqueued) => answered.push(enqueued[0].id),
+                Err(QueueError::Unavailable(_)) => {}
+                Err(other) => panic!("a cut connection is `Unavailable`: {other:?}"),
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the pool recovers");
+        }
+        for id in &answered {
+            assert!(a.store.get(*id).await.unwrap().is_some(), "acknowledged means stored");
+        }
+        // The LISTEN connections come back too, and carry wake-ups again.
+        listeners_up(&admin, &schema, 2).await;
+        let parked = park(&b, "after-wake");
+        let id = a.enqueue("after-wake", named("w")).await;
+        let jobs = tokio::time::timeout(Duration::from_secs(20), parked)
+            .await
+            .expect("woken across nodes after the reconnect")
+            .unwrap()
+            .unwrap();
+        assert_eq!(ids(&jobs), vec![id]);
+    }
+
+    /// Needs no PostgreSQL: nothing listens on the port, or something listens and never
+    /// answers. Either way opening fails in seconds, as `Unavailable`.
+    #[tokio::test]
+    async fn opening_fails_fast_when_postgresql_is_unreachable() {
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let refused_port = {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            probe.local_addr().unwrap().port()
+        };
+        for port in [refused_port, silent.local_addr().unwrap().port()] {
+            let started = std::time::Instant::now();
+            let opened = PgQueueStore::open(
+                PgSettings {
+                    url: format!("postgres://keel@127.0.0.1:{port}/keel"),
+                    schema: test_schema(),
+                    pool_size: 2,
+                },
+                Arc::new(ManualClock::new(START)),
+                Arc::new(Wakeups::default()),
+                metrics(),
+                policies(),
+            )
+            .await;
+            assert!(
+                matches!(opened, Err(QueueError::Unavailable(_))),
+                "port {port}: {:?}",
+                opened.err()
+            );
+            assert!(
+                started.elapsed() < Duration::from_secs(15),
+                "{:?}",
+                started.elapsed()
+            );
+        }
+    }
+}

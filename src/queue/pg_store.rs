@@ -342,7 +342,9 @@ impl PgQueueStore {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
-        config.application_name("keel-queue");
+        // Names this store's connections in pg_stat_activity (and lets the tests find
+        // exactly their own).
+        config.application_name(&format!("keel-queue-{}", settings.schema));
         let manager = Manager::from_config(
             config.clone(),
             NoTls,
