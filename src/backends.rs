@@ -72,9 +72,7 @@ pub async fn open_queue_store(
         }
         QueueBackend::Postgres => {
             let url = config.queue.url.as_ref().ok_or_else(|| {
-                BackendError::QueueStore(
-                    "queue.backend = \"postgres\" needs queue.url".to_owned(),
-                )
+                BackendError::QueueStore("queue.backend = \"postgres\" needs queue.url".to_owned())
             })?;
             let settings = PgSettings {
                 url: url.expose().to_owned(),

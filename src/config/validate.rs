@@ -261,7 +261,8 @@ fn check_queue(config: &Config, problem: &mut impl FnMut(&str, String)) {
         match queue.url.as_ref().map(|url| url.expose()) {
             None | Some("") => problem(
                 "queue.url",
-                "queue.backend = \"postgres\" needs queue.url = \"postgres://USER@HOST/DB\"".to_owned(),
+                "queue.backend = \"postgres\" needs queue.url = \"postgres://USER@HOST/DB\""
+                    .to_owned(),
             ),
             Some(url) if !url.starts_with("postgres://") && !url.starts_with("postgresql://") => {
                 problem(

@@ -13,7 +13,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::json;
+use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use super::job::BackoffSpec;
@@ -22,11 +22,12 @@ use super::redb_store::RedbQueueStore;
 use super::{
     Ack, BackoffKind, CatchUp, DurationValue, JobLimits, JobSpec, JobState, Lease, ManualClock,
     NewJob, Queue, QueueError, QueueMetrics, QueueStore, ReserveRequest, RetentionPolicies,
-    Schedule, Wakeups,
+    Schedule, ScheduleSpec, Wakeups,
 };
 use crate::config::{QueueConfig, QueueDefinition, Retention as RetentionConfig, Span};
 
-const START: u64 = 1_700_000_000_000;
+/// 2027-01-15T10:00:30Z: half a minute past a minute boundary (the schedule tests).
+const START: u64 = 1_800_007_230_000;
 const LEASE_MS: u64 = 10_000;
 
 /// A store under test, its clock, and what to clean up after it.
@@ -34,6 +35,8 @@ pub(super) struct Harness {
     pub store: Arc<dyn QueueStore>,
     pub clock: Arc<ManualClock>,
     pub wakeups: Arc<Wakeups>,
+    /// The redb file, for [`Harness::reopen`].
+    redb_path: Option<std::path::PathBuf>,
     /// The PostgreSQL schema to drop when done (set for PostgreSQL harnesses).
     pg: Option<(String, String)>,
     _dir: Option<tempfile::TempDir>,
@@ -118,6 +121,7 @@ impl Harness {
             store: Arc::new(store),
             clock,
             wakeups,
+            redb_path: Some(path),
             pg: None,
             _dir: Some(dir),
         }
@@ -133,6 +137,7 @@ impl Harness {
             store: Arc::new(store),
             clock,
             wakeups,
+            redb_path: None,
             pg: Some((url, schema)),
             _dir: None,
         })
@@ -147,10 +152,64 @@ impl Harness {
             store: Arc::new(store),
             clock: self.clock.clone(),
             wakeups,
+            redb_path: None,
             // The first node drops the schema.
             pg: None,
             _dir: None,
         }
+    }
+
+    /// Keel restarting: the store is closed and opened again on the same file or schema.
+    pub(super) async fn reopen(&mut self) {
+        if let Some((url, schema)) = &self.pg {
+            self.store =
+                Arc::new(open_pg(url, schema, self.clock.clone(), self.wakeups.clone()).await);
+            return;
+        }
+        let path = self
+            .redb_path
+            .clone()
+            .expect("a redb or PostgreSQL harness");
+        // redb opens a file once per process: the old store (and its writer thread)
+        // must let go of it first, so an in-memory store stands in meanwhile.
+        let stand_in = ::redb::Database::builder()
+            .create_with_backend(::redb::backends::InMemoryBackend::new())
+            .unwrap();
+        self.store = Arc::new(
+            RedbQueueStore::open(
+                Arc::new(stand_in),
+                &path,
+                self.clock.clone(),
+                self.wakeups.clone(),
+                metrics(),
+                policies(),
+            )
+            .unwrap(),
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let db = loop {
+            match ::redb::Database::create(&path) {
+                Ok(db) => break Arc::new(db),
+                Err(error) => {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "reopen {path:?}: {error}"
+                    );
+                    tokio::task::yield_now().await;
+                }
+            }
+        };
+        self.store = Arc::new(
+            RedbQueueStore::open(
+                db,
+                &path,
+                self.clock.clone(),
+                self.wakeups.clone(),
+                metrics(),
+                policies(),
+            )
+            .unwrap(),
+        );
     }
 
     fn now(&self) -> u64 {
@@ -314,7 +373,10 @@ pub(super) async fn enqueue_reserve_ack(h: &Harness) {
     assert_eq!(job.started_at, Some(START));
     assert_eq!(job.lease_deadline, Some(START + LEASE_MS));
     assert!(job.lease_token.is_some());
-    assert!(h.reserve("q", 10).await.is_empty(), "a leased job is not handed out twice");
+    assert!(
+        h.reserve("q", 10).await.is_empty(),
+        "a leased job is not handed out twice"
+    );
     assert_eq!(h.counts("q").await.active, 1);
 
     h.advance(5);
@@ -408,10 +470,7 @@ pub(super) async fn lease_expiry_returns_the_job_and_refuses_the_stale_token(h: 
     for refused in [
         h.ack(&first).await.map(|_| ()),
         h.store.fail(id, stale, "late").await.map(|_| ()),
-        h.store
-            .heartbeat(id, stale, None, 1000)
-            .await
-            .map(|_| ()),
+        h.store.heartbeat(id, stale, None, 1000).await.map(|_| ()),
         h.store.progress(id, stale, json!(50)).await,
     ] {
         assert!(
@@ -459,7 +518,10 @@ pub(super) async fn failures_back_off_then_die(h: &Harness) {
     assert_eq!(failed.job.run_at, START + 5000);
     assert_eq!(failed.job.last_error.as_deref(), Some("boom"));
     assert_eq!(h.counts("fail").await.failed, 1);
-    assert!(h.reserve("fail", 1).await.is_empty(), "not before its backoff");
+    assert!(
+        h.reserve("fail", 1).await.is_empty(),
+        "not before its backoff"
+    );
 
     h.advance(4999);
     let report = h.store.run_due().await.unwrap();
@@ -498,10 +560,17 @@ pub(super) async fn heartbeat_and_progress(h: &Harness) {
     let token = job.lease_token.clone().unwrap();
     h.advance(1000);
     let beat = h.store.heartbeat(id, &token, None, 1).await.unwrap();
-    assert_eq!(beat.lease_deadline, Some(START + 1000 + 60_000), "the job's timeout");
+    assert_eq!(
+        beat.lease_deadline,
+        Some(START + 1000 + 60_000),
+        "the job's timeout"
+    );
     let beat = h.store.heartbeat(id, &token, Some(5000), 1).await.unwrap();
     assert_eq!(beat.lease_deadline, Some(START + 1000 + 5000));
-    h.store.progress(id, &token, json!({ "pct": 40 })).await.unwrap();
+    h.store
+        .progress(id, &token, json!({ "pct": 40 }))
+        .await
+        .unwrap();
     let stored = h.store.get(id).await.unwrap().unwrap();
     assert_eq!(stored.progress, Some(json!({ "pct": 40 })));
     assert_eq!(stored.lease_deadline, Some(START + 6000));
@@ -750,7 +819,9 @@ pub(super) async fn list_pages_in_order(h: &Harness) {
     assert_eq!(ids(&page.jobs), vec![made[2], made[1], made[0]]);
     assert!(page.next.is_none());
     assert!(matches!(
-        h.store.list("list", JobState::Waiting, Some("nope"), 2).await,
+        h.store
+            .list("list", JobState::Waiting, Some("nope"), 2)
+            .await,
         Err(QueueError::Invalid {
             code: "bad_cursor",
             ..
@@ -852,12 +923,42 @@ pub(super) async fn schedules_fire_each_tick_once(h: &Harness) {
     let fired = fired.expect("the first fire of a tick enqueues");
     let stored = h.store.get(fired.id).await.unwrap().unwrap();
     assert_eq!(stored.queue, "tick-jobs");
-    assert!(h.store.fire_schedule("tick", tick, job()).await.unwrap().is_none());
-    assert!(h.store.fire_schedule("tick", START, job()).await.unwrap().is_none());
-    assert!(h.store.fire_schedule("nope", tick, job()).await.unwrap().is_none());
+    assert!(
+        h.store
+            .fire_schedule("tick", tick, job())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        h.store
+            .fire_schedule("tick", START, job())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        h.store
+            .fire_schedule("nope", tick, job())
+            .await
+            .unwrap()
+            .is_none()
+    );
     // A skipped tick is recorded without a job.
-    assert!(h.store.fire_schedule("tick", tick + 1000, None).await.unwrap().is_none());
-    assert!(h.store.fire_schedule("tick", tick + 1000, job()).await.unwrap().is_none());
+    assert!(
+        h.store
+            .fire_schedule("tick", tick + 1000, None)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        h.store
+            .fire_schedule("tick", tick + 1000, job())
+            .await
+            .unwrap()
+            .is_none()
+    );
     assert_eq!(h.counts("tick-jobs").await.waiting, 1);
 
     let stored = h.store.schedules().await.unwrap();
@@ -878,7 +979,10 @@ pub(super) async fn schedules_fire_each_tick_once(h: &Harness) {
     h.store.put_schedule(changed).await.unwrap();
     assert_eq!(h.store.schedules().await.unwrap()[0].last_tick, Some(START));
 
-    h.store.put_schedule(every_second("b", CatchUp::One, START)).await.unwrap();
+    h.store
+        .put_schedule(every_second("b", CatchUp::One, START))
+        .await
+        .unwrap();
     let names: Vec<String> = h
         .store
         .schedules()
@@ -911,7 +1015,11 @@ pub(super) async fn schedules_catch_up(h: &Harness) {
     assert!(next.is_some_and(|next| next > h.now()), "{next:?}");
     assert_eq!(h.counts("all-jobs").await.waiting, 3);
     assert_eq!(h.counts("one-jobs").await.waiting, 1);
-    assert_eq!(h.counts("none-jobs").await.waiting, 1, "500 ms late is on time");
+    assert_eq!(
+        h.counts("none-jobs").await.waiting,
+        1,
+        "500 ms late is on time"
+    );
     // Nothing new is due: a second pass fires nothing.
     queue.fire_due_schedules().await.unwrap();
     assert_eq!(h.counts("all-jobs").await.waiting, 3);
@@ -953,14 +1061,366 @@ pub(super) async fn enqueue_wakes_a_parked_reserve(h: &Harness) {
     assert_eq!(ids(&jobs), vec![id]);
 }
 
+// --- through the `Queue` handle --------------------------------------------------------
+
+fn spec(value: Value) -> JobSpec {
+    serde_json::from_value(value).expect("job spec")
+}
+
+fn take(max: usize) -> ReserveRequest {
+    ReserveRequest {
+        max,
+        lease_ms: None,
+        wait: Duration::ZERO,
+    }
+}
+
+async fn ack(queue: &Queue, id: u64, token: &str) -> Result<(), QueueError> {
+    let mut results = queue
+        .ack(vec![Ack {
+            id,
+            lease_token: token.to_owned(),
+            result: Some(json!("done")),
+        }])
+        .await?;
+    results.pop().unwrap().map(|_| ())
+}
+
+pub(super) async fn failed_jobs_wait_out_their_backoff_then_die_after_the_last_attempt(
+    h: &mut Harness,
+) {
+    let (queue, clock) = (h.queue(), h.clock.clone());
+    let job = json!({"attempts": 3, "backoff": {"type": "exponential", "delay": "1s"}});
+    let id = queue.enqueue("mail", vec![spec(job)]).await.unwrap()[0].id;
+
+    for (attempt, backoff) in [(1, 1_000u64), (2, 2_000)] {
+        let leased = queue.reserve("mail", take(1)).await.unwrap();
+        assert_eq!(leased[0].attempts_made, attempt);
+        let token = leased[0].lease_token.clone().unwrap();
+        let failed = queue.fail(id, &token, "smtp down").await.unwrap();
+        assert!(!failed.dead);
+        assert_eq!(failed.job.state, JobState::Failed);
+        assert_eq!(failed.job.run_at, clock.now() + backoff);
+
+        clock.advance(Duration::from_millis(backoff - 1));
+        queue.run_due().await.unwrap();
+        assert!(
+            queue.reserve("mail", take(1)).await.unwrap().is_empty(),
+            "too early"
+        );
+        clock.advance(Duration::from_millis(1));
+        let report = queue.run_due().await.unwrap();
+        assert_eq!(report.promoted, [("mail".to_owned(), 1)]);
+    }
+    let leased = queue.reserve("mail", take(1)).await.unwrap();
+    let token = leased[0].lease_token.clone().unwrap();
+    let failed = queue.fail(id, &token, "still down").await.unwrap();
+    assert!(failed.dead);
+    let job = queue.get(id).await.unwrap();
+    assert_eq!(job.state, JobState::Dead);
+    assert_eq!(job.last_error.as_deref(), Some("still down"));
+
+    assert_eq!(queue.retry_dead("mail", None).await.unwrap(), 1);
+    let again = queue.reserve("mail", take(1)).await.unwrap();
+    assert_eq!(again[0].id, id);
+    assert_eq!(
+        again[0].attempts_made, 1,
+        "a retried dead job gets fresh attempts"
+    );
+}
+
+pub(super) async fn delayed_jobs_become_runnable_at_their_time_and_the_timer_knows_when(
+    h: &mut Harness,
+) {
+    let (queue, clock) = (h.queue(), h.clock.clone());
+    let answer = queue
+        .enqueue("later", vec![spec(json!({"delay": "5s"}))])
+        .await
+        .unwrap();
+    assert_eq!(answer[0].state, JobState::Delayed);
+    let report = queue.run_due().await.unwrap();
+    assert_eq!(report.next_due, Some(START + 5_000));
+    clock.advance(Duration::from_millis(4_999));
+    queue.run_due().await.unwrap();
+    assert!(queue.reserve("later", take(1)).await.unwrap().is_empty());
+    clock.advance(Duration::from_millis(1));
+    queue.run_due().await.unwrap();
+    assert_eq!(queue.reserve("later", take(1)).await.unwrap().len(), 1);
+
+    // run_at in the past is simply runnable.
+    let past = queue
+        .enqueue("later", vec![spec(json!({"run_at": 1_000}))])
+        .await
+        .unwrap();
+    assert_eq!(past[0].state, JobState::Waiting);
+}
+
+pub(super) async fn reserve_takes_higher_priority_first_then_oldest(h: &mut Harness) {
+    let queue = h.queue();
+    let jobs = [("a", 0), ("b", 10), ("c", 0), ("d", -5), ("e", 10)];
+    let specs = jobs
+        .iter()
+        .map(|(name, priority)| spec(json!({"name": name, "priority": priority})))
+        .collect();
+    queue.enqueue("p", specs).await.unwrap();
+    let order: Vec<String> = queue
+        .reserve("p", take(10))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|job| job.name)
+        .collect();
+    assert_eq!(order, ["b", "e", "a", "c", "d"]);
+}
+
+pub(super) async fn unique_keys_return_the_live_job_and_free_up_when_it_finishes_or_the_window_ends(
+    h: &mut Harness,
+) {
+    let (queue, clock) = (h.queue(), h.clock.clone());
+    let first = queue
+        .enqueue("u", vec![spec(json!({"unique_key": "user:1"}))])
+        .await
+        .unwrap()[0]
+        .clone();
+    let again = queue
+        .enqueue("u", vec![spec(json!({"unique_key": "user:1"}))])
+        .await
+        .unwrap()[0]
+        .clone();
+    assert!(again.duplicate);
+    assert_eq!(again.id, first.id);
+    // Same key in one batch: the second is the first.
+    let batch = queue
+        .enqueue(
+            "u",
+            vec![
+                spec(json!({"unique_key": "user:2"})),
+                spec(json!({"unique_key": "user:2"})),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(batch[1].id, batch[0].id);
+    assert!(batch[1].duplicate);
+
+    let leased = queue.reserve("u", take(1)).await.unwrap();
+    assert_eq!(leased[0].id, first.id);
+    let token = leased[0].lease_token.clone().unwrap();
+    ack(&queue, first.id, &token).await.unwrap();
+    let after = queue
+        .enqueue("u", vec![spec(json!({"unique_key": "user:1"}))])
+        .await
+        .unwrap();
+    assert!(
+        !after[0].duplicate,
+        "a finished job no longer holds its key"
+    );
+
+    // A timed window holds the key even after the job finished, then lets go.
+    let timed = json!({"unique_key": "report", "unique_for": "1m"});
+    let one = queue.enqueue("t", vec![spec(timed.clone())]).await.unwrap();
+    let two = queue.enqueue("t", vec![spec(timed.clone())]).await.unwrap();
+    assert!(two[0].duplicate);
+    clock.advance(Duration::from_secs(61));
+    let three = queue.enqueue("t", vec![spec(timed)]).await.unwrap();
+    assert!(!three[0].duplicate);
+    assert_ne!(three[0].id, one[0].id);
+}
+
+
+pub(super) async fn an_expired_lease_returns_the_job_and_the_old_token_cannot_ack(h: &mut Harness) {
+    let (queue, clock) = (h.queue(), h.clock.clone());
+    let id = queue.enqueue("l", vec![spec(json!({}))]).await.unwrap()[0].id;
+    let first = queue
+        .reserve(
+            "l",
+            ReserveRequest {
+                lease_ms: Some(1_000),
+                ..take(1)
+            },
+        )
+        .await
+        .unwrap();
+    let stale = first[0].lease_token.clone().unwrap();
+
+    // A heartbeat moves the deadline.
+    let beat = queue.heartbeat(id, &stale, Some(2_000)).await.unwrap();
+    assert_eq!(beat.lease_deadline, Some(START + 2_000));
+    clock.advance(Duration::from_millis(2_001));
+    let report = queue.run_due().await.unwrap();
+    assert_eq!(report.expired, [("l".to_owned(), 1, 0)]);
+    assert_eq!(queue.get(id).await.unwrap().state, JobState::Waiting);
+
+    let second = queue.reserve("l", take(1)).await.unwrap();
+    assert_eq!(second[0].attempts_made, 2, "the expired lease counted");
+    let fresh = second[0].lease_token.clone().unwrap();
+    assert_ne!(fresh, stale);
+    match ack(&queue, id, &stale).await {
+        Err(QueueError::LeaseLost { .. }) => {}
+        other => panic!("a stale token must be refused, got {other:?}"),
+    }
+    assert!(matches!(
+        queue.progress(id, &stale, json!(50)).await,
+        Err(QueueError::LeaseLost { .. })
+    ));
+    queue.progress(id, &fresh, json!(50)).await.unwrap();
+    ack(&queue, id, &fresh).await.unwrap();
+    let done = queue.get(id).await.unwrap();
+    assert_eq!(done.state, JobState::Completed);
+    assert_eq!(done.progress, Some(json!(50)));
+    assert_eq!(done.result, Some(json!("done")));
+}
+
+pub(super) async fn retention_keeps_the_last_n_finished_jobs(h: &mut Harness) {
+    // `kept` keeps its last two completed jobs (the suite's retention policies).
+    let queue = h.queue();
+    let ids: Vec<u64> = queue
+        .enqueue("kept", (0..5).map(|_| spec(json!({}))).collect())
+        .await
+        .unwrap()
+        .iter()
+        .map(|answer| answer.id)
+        .collect();
+    for job in queue.reserve("kept", take(5)).await.unwrap() {
+        ack(&queue, job.id, job.lease_token.as_deref().unwrap())
+            .await
+            .unwrap();
+    }
+    let kept: Vec<u64> = queue
+        .list("kept", JobState::Completed, None, 100)
+        .await
+        .unwrap()
+        .jobs
+        .iter()
+        .map(|job| job.id)
+        .collect();
+    assert_eq!(kept, ids[3..]);
+    let stats = queue.stats().await.unwrap();
+    assert_eq!(stats[0].counts.completed, 2);
+    assert!(matches!(
+        queue.get(ids[0]).await,
+        Err(QueueError::NotFound(_))
+    ));
+}
+
+pub(super) async fn a_waiting_reserve_is_woken_by_an_enqueue(h: &mut Harness) {
+    let queue = h.queue();
+    let waiter = {
+        let queue = queue.clone();
+        tokio::spawn(async move {
+            queue
+                .reserve(
+                    "w",
+                    ReserveRequest {
+                        wait: Duration::from_secs(30),
+                        ..take(1)
+                    },
+                )
+                .await
+        })
+    };
+    // The reserve is parked (nothing to take yet) before the enqueue lands.
+    tokio::task::yield_now().await;
+    queue.enqueue("w", vec![spec(json!({}))]).await.unwrap();
+    let jobs = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("woken long before its 30 s wait")
+        .unwrap()
+        .unwrap();
+    assert_eq!(jobs.len(), 1);
+}
+
+pub(super) async fn a_schedule_fires_once_per_tick_across_a_restart_and_catches_up_by_its_rule(
+    h: &mut Harness,
+) {
+    let clock = h.clock.clone();
+    let waiting = |queue: Queue, name: &'static str| async move {
+        queue
+            .stats()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|stats| stats.counts.queue == name)
+            .map_or(0, |stats| stats.counts.waiting)
+    };
+    let queue = h.queue();
+    for (name, catch_up) in [
+        ("one", CatchUp::One),
+        ("all", CatchUp::All),
+        ("none", CatchUp::None),
+    ] {
+        queue
+            .put_schedule(ScheduleSpec {
+                name: name.to_owned(),
+                queue: name.to_owned(),
+                cron: "0 * * * * *".to_owned(),
+                timezone: "UTC".to_owned(),
+                job: None,
+                payload: json!({"from": name}),
+                catch_up,
+            })
+            .await
+            .unwrap();
+    }
+    let next = queue.fire_due_schedules().await.unwrap();
+    assert_eq!(next, Some(START + 30_000), "the next minute boundary");
+    clock.advance(Duration::from_secs(30));
+    queue.fire_due_schedules().await.unwrap();
+    queue.fire_due_schedules().await.unwrap();
+    for name in ["one", "all", "none"] {
+        assert_eq!(
+            waiting(queue.clone(), name).await,
+            1,
+            "{name}: one tick, one job"
+        );
+    }
+    drop(queue);
+
+    // Keel restarts on the same file (schema); the tick that fired does not fire again.
+    h.reopen().await;
+    let queue = h.queue();
+    queue.fire_due_schedules().await.unwrap();
+    assert_eq!(waiting(queue.clone(), "one").await, 1);
+    drop(queue);
+
+    // Down across three ticks, then back.
+    clock.advance(Duration::from_secs(195));
+    h.reopen().await;
+    let queue = h.queue();
+    queue.fire_due_schedules().await.unwrap();
+    assert_eq!(
+        waiting(queue.clone(), "one").await,
+        2,
+        "one: once for all missed"
+    );
+    assert_eq!(
+        waiting(queue.clone(), "all").await,
+        4,
+        "all: each missed tick"
+    );
+    assert_eq!(
+        waiting(queue.clone(), "none").await,
+        1,
+        "none: missed ticks skipped"
+    );
+    let job = queue
+        .list("one", JobState::Waiting, None, 10)
+        .await
+        .unwrap()
+        .jobs
+        .remove(0);
+    assert_eq!(job.name, "one");
+    assert_eq!(job.payload, json!({"from": "one"}));
+}
+
 macro_rules! conformance_suite {
     ($($test:ident),* $(,)?) => {
         mod redb {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $test() {
-                    let harness = super::Harness::redb().await;
-                    super::$test(&harness).await;
+                    let mut harness = super::Harness::redb().await;
+                    super::$test(&mut harness).await;
                 }
             )*
         }
@@ -968,8 +1428,8 @@ macro_rules! conformance_suite {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $test() {
-                    let Some(harness) = super::Harness::postgres().await else { return };
-                    super::$test(&harness).await;
+                    let Some(mut harness) = super::Harness::postgres().await else { return };
+                    super::$test(&mut harness).await;
                 }
             )*
         }
@@ -996,6 +1456,14 @@ conformance_suite!(
     schedules_fire_each_tick_once,
     schedules_catch_up,
     enqueue_wakes_a_parked_reserve,
+    failed_jobs_wait_out_their_backoff_then_die_after_the_last_attempt,
+    delayed_jobs_become_runnable_at_their_time_and_the_timer_knows_when,
+    reserve_takes_higher_priority_first_then_oldest,
+    unique_keys_return_the_live_job_and_free_up_when_it_finishes_or_the_window_ends,
+    an_expired_lease_returns_the_job_and_the_old_token_cannot_ack,
+    retention_keeps_the_last_n_finished_jobs,
+    a_waiting_reserve_is_woken_by_an_enqueue,
+    a_schedule_fires_once_per_tick_across_a_restart_and_catches_up_by_its_rule,
 );
 
 /// What only a shared PostgreSQL can show: several nodes on one schema.
@@ -1196,11 +1664,7 @@ mod scaled_out {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         let mut answered = Vec::new();
         while answered.len() < 3 {
-            match a
-                .store
-                .enqueue("after", vec![a.new_job(named("a"))])
-                .await
-            {
+            match a.store.enqueue("after", vec![a.new_job(named("a"))]).await {
                 Ok(enqueued) => answered.push(enqueued[0].id),
                 Err(QueueError::Unavailable(_)) => {}
                 Err(other) => panic!("a cut connection is `Unavailable`: {other:?}"),
@@ -1208,7 +1672,10 @@ mod scaled_out {
             assert!(tokio::time::Instant::now() < deadline, "the pool recovers");
         }
         for id in &answered {
-            assert!(a.store.get(*id).await.unwrap().is_some(), "acknowledged means stored");
+            assert!(
+                a.store.get(*id).await.unwrap().is_some(),
+                "acknowledged means stored"
+            );
         }
         // The LISTEN connections come back too, and carry wake-ups again.
         listeners_up(&admin, &schema, 2).await;

@@ -10,8 +10,8 @@
 mod conformance;
 mod job;
 mod metrics;
-pub mod processor;
 pub mod pg_store;
+pub mod processor;
 pub mod redb_store;
 mod schedule;
 mod store;

@@ -98,7 +98,11 @@ fn pg(error: tokio_postgres::Error) -> QueueError {
                 QueueError::Storage(format!("PostgreSQL: {db}"))
             }
         }
-        None => QueueError::Unavailable(format!("PostgreSQL: {error}")),
+        // The cause (refused, timed out, reset) is in the source, not the message.
+        None => match std::error::Error::source(&error) {
+            Some(cause) => QueueError::Unavailable(format!("PostgreSQL: {error}: {cause}")),
+            None => QueueError::Unavailable(format!("PostgreSQL: {error}")),
+        },
     }
 }
 
@@ -535,14 +539,12 @@ impl Tx<'_> {
     async fn commit(mut self) -> Result<Effects, QueueError> {
         for ((queue, state), delta) in std::mem::take(&mut self.count_deltas) {
             if delta != 0 {
-                self.execute(
-                    &self.sql.count_add,
-                    &[&queue, &state, &self.stripe, &delta],
-                )
-                .await?;
+                self.execute(&self.sql.count_add, &[&queue, &state, &self.stripe, &delta])
+                    .await?;
             }
         }
-        let mut payloads: Vec<String> = self.effects.ready.iter().map(|q| format!("r{q}")).collect();
+        let mut payloads: Vec<String> =
+            self.effects.ready.iter().map(|q| format!("r{q}")).collect();
         if let Some(at) = self.effects.earliest_due {
             payloads.push(format!("d{at}"));
         }
@@ -684,7 +686,11 @@ impl Tx<'_> {
 
     // --- operations ---------------------------------------------------------------
 
-    async fn enqueue(&mut self, queue: &str, jobs: Vec<NewJob>) -> Result<Vec<Enqueued>, QueueError> {
+    async fn enqueue(
+        &mut self,
+        queue: &str,
+        jobs: Vec<NewJob>,
+    ) -> Result<Vec<Enqueued>, QueueError> {
         self.execute(&self.sql.touch_queue, &[&queue]).await?;
         let mut answers = Vec::with_capacity(jobs.len());
         for new in jobs {
@@ -958,7 +964,9 @@ impl Tx<'_> {
     }
 
     async fn put_schedule(&mut self, mut schedule: Schedule) -> Result<(), QueueError> {
-        let rows = self.query(&self.sql.schedule_get, &[&schedule.name]).await?;
+        let rows = self
+            .query(&self.sql.schedule_get, &[&schedule.name])
+            .await?;
         if let Some(row) = rows.first() {
             let old = schedule_of(row)?;
             let same_timing = old.cron == schedule.cron && old.timezone == schedule.timezone;
@@ -1170,7 +1178,11 @@ impl QueueStore for PgQueueStore {
             .await
             .map_err(pg)?;
         let mut counts: HashMap<String, QueueCounts> = HashMap::new();
-        for row in txn.query(self.sql.counts_all.as_str(), &[]).await.map_err(pg)? {
+        for row in txn
+            .query(self.sql.counts_all.as_str(), &[])
+            .await
+            .map_err(pg)?
+        {
             let (queue, state, n): (String, i16, i64) = (row.get(0), row.get(1), row.get(2));
             let Some(state) = u8::try_from(state).ok().and_then(JobState::from_code) else {
                 continue;
@@ -1181,7 +1193,11 @@ impl QueueStore for PgQueueStore {
                 .set(state, uint(n));
         }
         let mut all = Vec::new();
-        for row in txn.query(self.sql.queues_all.as_str(), &[]).await.map_err(pg)? {
+        for row in txn
+            .query(self.sql.queues_all.as_str(), &[])
+            .await
+            .map_err(pg)?
+        {
             let (name, paused): (String, bool) = (row.get(0), row.get(1));
             let mut figures = counts
                 .remove(&name)
