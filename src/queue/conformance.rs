@@ -1227,7 +1227,6 @@ pub(super) async fn unique_keys_return_the_live_job_and_free_up_when_it_finishes
     assert_ne!(three[0].id, one[0].id);
 }
 
-
 pub(super) async fn an_expired_lease_returns_the_job_and_the_old_token_cannot_ack(h: &mut Harness) {
     let (queue, clock) = (h.queue(), h.clock.clone());
     let id = queue.enqueue("l", vec![spec(json!({}))]).await.unwrap()[0].id;

@@ -348,7 +348,7 @@ impl PgQueueStore {
         }
         // Names this store's connections in pg_stat_activity (and lets the tests find
         // exactly their own).
-        config.application_name(&format!("keel-queue-{}", settings.schema));
+        config.application_name(format!("keel-queue-{}", settings.schema));
         let manager = Manager::from_config(
             config.clone(),
             NoTls,

@@ -454,7 +454,11 @@ impl TestSchema {
             .as_nanos();
         TestSchema {
             url: url.to_owned(),
-            name: format!("keel_it_{}_{:x}", std::process::id(), nanos & 0xffff_ffff_ffff),
+            name: format!(
+                "keel_it_{}_{:x}",
+                std::process::id(),
+                nanos & 0xffff_ffff_ffff
+            ),
         }
     }
 
@@ -518,7 +522,10 @@ fn two_keels_share_one_postgres_queue_over_rest() {
     assert_eq!(reserved.status, 200, "{}", reserved.body);
     let job = &reserved.json()["jobs"][0];
     assert_eq!(job["id"].as_u64(), Some(id));
-    assert!(waited < Duration::from_secs(20), "woken, not timed out: {waited:?}");
+    assert!(
+        waited < Duration::from_secs(20),
+        "woken, not timed out: {waited:?}"
+    );
 
     // Acked on node b, visible as completed on node a.
     let acked = post(
@@ -550,10 +557,14 @@ fn keel_stops_at_start_when_the_queue_postgres_is_unreachable() {
         .unwrap()
         .port();
     let config = base_config(dir.path())
-        + &format!("[queue]\nbackend = \"postgres\"\nurl = \"postgres://keel@127.0.0.1:{port}/keel\"\n");
+        + &format!(
+            "[queue]\nbackend = \"postgres\"\nurl = \"postgres://keel@127.0.0.1:{port}/keel\"\n"
+        );
     let started = Instant::now();
     let mut keel = Keel::spawn(dir.path(), &config);
-    let status = keel.wait_exit(DEADLINE).expect("keel exits instead of waiting");
+    let status = keel
+        .wait_exit(DEADLINE)
+        .expect("keel exits instead of waiting");
     assert_eq!(status.code(), Some(1));
     assert!(started.elapsed() < Duration::from_secs(15));
     let log = keel.log_text();
