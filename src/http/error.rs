@@ -295,3 +295,21 @@ impl From<crate::auth::TokenStoreError> for ApiError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::QueueError;
+
+    #[test]
+    fn an_unreachable_queue_store_is_503_with_retry_after() {
+        let response = ApiError::from(QueueError::Unavailable("connection refused".to_owned()))
+            .into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+        // A storage failure is 503 too, but not a "try again in a second".
+        let response = ApiError::from(QueueError::Storage("disk".to_owned())).into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(response.headers().get(header::RETRY_AFTER).is_none());
+    }
+}

@@ -53,6 +53,8 @@ const COUNT_STRIPES: u64 = 8;
 /// unavailable (start-up fails, a request answers 503).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
+/// Unacknowledged data (or keepalive probes) for this long means the server is gone.
+const DEAD_PEER_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Where the store lives: from `queue.url`, `queue.schema` and `queue.pool_size`.
 #[derive(Clone)]
@@ -346,6 +348,14 @@ impl PgQueueStore {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
+        // A server that vanished without closing its sockets (a dead host, a dropped
+        // route) must still fail calls in seconds rather than leave them waiting on
+        // TCP retransmissions for minutes; the keepalives find it on idle connections,
+        // the LISTEN one included.
+        if config.get_tcp_user_timeout().is_none() {
+            config.tcp_user_timeout(DEAD_PEER_TIMEOUT);
+        }
+        config.keepalives_idle(DEAD_PEER_TIMEOUT);
         // Names this store's connections in pg_stat_activity (and lets the tests find
         // exactly their own).
         config.application_name(format!("keel-queue-{}", settings.schema));
