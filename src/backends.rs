@@ -71,7 +71,7 @@ pub async fn open_queue_store(
             Ok(Arc::new(store))
         }
         QueueBackend::Postgres => {
-            let url = config.queue.url.as_ref().ok_or_else(|| {
+            let (key, url) = config.queue_postgres_url().ok_or_else(|| {
                 BackendError::QueueStore("queue.backend = \"postgres\" needs queue.url".to_owned())
             })?;
             let settings = PgSettings {
@@ -89,7 +89,7 @@ pub async fn open_queue_store(
             .await
             .map_err(|error| {
                 BackendError::QueueStore(format!(
-                    "PostgreSQL at queue.url = {:?} (schema {:?}): {error}",
+                    "PostgreSQL at {key} = {:?} (schema {:?}): {error}",
                     url.redacted(),
                     config.queue.schema
                 ))

@@ -322,7 +322,8 @@ pub enum Loader {
 #[serde(default)]
 pub struct QueueConfig {
     pub backend: QueueBackend,
-    /// `postgres://...`: where jobs live when `backend = "postgres"`.
+    /// `postgres://...`: where jobs live when `backend = "postgres"` (default: `sql.url`
+    /// when that is PostgreSQL).
     pub url: Option<Secret>,
     /// The PostgreSQL schema holding keel's queue tables; nodes sharing it share jobs.
     pub schema: String,
@@ -350,6 +351,23 @@ impl Default for QueueConfig {
             max_payload_bytes: ByteSize(1 << 20),
             default_lease: Span(Duration::from_secs(30)),
             default_attempts: 3,
+        }
+    }
+}
+
+impl Config {
+    /// Where a PostgreSQL queue lives, and the key that said so: `queue.url`, or else
+    /// `sql.url` when the SQL data is in PostgreSQL too (Appendix A's scaled-out
+    /// example names only `sql` and `queue.backend`).
+    pub fn queue_postgres_url(&self) -> Option<(&'static str, &Secret)> {
+        match &self.queue.url {
+            Some(url) if !url.expose().is_empty() => Some(("queue.url", url)),
+            _ if self.sql.url.expose().starts_with("postgres://")
+                || self.sql.url.expose().starts_with("postgresql://") =>
+            {
+                Some(("sql.url", &self.sql.url))
+            }
+            _ => None,
         }
     }
 }

@@ -258,15 +258,19 @@ fn check_queue(config: &Config, problem: &mut impl FnMut(&str, String)) {
         }
     }
     if queue.backend == crate::config::QueueBackend::Postgres {
-        match queue.url.as_ref().map(|url| url.expose()) {
-            None | Some("") => problem(
+        match config.queue_postgres_url() {
+            None => problem(
                 "queue.url",
-                "queue.backend = \"postgres\" needs queue.url = \"postgres://USER@HOST/DB\""
+                "queue.backend = \"postgres\" needs queue.url = \"postgres://USER@HOST/DB\" \
+                 (or sql.url in PostgreSQL)"
                     .to_owned(),
             ),
-            Some(url) if !url.starts_with("postgres://") && !url.starts_with("postgresql://") => {
+            Some((key, url))
+                if !url.expose().starts_with("postgres://")
+                    && !url.expose().starts_with("postgresql://") =>
+            {
                 problem(
-                    "queue.url",
+                    key,
                     "must start with postgres:// or postgresql://".to_owned(),
                 )
             }
