@@ -749,7 +749,9 @@ impl Tx<'_> {
             return Ok(None);
         };
         let (id, until): (i64, Option<i64>) = (row.get(0), row.get(1));
-        let Some(job) = self.load(uint(id)).await? else {
+        // Read, not locked: the advisory lock already orders enqueues of this key, and
+        // a lock here would make the holder's own ack wait for this answer.
+        let Some(job) = self.jobs(&self.sql.get, &[&id]).await?.pop() else {
             return Ok(None);
         };
         let live = match until {
