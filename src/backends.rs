@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use crate::cache::{CacheStore, RedbCacheStore};
 use crate::config::{Config, QueueBackend};
+use crate::queue::pg_store::{PgQueueStore, PgSettings};
 use crate::queue::redb_store::RedbQueueStore;
 use crate::queue::{Clock, QueueMetrics, QueueStore, RetentionPolicies, Wakeups};
 use crate::storage::Storage;
@@ -47,8 +48,9 @@ pub fn open_cache_store(
 }
 
 /// The job queue's store: redb (`queue.redb`, opened with the other embedded files),
-/// or PostgreSQL when scaled out.
-pub fn open_queue_store(
+/// or PostgreSQL when scaled out. PostgreSQL must answer within a few seconds: start-up
+/// fails with the reason rather than waiting for it.
+pub async fn open_queue_store(
     config: &Config,
     storage: &Storage,
     clock: Arc<dyn Clock>,
@@ -68,10 +70,31 @@ pub fn open_queue_store(
             .map_err(|error| BackendError::QueueStore(error.to_string()))?;
             Ok(Arc::new(store))
         }
-        QueueBackend::Postgres => Err(BackendError::Unsupported {
-            key: "queue.backend",
-            value: "postgres".to_owned(),
-            instead: "\"redb\"",
-        }),
+        QueueBackend::Postgres => {
+            let (key, url) = config.queue_postgres_url().ok_or_else(|| {
+                BackendError::QueueStore("queue.backend = \"postgres\" needs queue.url".to_owned())
+            })?;
+            let settings = PgSettings {
+                url: url.expose().to_owned(),
+                schema: config.queue.schema.clone(),
+                pool_size: config.queue.pool_size as usize,
+            };
+            let store = PgQueueStore::open(
+                settings,
+                clock,
+                wakeups,
+                metrics,
+                RetentionPolicies::from_config(&config.queue),
+            )
+            .await
+            .map_err(|error| {
+                BackendError::QueueStore(format!(
+                    "PostgreSQL at {key} = {:?} (schema {:?}): {error}",
+                    url.redacted(),
+                    config.queue.schema
+                ))
+            })?;
+            Ok(Arc::new(store))
+        }
     }
 }

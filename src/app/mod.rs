@@ -60,7 +60,8 @@ async fn start_queue(
         clock.clone(),
         wakeups.clone(),
         queue_metrics.clone(),
-    )?;
+    )
+    .await?;
     let queue = Queue::new(
         store,
         clock,

@@ -602,6 +602,34 @@ mod tests {
     }
 
     #[test]
+    fn a_postgres_queue_needs_a_url_and_may_share_the_sql_one() {
+        let found = errors("[queue]\nbackend = \"postgres\"\nschema = \"Keel\"\n");
+        assert!(
+            found
+                .iter()
+                .any(|e| e.contains("queue.url: queue.backend = \"postgres\" needs")),
+            "{found:?}"
+        );
+        assert!(
+            found.iter().any(|e| e.contains("queue.schema")),
+            "{found:?}"
+        );
+
+        let shared = "[sql]\nurl = \"postgres://db/keel\"\n[queue]\nbackend = \"postgres\"\n";
+        let config = parse_str(Path::new("keel.toml"), shared).unwrap();
+        let (key, url) = config.queue_postgres_url().unwrap();
+        assert_eq!((key, url.expose()), ("sql.url", "postgres://db/keel"));
+
+        let own = format!("{shared}url = \"postgres://queue-db/jobs\"\n");
+        let config = parse_str(Path::new("keel.toml"), &own).unwrap();
+        let (key, url) = config.queue_postgres_url().unwrap();
+        assert_eq!(
+            (key, url.expose()),
+            ("queue.url", "postgres://queue-db/jobs")
+        );
+    }
+
+    #[test]
     fn errors_inside_arrays_of_tables_name_the_index() {
         let text = "[[gateway.routes]]\nupstream = \"a\"\n[[gateway.routes]]\nupstream = 5\n";
         let found = errors(text);

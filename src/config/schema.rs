@@ -322,6 +322,13 @@ pub enum Loader {
 #[serde(default)]
 pub struct QueueConfig {
     pub backend: QueueBackend,
+    /// `postgres://...`: where jobs live when `backend = "postgres"` (default: `sql.url`
+    /// when that is PostgreSQL).
+    pub url: Option<Secret>,
+    /// The PostgreSQL schema holding keel's queue tables; nodes sharing it share jobs.
+    pub schema: String,
+    /// Most PostgreSQL connections this node's queue holds.
+    pub pool_size: u32,
     pub queues: BTreeMap<String, QueueDefinition>,
     pub schedules: Vec<ScheduleConfig>,
     /// Largest JSON payload one job may carry.
@@ -336,11 +343,31 @@ impl Default for QueueConfig {
     fn default() -> Self {
         QueueConfig {
             backend: QueueBackend::Redb,
+            url: None,
+            schema: "keel".to_owned(),
+            pool_size: 16,
             queues: BTreeMap::new(),
             schedules: Vec::new(),
             max_payload_bytes: ByteSize(1 << 20),
             default_lease: Span(Duration::from_secs(30)),
             default_attempts: 3,
+        }
+    }
+}
+
+impl Config {
+    /// Where a PostgreSQL queue lives, and the key that said so: `queue.url`, or else
+    /// `sql.url` when the SQL data is in PostgreSQL too (Appendix A's scaled-out
+    /// example names only `sql` and `queue.backend`).
+    pub fn queue_postgres_url(&self) -> Option<(&'static str, &Secret)> {
+        match &self.queue.url {
+            Some(url) if !url.expose().is_empty() => Some(("queue.url", url)),
+            _ if self.sql.url.expose().starts_with("postgres://")
+                || self.sql.url.expose().starts_with("postgresql://") =>
+            {
+                Some(("sql.url", &self.sql.url))
+            }
+            _ => None,
         }
     }
 }

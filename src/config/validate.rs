@@ -257,6 +257,41 @@ fn check_queue(config: &Config, problem: &mut impl FnMut(&str, String)) {
             _ => {}
         }
     }
+    if queue.backend == crate::config::QueueBackend::Postgres {
+        match config.queue_postgres_url() {
+            None => problem(
+                "queue.url",
+                "queue.backend = \"postgres\" needs queue.url = \"postgres://USER@HOST/DB\" \
+                 (or sql.url in PostgreSQL)"
+                    .to_owned(),
+            ),
+            Some((key, url))
+                if !url.expose().starts_with("postgres://")
+                    && !url.expose().starts_with("postgresql://") =>
+            {
+                problem(
+                    key,
+                    "must start with postgres:// or postgresql://".to_owned(),
+                )
+            }
+            Some(_) => {}
+        }
+    }
+    if !crate::queue::pg_store::valid_schema(&queue.schema) {
+        problem(
+            "queue.schema",
+            format!(
+                "{:?}: 1 to 48 of a-z 0-9 _, not starting with a digit",
+                queue.schema
+            ),
+        );
+    }
+    if !(1..=1000).contains(&queue.pool_size) {
+        problem(
+            "queue.pool_size",
+            format!("{} is not between 1 and 1000", queue.pool_size),
+        );
+    }
     if !(1..=1000).contains(&queue.default_attempts) {
         problem(
             "queue.default_attempts",

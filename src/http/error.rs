@@ -14,6 +14,8 @@ pub struct ApiError {
     pub detail: String,
     /// Extension members of the problem (RFC 9457 §3.2), e.g. SQLite's error code.
     pub extra: serde_json::Map<String, serde_json::Value>,
+    /// Seconds for a `Retry-After` header: set when the condition is expected to pass.
+    pub retry_after: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -35,7 +37,14 @@ impl ApiError {
             code,
             detail: detail.into(),
             extra: serde_json::Map::new(),
+            retry_after: None,
         }
+    }
+
+    /// Asks the client to try again after `seconds` (`Retry-After`).
+    pub fn retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after = Some(seconds);
+        self
     }
 
     /// Adds an extension member to the problem.
@@ -78,6 +87,11 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
         response
     }
 }
@@ -153,6 +167,15 @@ impl From<crate::queue::QueueError> for ApiError {
             ),
             QueueError::LeaseLost { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "lease_lost", error.to_string())
+            }
+            QueueError::Unavailable(_) => {
+                tracing::warn!(%error, "queue storage unreachable");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "queue_unavailable",
+                    "the queue's storage cannot be reached; try again",
+                )
+                .retry_after(1)
             }
             QueueError::Storage(_) | QueueError::Closed => {
                 tracing::error!(%error, "queue unavailable");
@@ -270,5 +293,23 @@ impl From<crate::auth::TokenStoreError> for ApiError {
             | TokenStoreError::Corrupt { .. }
             | TokenStoreError::BadKey { .. } => ApiError::internal(error),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::QueueError;
+
+    #[test]
+    fn an_unreachable_queue_store_is_503_with_retry_after() {
+        let response = ApiError::from(QueueError::Unavailable("connection refused".to_owned()))
+            .into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+        // A storage failure is 503 too, but not a "try again in a second".
+        let response = ApiError::from(QueueError::Storage("disk".to_owned())).into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(response.headers().get(header::RETRY_AFTER).is_none());
     }
 }

@@ -6,8 +6,11 @@
 //! reports, never by polling), the scheduler (cron ticks), the built-in processors and
 //! a retention sweep for age limits.
 
+#[cfg(test)]
+mod conformance;
 mod job;
 mod metrics;
+pub mod pg_store;
 pub mod processor;
 pub mod redb_store;
 mod schedule;
@@ -53,6 +56,10 @@ pub enum QueueError {
     ScheduleNotFound(String),
     #[error("queue storage failed: {0}")]
     Storage(String),
+    /// The store cannot be reached (PostgreSQL down or out of connections): nothing
+    /// was changed, or at least nothing was acknowledged; try again later.
+    #[error("queue storage unavailable: {0}")]
+    Unavailable(String),
     #[error("the queue is shutting down")]
     Closed,
 }
@@ -133,6 +140,13 @@ impl Wakeups {
 
     pub fn job_ready(&self, queue: &str) {
         self.stripe(queue).notify_waiters();
+    }
+
+    /// Wakes every parked reserve (after notifications may have been missed).
+    pub fn all_ready(&self) {
+        for stripe in &self.ready {
+            stripe.notify_waiters();
+        }
     }
 
     /// Something is due at `at`: wake the timer if that is earlier than it knew.

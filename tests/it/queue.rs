@@ -1,466 +1,17 @@
-//! The job queue: the store and handle in process with a hand-moved clock (backoff,
-//! delays, leases, schedules across a restart), and the REST surface of a real keel
-//! (lifecycle, operations, bad input, webhook processor, schedules).
+//! The job queue over REST against a real keel (lifecycle, operations, bad input,
+//! webhook processor, schedules), and with `queue.backend = "postgres"`. The store's
+//! behaviour with a hand-moved clock (backoff, delays, leases, schedules across a
+//! restart) is the conformance suite in `src/queue/conformance.rs`, run against every
+//! backend.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use keel::config::{QueueConfig, QueueDefinition, Retention as RetentionConfig};
-use keel::queue::redb_store::RedbQueueStore;
-use keel::queue::{
-    Ack, CatchUp, JobSpec, JobState, ManualClock, Queue, QueueError, QueueMetrics, ReserveRequest,
-    RetentionPolicies, ScheduleSpec, Wakeups,
-};
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 
 use crate::support::{DEADLINE, Keel, TestServer, base_config, get, request, scratch};
-
-// --- in process, with a manual clock -------------------------------------------------
-
-/// 2027-01-15T10:00:30Z: half a minute past a minute boundary.
-const START: u64 = 1_800_007_230_000;
-
-struct Harness {
-    queue: Queue,
-    clock: Arc<ManualClock>,
-}
-
-fn open(dir: &Path, clock: Arc<ManualClock>, config: &QueueConfig) -> Harness {
-    let path = dir.join("queue.redb");
-    // A dropped store's writer thread lets go of the file a moment later.
-    let started = Instant::now();
-    let db = loop {
-        match redb::Database::create(&path) {
-            Ok(db) => break Arc::new(db),
-            Err(error) if started.elapsed() < DEADLINE => {
-                let _ = error;
-                std::thread::yield_now();
-            }
-            Err(error) => panic!("reopen queue.redb: {error}"),
-        }
-    };
-    let wakeups = Arc::new(Wakeups::default());
-    let metrics = QueueMetrics::new(&prometheus::Registry::new());
-    let store = RedbQueueStore::open(
-        db,
-        &path,
-        clock.clone(),
-        wakeups.clone(),
-        metrics.clone(),
-        RetentionPolicies::from_config(config),
-    )
-    .expect("open store");
-    let queue = Queue::new(
-        Arc::new(store),
-        clock.clone(),
-        wakeups,
-        metrics,
-        config,
-        CancellationToken::new(),
-    );
-    Harness { queue, clock }
-}
-
-fn harness(dir: &Path) -> Harness {
-    open(
-        dir,
-        Arc::new(ManualClock::new(START)),
-        &QueueConfig::default(),
-    )
-}
-
-fn spec(value: Value) -> JobSpec {
-    serde_json::from_value(value).expect("job spec")
-}
-
-fn take(max: usize) -> ReserveRequest {
-    ReserveRequest {
-        max,
-        lease_ms: None,
-        wait: Duration::ZERO,
-    }
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-#[test]
-fn failed_jobs_wait_out_their_backoff_then_die_after_the_last_attempt() {
-    let dir = scratch();
-    runtime().block_on(async {
-        let Harness { queue, clock } = harness(dir.path());
-        let job = json!({"attempts": 3, "backoff": {"type": "exponential", "delay": "1s"}});
-        let id = queue.enqueue("mail", vec![spec(job)]).await.unwrap()[0].id;
-
-        for (attempt, backoff) in [(1, 1_000u64), (2, 2_000)] {
-            let leased = queue.reserve("mail", take(1)).await.unwrap();
-            assert_eq!(leased[0].attempts_made, attempt);
-            let token = leased[0].lease_token.clone().unwrap();
-            let failed = queue.fail(id, &token, "smtp down").await.unwrap();
-            assert!(!failed.dead);
-            assert_eq!(failed.job.state, JobState::Failed);
-            assert_eq!(failed.job.run_at, clock.now() + backoff);
-
-            clock.advance(Duration::from_millis(backoff - 1));
-            queue.run_due().await.unwrap();
-            assert!(
-                queue.reserve("mail", take(1)).await.unwrap().is_empty(),
-                "too early"
-            );
-            clock.advance(Duration::from_millis(1));
-            let report = queue.run_due().await.unwrap();
-            assert_eq!(report.promoted, [("mail".to_owned(), 1)]);
-        }
-        let leased = queue.reserve("mail", take(1)).await.unwrap();
-        let token = leased[0].lease_token.clone().unwrap();
-        let failed = queue.fail(id, &token, "still down").await.unwrap();
-        assert!(failed.dead);
-        let job = queue.get(id).await.unwrap();
-        assert_eq!(job.state, JobState::Dead);
-        assert_eq!(job.last_error.as_deref(), Some("still down"));
-
-        assert_eq!(queue.retry_dead("mail", None).await.unwrap(), 1);
-        let again = queue.reserve("mail", take(1)).await.unwrap();
-        assert_eq!(again[0].id, id);
-        assert_eq!(
-            again[0].attempts_made, 1,
-            "a retried dead job gets fresh attempts"
-        );
-    });
-}
-
-#[test]
-fn delayed_jobs_become_runnable_at_their_time_and_the_timer_knows_when() {
-    let dir = scratch();
-    runtime().block_on(async {
-        let Harness { queue, clock } = harness(dir.path());
-        let answer = queue
-            .enqueue("later", vec![spec(json!({"delay": "5s"}))])
-            .await
-            .unwrap();
-        assert_eq!(answer[0].state, JobState::Delayed);
-        let report = queue.run_due().await.unwrap();
-        assert_eq!(report.next_due, Some(START + 5_000));
-        clock.advance(Duration::from_millis(4_999));
-        queue.run_due().await.unwrap();
-        assert!(queue.reserve("later", take(1)).await.unwrap().is_empty());
-        clock.advance(Duration::from_millis(1));
-        queue.run_due().await.unwrap();
-        assert_eq!(queue.reserve("later", take(1)).await.unwrap().len(), 1);
-
-        // run_at in the past is simply runnable.
-        let past = queue
-            .enqueue("later", vec![spec(json!({"run_at": 1_000}))])
-            .await
-            .unwrap();
-        assert_eq!(past[0].state, JobState::Waiting);
-    });
-}
-
-#[test]
-fn reserve_takes_higher_priority_first_then_oldest() {
-    let dir = scratch();
-    runtime().block_on(async {
-        let Harness { queue, .. } = harness(dir.path());
-        let jobs = [("a", 0), ("b", 10), ("c", 0), ("d", -5), ("e", 10)];
-        let specs = jobs
-            .iter()
-            .map(|(name, priority)| spec(json!({"name": name, "priority": priority})))
-            .collect();
-        queue.enqueue("p", specs).await.unwrap();
-        let order: Vec<String> = queue
-            .reserve("p", take(10))
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|job| job.name)
-            .collect();
-        assert_eq!(order, ["b", "e", "a", "c", "d"]);
-    });
-}
-
-#[test]
-fn unique_keys_return_the_live_job_and_free_up_when_it_finishes_or_the_window_ends() {
-    let dir = scratch();
-    runtime().block_on(async {
-        let Harness { queue, clock } = harness(dir.path());
-        let first = queue
-            .enqueue("u", vec![spec(json!({"unique_key": "user:1"}))])
-            .await
-            .unwrap()[0]
-            .clone();
-        let again = queue
-            .enqueue("u", vec![spec(json!({"unique_key": "user:1"}))])
-            .await
-            .unwrap()[0]
-            .clone();
-        assert!(again.duplicate);
-        assert_eq!(again.id, first.id);
-        // Same key in one batch: the second is the first.
-        let batch = queue
-            .enqueue(
-                "u",
-                vec![
-                    spec(json!({"unique_key": "user:2"})),
-                    spec(json!({"unique_key": "user:2"})),
-                ],
-            )
-            .await
-            .unwrap();
-        assert_eq!(batch[1].id, batch[0].id);
-        assert!(batch[1].duplicate);
-
-        let leased = queue.reserve("u", take(1)).await.unwrap();
-        assert_eq!(leased[0].id, first.id);
-        let token = leased[0].lease_token.clone().unwrap();
-        ack(&queue, first.id, &token).await.unwrap();
-        let after = queue
-            .enqueue("u", vec![spec(json!({"unique_key": "user:1"}))])
-            .await
-            .unwrap();
-        assert!(
-            !after[0].duplicate,
-            "a finished job no longer holds its key"
-        );
-
-        // A timed window holds the key even after the job finished, then lets go.
-        let timed = json!({"unique_key": "report", "unique_for": "1m"});
-        let one = queue.enqueue("t", vec![spec(timed.clone())]).await.unwrap();
-        let two = queue.enqueue("t", vec![spec(timed.clone())]).await.unwrap();
-        assert!(two[0].duplicate);
-        clock.advance(Duration::from_secs(61));
-        let three = queue.enqueue("t", vec![spec(timed)]).await.unwrap();
-        assert!(!three[0].duplicate);
-        assert_ne!(three[0].id, one[0].id);
-    });
-}
-
-async fn ack(queue: &Queue, id: u64, token: &str) -> Result<(), QueueError> {
-    let mut results = queue
-        .ack(vec![Ack {
-            id,
-            lease_token: token.to_owned(),
-            result: Some(json!("done")),
-        }])
-        .await?;
-    results.pop().unwrap().map(|_| ())
-}
-
-#[test]
-fn an_expired_lease_returns_the_job_and_the_old_token_cannot_ack() {
-    let dir = scratch();
-    runtime().block_on(async {
-        let Harness { queue, clock } = harness(dir.path());
-        let id = queue.enqueue("l", vec![spec(json!({}))]).await.unwrap()[0].id;
-        let first = queue
-            .reserve(
-                "l",
-                ReserveRequest {
-                    lease_ms: Some(1_000),
-                    ..take(1)
-                },
-            )
-            .await
-            .unwrap();
-        let stale = first[0].lease_token.clone().unwrap();
-
-        // A heartbeat moves the deadline.
-        let beat = queue.heartbeat(id, &stale, Some(2_000)).await.unwrap();
-        assert_eq!(beat.lease_deadline, Some(START + 2_000));
-        clock.advance(Duration::from_millis(2_001));
-        let report = queue.run_due().await.unwrap();
-        assert_eq!(report.expired, [("l".to_owned(), 1, 0)]);
-        assert_eq!(queue.get(id).await.unwrap().state, JobState::Waiting);
-
-        let second = queue.reserve("l", take(1)).await.unwrap();
-        assert_eq!(second[0].attempts_made, 2, "the expired lease counted");
-        let fresh = second[0].lease_token.clone().unwrap();
-        assert_ne!(fresh, stale);
-        match ack(&queue, id, &stale).await {
-            Err(QueueError::LeaseLost { .. }) => {}
-            other => panic!("a stale token must be refused, got {other:?}"),
-        }
-        assert!(matches!(
-            queue.progress(id, &stale, json!(50)).await,
-            Err(QueueError::LeaseLost { .. })
-        ));
-        queue.progress(id, &fresh, json!(50)).await.unwrap();
-        ack(&queue, id, &fresh).await.unwrap();
-        let done = queue.get(id).await.unwrap();
-        assert_eq!(done.state, JobState::Completed);
-        assert_eq!(done.progress, Some(json!(50)));
-        assert_eq!(done.result, Some(json!("done")));
-    });
-}
-
-#[test]
-fn retention_keeps_the_last_n_finished_jobs() {
-    let dir = scratch();
-    let mut config = QueueConfig::default();
-    config.queues.insert(
-        "r".to_owned(),
-        QueueDefinition {
-            remove_on_complete: Some(RetentionConfig {
-                count: Some(2),
-                age: None,
-            }),
-            ..QueueDefinition::default()
-        },
-    );
-    runtime().block_on(async {
-        let Harness { queue, .. } = open(dir.path(), Arc::new(ManualClock::new(START)), &config);
-        let ids: Vec<u64> = queue
-            .enqueue("r", (0..5).map(|_| spec(json!({}))).collect())
-            .await
-            .unwrap()
-            .iter()
-            .map(|answer| answer.id)
-            .collect();
-        for job in queue.reserve("r", take(5)).await.unwrap() {
-            ack(&queue, job.id, job.lease_token.as_deref().unwrap())
-                .await
-                .unwrap();
-        }
-        let kept: Vec<u64> = queue
-            .list("r", JobState::Completed, None, 100)
-            .await
-            .unwrap()
-            .jobs
-            .iter()
-            .map(|job| job.id)
-            .collect();
-        assert_eq!(kept, ids[3..]);
-        let stats = queue.stats().await.unwrap();
-        assert_eq!(stats[0].counts.completed, 2);
-        assert!(matches!(
-            queue.get(ids[0]).await,
-            Err(QueueError::NotFound(_))
-        ));
-    });
-}
-
-#[test]
-fn a_waiting_reserve_is_woken_by_an_enqueue() {
-    let dir = scratch();
-    runtime().block_on(async {
-        let Harness { queue, .. } = harness(dir.path());
-        let waiter = {
-            let queue = queue.clone();
-            tokio::spawn(async move {
-                queue
-                    .reserve(
-                        "w",
-                        ReserveRequest {
-                            wait: Duration::from_secs(30),
-                            ..take(1)
-                        },
-                    )
-                    .await
-            })
-        };
-        // The reserve is parked (nothing to take yet) before the enqueue lands.
-        tokio::task::yield_now().await;
-        queue.enqueue("w", vec![spec(json!({}))]).await.unwrap();
-        let jobs = tokio::time::timeout(Duration::from_secs(10), waiter)
-            .await
-            .expect("woken long before its 30 s wait")
-            .unwrap()
-            .unwrap();
-        assert_eq!(jobs.len(), 1);
-    });
-}
-
-#[test]
-fn a_schedule_fires_once_per_tick_across_a_restart_and_catches_up_by_its_rule() {
-    let dir = scratch();
-    let clock = Arc::new(ManualClock::new(START));
-    let config = QueueConfig::default();
-    let waiting = |queue: Queue, name: &'static str| async move {
-        queue
-            .stats()
-            .await
-            .unwrap()
-            .into_iter()
-            .find(|stats| stats.counts.queue == name)
-            .map_or(0, |stats| stats.counts.waiting)
-    };
-    runtime().block_on(async {
-        let Harness { queue, .. } = open(dir.path(), clock.clone(), &config);
-        for (name, catch_up) in [
-            ("one", CatchUp::One),
-            ("all", CatchUp::All),
-            ("none", CatchUp::None),
-        ] {
-            queue
-                .put_schedule(ScheduleSpec {
-                    name: name.to_owned(),
-                    queue: name.to_owned(),
-                    cron: "0 * * * * *".to_owned(),
-                    timezone: "UTC".to_owned(),
-                    job: None,
-                    payload: json!({"from": name}),
-                    catch_up,
-                })
-                .await
-                .unwrap();
-        }
-        let next = queue.fire_due_schedules().await.unwrap();
-        assert_eq!(next, Some(START + 30_000), "the next minute boundary");
-        clock.advance(Duration::from_secs(30));
-        queue.fire_due_schedules().await.unwrap();
-        queue.fire_due_schedules().await.unwrap();
-        for name in ["one", "all", "none"] {
-            assert_eq!(
-                waiting(queue.clone(), name).await,
-                1,
-                "{name}: one tick, one job"
-            );
-        }
-        drop(queue);
-
-        // Keel restarts on the same file; the tick that fired does not fire again.
-        let Harness { queue, .. } = open(dir.path(), clock.clone(), &config);
-        queue.fire_due_schedules().await.unwrap();
-        assert_eq!(waiting(queue.clone(), "one").await, 1);
-        drop(queue);
-
-        // Down across three ticks, then back.
-        clock.advance(Duration::from_secs(195));
-        let Harness { queue, .. } = open(dir.path(), clock.clone(), &config);
-        queue.fire_due_schedules().await.unwrap();
-        assert_eq!(
-            waiting(queue.clone(), "one").await,
-            2,
-            "one: once for all missed"
-        );
-        assert_eq!(
-            waiting(queue.clone(), "all").await,
-            4,
-            "all: each missed tick"
-        );
-        assert_eq!(
-            waiting(queue.clone(), "none").await,
-            1,
-            "none: missed ticks skipped"
-        );
-        let job = queue
-            .list("one", JobState::Waiting, None, 10)
-            .await
-            .unwrap()
-            .jobs
-            .remove(0);
-        assert_eq!(job.name, "one");
-        assert_eq!(job.payload, json!({"from": "one"}));
-    });
-}
 
 // --- over REST, against a real keel -------------------------------------------------
 
@@ -869,4 +420,154 @@ fn schedules_over_rest_enqueue_on_their_ticks() {
         request(addr, "DELETE", "/v1/schedules/tick", "").json()["code"],
         "schedule_not_found"
     );
+}
+
+// --- with queue.backend = "postgres" ------------------------------------------------
+
+/// `KEEL_TEST_POSTGRES_URL`, or `None` after saying the test is skipped (a failure under
+/// `KEEL_REQUIRE_EXTERNAL=1`).
+fn postgres_url() -> Option<String> {
+    match std::env::var("KEEL_TEST_POSTGRES_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            assert!(
+                std::env::var("KEEL_REQUIRE_EXTERNAL").as_deref() != Ok("1"),
+                "KEEL_TEST_POSTGRES_URL is required (KEEL_REQUIRE_EXTERNAL=1; scripts/test sets it)"
+            );
+            eprintln!("SKIPPED: KEEL_TEST_POSTGRES_URL is not set (scripts/test sets it)");
+            None
+        }
+    }
+}
+
+/// A schema of this test's own, dropped when the test ends (also after a failure).
+struct TestSchema {
+    url: String,
+    name: String,
+}
+
+impl TestSchema {
+    fn new(url: &str) -> TestSchema {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        TestSchema {
+            url: url.to_owned(),
+            name: format!(
+                "keel_it_{}_{:x}",
+                std::process::id(),
+                nanos & 0xffff_ffff_ffff
+            ),
+        }
+    }
+
+    fn queue_config(&self) -> String {
+        format!(
+            "[queue]\nbackend = \"postgres\"\nurl = {:?}\nschema = {:?}\npool_size = 4\n",
+            self.url, self.name
+        )
+    }
+}
+
+impl Drop for TestSchema {
+    fn drop(&mut self) {
+        let dropped = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(keel::queue::pg_store::PgQueueStore::drop_schema(
+                &self.url, &self.name,
+            ));
+        if !std::thread::panicking() {
+            dropped.expect("drop the test schema");
+        }
+    }
+}
+
+#[test]
+fn two_keels_share_one_postgres_queue_over_rest() {
+    let Some(url) = postgres_url() else { return };
+    let schema = TestSchema::new(&url);
+    let (dir_a, dir_b) = (scratch(), scratch());
+    let (_a, addr_a) = Keel::start(
+        dir_a.path(),
+        &(base_config(dir_a.path()) + &schema.queue_config()),
+    );
+    let (_b, addr_b) = Keel::start(
+        dir_b.path(),
+        &(base_config(dir_b.path()) + &schema.queue_config()),
+    );
+
+    // A long-poll reserve on node b gets node a's job: woken by LISTEN/NOTIFY if it
+    // parked first, or finding the job at once if not (the in-process suite proves the
+    // wake-up itself: `scaled_out::a_commit_on_one_node_wakes_a_reserve_parked_on_another`).
+    let parked = std::thread::spawn(move || {
+        let started = Instant::now();
+        let reply = post(
+            addr_b,
+            "/v1/queues/shared/reserve",
+            json!({"max": 1, "wait": "30s"}),
+        );
+        (reply, started.elapsed())
+    });
+    let enqueued = post(
+        addr_a,
+        "/v1/queues/shared/jobs",
+        json!({"name": "hello", "payload": {"n": 1}}),
+    );
+    assert_eq!(enqueued.status, 201, "{}", enqueued.body);
+    let id = enqueued.json()["id"].as_u64().unwrap();
+    let (reserved, waited) = parked.join().unwrap();
+    assert_eq!(reserved.status, 200, "{}", reserved.body);
+    let job = &reserved.json()["jobs"][0];
+    assert_eq!(job["id"].as_u64(), Some(id));
+    assert!(
+        waited < Duration::from_secs(20),
+        "woken, not timed out: {waited:?}"
+    );
+
+    // Acked on node b, visible as completed on node a.
+    let acked = post(
+        addr_b,
+        &format!("/v1/jobs/{id}/ack"),
+        json!({"lease_token": job["lease_token"], "result": {"ok": true}}),
+    );
+    assert_eq!(acked.status, 200, "{}", acked.body);
+    let done = get(addr_a, &format!("/v1/jobs/{id}")).json();
+    assert_eq!(done["state"], "completed");
+    assert_eq!(done["result"], json!({"ok": true}));
+    let stats = get(addr_a, "/v1/queues").json();
+    let shared = stats["queues"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|queue| queue["queue"] == "shared")
+        .cloned()
+        .unwrap_or_else(|| panic!("queue stats: {stats}"));
+    assert_eq!(shared["completed"], 1, "{shared}");
+}
+
+#[test]
+fn keel_stops_at_start_when_the_queue_postgres_is_unreachable() {
+    let dir = scratch();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = base_config(dir.path())
+        + &format!(
+            "[queue]\nbackend = \"postgres\"\nurl = \"postgres://keel@127.0.0.1:{port}/keel\"\n"
+        );
+    let started = Instant::now();
+    let mut keel = Keel::spawn(dir.path(), &config);
+    let status = keel
+        .wait_exit(DEADLINE)
+        .expect("keel exits instead of waiting");
+    assert_eq!(status.code(), Some(1));
+    assert!(started.elapsed() < Duration::from_secs(15));
+    let log = keel.log_text();
+    assert!(log.contains("queue.url"), "{log}");
+    assert!(!log.contains("keel ready"), "{log}");
 }
