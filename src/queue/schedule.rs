@@ -82,8 +82,13 @@ impl Timing {
 
     /// The first tick strictly after `after`.
     pub(super) fn next_after(&self, after: Millis) -> Option<Millis> {
+        // Cron ticks are whole seconds, but croner keeps the start's milliseconds in the
+        // occurrence it finds: from 10:00:03.500 it would answer 10:00:04.500. Searching
+        // strictly after the whole second below `after` gives the same tick on the
+        // second boundary.
+        let whole_second = after - after % 1000;
         let start = Utc
-            .timestamp_millis_opt(i64::try_from(after).ok()?)
+            .timestamp_millis_opt(i64::try_from(whole_second).ok()?)
             .single()?
             .with_timezone(&self.zone);
         let next = self.cron.find_next_occurrence(&start, false).ok()?;
@@ -304,6 +309,16 @@ mod tests {
         Utc.timestamp_millis_opt(ms as i64)
             .unwrap()
             .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    }
+
+    #[test]
+    fn ticks_fall_on_whole_seconds_whatever_the_start() {
+        let timing = Timing::parse("* * * * * *", "UTC").unwrap();
+        assert_eq!(timing.next_after(1_000_003_500), Some(1_000_004_000));
+        assert_eq!(timing.next_after(1_000_003_000), Some(1_000_004_000));
+        assert_eq!(timing.next_after(1_000_002_999), Some(1_000_003_000));
+        let every_five = Timing::parse("*/5 * * * * *", "UTC").unwrap();
+        assert_eq!(every_five.next_after(1_000_000_001), Some(1_000_005_000));
     }
 
     #[test]
