@@ -32,7 +32,9 @@ use crate::config::{
 use crate::gateway::{Gateway, GatewayMetrics};
 use crate::http::{self, ApiState, Services};
 use crate::listener::{HttpOptions, Listener, ListenerError, serve_http};
-use crate::observe::{BuildInfo, DependencyState, History, LogHandle, Metrics, Readiness};
+use crate::observe::{
+    BuildInfo, Dependency, DependencyState, History, LogHandle, Metrics, Readiness,
+};
 use crate::queue::{Clock, ProcessorRegistry, Queue, QueueMetrics, SystemClock, Wakeups};
 use crate::ratelimit::RateLimitMetrics;
 use crate::resp::{ParseLimits, RespContext, RespMetrics, serve_resp};
@@ -231,6 +233,10 @@ pub async fn run(config: Config, launch: Launch) -> Result<(), AppError> {
 
     let metrics = Arc::new(Metrics::new(build));
     let readiness = Readiness::new(&["storage"]);
+    // One `redis` dependency (breaker, metrics, `/readyz` entry) for every use of Redis.
+    let redis_dependency = (config.cache.l2.starts_with("redis://")
+        || config.ratelimit.shared.is_some())
+    .then(|| Dependency::new("redis", &metrics, &readiness));
     let (config_tx, config_rx) = watch::channel(Arc::new(config.clone()));
     let shutdown = CancellationToken::new();
 
@@ -289,9 +295,14 @@ pub async fn run(config: Config, launch: Launch) -> Result<(), AppError> {
 
     let opening = {
         let config = config.clone();
+        let redis_dependency = redis_dependency.clone();
         tokio::task::spawn_blocking(move || -> Result<_, AppError> {
             let storage = Storage::open(data_dir, &config)?;
-            let cache_store = backends::open_cache_store(&config, storage.data_dir.path())?;
+            let cache_store = backends::open_cache_store(
+                &config,
+                storage.data_dir.path(),
+                redis_dependency.as_ref(),
+            )?;
             Ok((storage, cache_store))
         })
     };

@@ -78,6 +78,14 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
+        // A 503 is a dependency that is down: circuit breakers probe about once a
+        // second, so that is when a retry may succeed.
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .entry(header::RETRY_AFTER)
+                .or_insert(HeaderValue::from_static("1"));
+        }
         response
     }
 }
@@ -107,6 +115,14 @@ impl From<crate::cache::CacheError> for ApiError {
                 "value_too_large",
                 error.to_string(),
             ),
+            CacheError::Unavailable(_) => {
+                tracing::warn!(%error, "cache write refused");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "cache_unavailable",
+                    error.to_string(),
+                )
+            }
             CacheError::Store(_) | CacheError::Closed => {
                 tracing::error!(%error, "cache unavailable");
                 ApiError::new(
