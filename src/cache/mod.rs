@@ -9,6 +9,8 @@
 //! This module knows nothing of HTTP or RESP: `http/cache.rs` and `resp/` translate.
 
 mod entry;
+#[cfg(test)]
+mod conformance;
 mod glob;
 mod l1;
 pub mod loader;
