@@ -36,7 +36,7 @@ use crate::observe::{
     BuildInfo, Dependency, DependencyState, History, LogHandle, Metrics, Readiness,
 };
 use crate::queue::{Clock, ProcessorRegistry, Queue, QueueMetrics, SystemClock, Wakeups};
-use crate::ratelimit::RateLimitMetrics;
+use crate::ratelimit::{RateLimitMetrics, SharedLimits};
 use crate::resp::{ParseLimits, RespContext, RespMetrics, serve_resp};
 use crate::sql::{
     MaintenanceProcessor, QueryLoader, Settings as SqliteSettings, Sql, SqlMetrics, SqliteBackend,
@@ -269,7 +269,19 @@ pub async fn run(config: Config, launch: Launch) -> Result<(), AppError> {
         inspect_framing: false,
     };
     let services = Arc::new(OnceLock::new());
-    let limit_metrics = RateLimitMetrics::new(metrics.registry());
+    let mut limit_metrics = RateLimitMetrics::new(metrics.registry());
+    if let (Some(url), Some(dependency)) = (&config.ratelimit.shared, &redis_dependency) {
+        let shared = SharedLimits::new(
+            url.expose(),
+            &config.ratelimit.redis_prefix,
+            dependency.clone(),
+            metrics.registry(),
+        )
+        .map_err(|error| AppError::Runtime(format!("ratelimit.shared: {error}")))?;
+        tokio::spawn(shared.redis().clone().probe(shutdown.clone()));
+        tracing::info!(url = %url.redacted(), "rate limits shared through Redis");
+        limit_metrics = limit_metrics.with_shared(Arc::new(shared));
+    }
     let auth =
         Authenticator::from_config(&config, data_dir.path(), metrics.registry(), &limit_metrics)
             .map_err(|error| AppError::Runtime(format!("authentication: {error}")))?;

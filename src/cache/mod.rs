@@ -10,7 +10,7 @@
 
 mod entry;
 #[cfg(test)]
-mod conformance;
+pub(crate) mod conformance;
 mod glob;
 mod l1;
 pub mod loader;
