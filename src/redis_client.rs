@@ -37,7 +37,10 @@ fn is_outage(error: &redis::RedisError) -> bool {
         || error.is_timeout()
         || error.is_connection_dropped()
         || error.is_connection_refusal()
-        || matches!(error.kind(), redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading))
+        || matches!(
+            error.kind(),
+            redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading)
+        )
 }
 
 impl RedisClient {
@@ -131,7 +134,11 @@ impl RedisClient {
             // again through `connection` would be refused, so go to the manager.
             let outcome = match self.manager().await {
                 Ok(mut connection) => self
-                    .record(redis::cmd("PING").query_async::<String>(&mut connection).await)
+                    .record(
+                        redis::cmd("PING")
+                            .query_async::<String>(&mut connection)
+                            .await,
+                    )
                     .map(drop),
                 Err(error) => Err(error),
             };

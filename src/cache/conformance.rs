@@ -23,6 +23,8 @@ use crate::redis_client::RedisClient;
 /// The Redis URL for external-store tests, or `None` (after saying so) when they
 /// should be skipped. `KEEL_REQUIRE_EXTERNAL=1` turns a missing URL into a failure,
 /// so CI cannot pass by skipping.
+// A skipped test must say so where `cargo test` shows it: on stderr.
+#[allow(clippy::print_stderr)]
 pub(crate) fn redis_url() -> Option<String> {
     match std::env::var("KEEL_TEST_REDIS_URL") {
         Ok(url) if !url.is_empty() => Some(url),
@@ -30,7 +32,9 @@ pub(crate) fn redis_url() -> Option<String> {
             panic!("KEEL_REQUIRE_EXTERNAL=1 but KEEL_TEST_REDIS_URL is not set")
         }
         _ => {
-            eprintln!("skipped: set KEEL_TEST_REDIS_URL (e.g. redis://127.0.0.1:6379/0) to run against Redis");
+            eprintln!(
+                "skipped: set KEEL_TEST_REDIS_URL (e.g. redis://127.0.0.1:6379/0) to run against Redis"
+            );
             None
         }
     }
@@ -39,8 +43,7 @@ pub(crate) fn redis_url() -> Option<String> {
 /// A prefix no other run uses.
 pub(crate) fn unique_prefix() -> String {
     let mut bytes = [0u8; 8];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
-        .expect("random");
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).expect("random");
     format!("keeltest:{:016x}:", u64::from_le_bytes(bytes))
 }
 
@@ -112,23 +115,43 @@ async fn suite(store: &dyn CacheStore) {
     // Patterns: prefix, exact, limit, and keys with glob specials matched literally.
     let now = now_ms();
     assert_eq!(
-        sorted(store.keys_matching(&Pattern::new(b"user:*"), now, 100).await.unwrap()),
+        sorted(
+            store
+                .keys_matching(&Pattern::new(b"user:*"), now, 100)
+                .await
+                .unwrap()
+        ),
         keys(&[b"user:1", b"user:3"])
     );
     assert_eq!(
-        store.keys_matching(&Pattern::new(b"user:1"), now, 100).await.unwrap(),
+        store
+            .keys_matching(&Pattern::new(b"user:1"), now, 100)
+            .await
+            .unwrap(),
         keys(&[b"user:1"])
     );
     assert_eq!(
-        store.keys_matching(&Pattern::new(b"user:*"), now, 1).await.unwrap().len(),
+        store
+            .keys_matching(&Pattern::new(b"user:*"), now, 1)
+            .await
+            .unwrap()
+            .len(),
         1
     );
     assert_eq!(
-        store.keys_matching(&Pattern::new(br"x\[1\]\*"), now, 100).await.unwrap(),
+        store
+            .keys_matching(&Pattern::new(br"x\[1\]\*"), now, 100)
+            .await
+            .unwrap(),
         keys(&[b"x[1]*"])
     );
     assert_eq!(
-        sorted(store.keys_matching(&Pattern::new(b"x[1]1*"), now, 100).await.unwrap()),
+        sorted(
+            store
+                .keys_matching(&Pattern::new(b"x[1]1*"), now, 100)
+                .await
+                .unwrap()
+        ),
         keys(&[b"x11*"])
     );
 
@@ -144,7 +167,10 @@ async fn suite(store: &dyn CacheStore) {
     // one (the caller checks), and after the sweep protocol (`expired`, then delete)
     // it is gone.
     store
-        .apply(vec![put(b"user:old", entry("old", Some(now_ms() - 1000), &[]))], false)
+        .apply(
+            vec![put(b"user:old", entry("old", Some(now_ms() - 1000), &[]))],
+            false,
+        )
         .await
         .unwrap();
     assert!(
@@ -191,22 +217,42 @@ async fn suite(store: &dyn CacheStore) {
     assert_eq!(store.get(b"user:1").await.unwrap(), None);
     assert!(store.get(b"user:4").await.unwrap().is_some());
     assert_eq!(
-        sorted(store.delete_tagged(&["t2".to_owned(), "t3".to_owned()]).await.unwrap()),
+        sorted(
+            store
+                .delete_tagged(&["t2".to_owned(), "t3".to_owned()])
+                .await
+                .unwrap()
+        ),
         keys(&[b"user:3", b"user:4"])
     );
-    assert_eq!(store.delete_tagged(&["t2".to_owned()]).await.unwrap(), Vec::<Bytes>::new());
+    assert_eq!(
+        store.delete_tagged(&["t2".to_owned()]).await.unwrap(),
+        Vec::<Bytes>::new()
+    );
 
     // Pattern deletes, literal specials included.
     assert_eq!(
-        store.delete_matching(&Pattern::new(br"x\[1\]*")).await.unwrap(),
+        store
+            .delete_matching(&Pattern::new(br"x\[1\]*"))
+            .await
+            .unwrap(),
         keys(&[b"x[1]*"])
     );
-    assert_eq!(store.get(b"x11*").await.unwrap().unwrap().value, Bytes::from_static(b"plain"));
+    assert_eq!(
+        store.get(b"x11*").await.unwrap().unwrap().value,
+        Bytes::from_static(b"plain")
+    );
     assert_eq!(
         store.delete_matching(&Pattern::new(b"x11*")).await.unwrap(),
         keys(&[b"x11*"])
     );
-    assert_eq!(store.delete_matching(&Pattern::new(b"nothing:*")).await.unwrap(), Vec::<Bytes>::new());
+    assert_eq!(
+        store
+            .delete_matching(&Pattern::new(b"nothing:*"))
+            .await
+            .unwrap(),
+        Vec::<Bytes>::new()
+    );
 
     // A thousand keys, past one SCAN page: all counted, scanned and deleted.
     let many: Vec<StoreOp> = (0..1500)
@@ -217,7 +263,14 @@ async fn suite(store: &dyn CacheStore) {
     let (page, more) = store.scan(Some(b"many:00999"), 3).await.unwrap();
     assert_eq!(page, keys(&[b"many:01000", b"many:01001", b"many:01002"]));
     assert!(more);
-    assert_eq!(store.delete_matching(&Pattern::new(b"many:*")).await.unwrap().len(), 1500);
+    assert_eq!(
+        store
+            .delete_matching(&Pattern::new(b"many:*"))
+            .await
+            .unwrap()
+            .len(),
+        1500
+    );
 
     store.clear().await.unwrap();
     assert_eq!(store.key_count().await.unwrap(), 0);
@@ -280,9 +333,24 @@ async fn invalidations_reach_the_other_nodes_l1() {
     for (key, tags) in [(&b"k:1"[..], &["t"][..]), (b"k:2", &[]), (b"p:1", &[])] {
         a.set(key, entry("one", None, tags)).await.unwrap();
     }
-    assert!(eventually(Duration::from_secs(5), async || value(&b, b"k:1").await.is_some()).await);
-    assert!(eventually(Duration::from_secs(5), async || value(&b, b"k:2").await.is_some()).await);
-    assert!(eventually(Duration::from_secs(5), async || value(&b, b"p:1").await.is_some()).await);
+    assert!(
+        eventually(Duration::from_secs(5), async || value(&b, b"k:1")
+            .await
+            .is_some())
+        .await
+    );
+    assert!(
+        eventually(Duration::from_secs(5), async || value(&b, b"k:2")
+            .await
+            .is_some())
+        .await
+    );
+    assert!(
+        eventually(Duration::from_secs(5), async || value(&b, b"p:1")
+            .await
+            .is_some())
+        .await
+    );
 
     // B holds "one" in L1 now; A overwrites: B's L1 copy is evicted and it reads "two".
     a.set(b"k:2", entry("two", None, &[])).await.unwrap();
@@ -292,12 +360,31 @@ async fn invalidations_reach_the_other_nodes_l1() {
         .await
     );
 
-    a.invalidate(super::Target::Tags(vec!["t".to_owned()])).await.unwrap();
-    assert!(eventually(Duration::from_millis(500), async || value(&b, b"k:1").await.is_none()).await);
-    a.invalidate(super::Target::Pattern(Pattern::new(b"p:*"))).await.unwrap();
-    assert!(eventually(Duration::from_millis(500), async || value(&b, b"p:1").await.is_none()).await);
+    a.invalidate(super::Target::Tags(vec!["t".to_owned()]))
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_millis(500), async || value(&b, b"k:1")
+            .await
+            .is_none())
+        .await
+    );
+    a.invalidate(super::Target::Pattern(Pattern::new(b"p:*")))
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_millis(500), async || value(&b, b"p:1")
+            .await
+            .is_none())
+        .await
+    );
     a.delete(b"k:2").await.unwrap();
-    assert!(eventually(Duration::from_secs(1), async || value(&b, b"k:2").await.is_none()).await);
+    assert!(
+        eventually(Duration::from_secs(1), async || value(&b, b"k:2")
+            .await
+            .is_none())
+        .await
+    );
 
     a.clear().await.unwrap();
     a.close().await;

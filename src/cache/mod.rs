@@ -8,9 +8,9 @@
 //!
 //! This module knows nothing of HTTP or RESP: `http/cache.rs` and `resp/` translate.
 
-mod entry;
 #[cfg(test)]
 pub(crate) mod conformance;
+mod entry;
 mod glob;
 mod l1;
 pub mod loader;
@@ -241,7 +241,10 @@ impl Cache {
             queued_ops: AtomicI64::new(0),
             controls_queued: AtomicI64::new(0),
         });
-        if let Some(remote) = store.as_ref().and_then(|store| store.remote_invalidations()) {
+        if let Some(remote) = store
+            .as_ref()
+            .and_then(|store| store.remote_invalidations())
+        {
             tokio::spawn(apply_remote_invalidations(shared.clone(), remote));
         }
         let l1_max_age_ms = store

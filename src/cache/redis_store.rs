@@ -245,10 +245,11 @@ impl RedisCacheStore {
         let mut lost = false;
         loop {
             let subscribed = async {
-                let mut pubsub = tokio::time::timeout(Duration::from_secs(1), client.get_async_pubsub())
-                    .await
-                    .map_err(|_| "timed out connecting".to_owned())?
-                    .map_err(|error| error.to_string())?;
+                let mut pubsub =
+                    tokio::time::timeout(Duration::from_secs(1), client.get_async_pubsub())
+                        .await
+                        .map_err(|_| "timed out connecting".to_owned())?
+                        .map_err(|error| error.to_string())?;
                 pubsub
                     .subscribe(&channel)
                     .await
@@ -325,7 +326,10 @@ fn decode(payload: &[u8], node: u64) -> Option<RemoteInvalidation> {
     let body = &payload[9..];
     match *payload.get(8)? {
         KIND_KEYS => Some(RemoteInvalidation::Keys(
-            split(body)?.into_iter().map(Bytes::copy_from_slice).collect(),
+            split(body)?
+                .into_iter()
+                .map(Bytes::copy_from_slice)
+                .collect(),
         )),
         KIND_PATTERN => Some(RemoteInvalidation::Pattern(Pattern::new(body))),
         KIND_TAGS => Some(RemoteInvalidation::Tags(
@@ -506,11 +510,8 @@ impl CacheStore for RedisCacheStore {
             .redis
             .record(invocation.invoke_async(&mut connection).await)
             .map_err(fail)?;
-        self.publish(
-            KIND_TAGS,
-            &join(tags.iter().map(|tag| tag.as_bytes())),
-        )
-        .await?;
+        self.publish(KIND_TAGS, &join(tags.iter().map(|tag| tag.as_bytes())))
+            .await?;
         Ok(removed.into_iter().map(Bytes::from).collect())
     }
 
@@ -589,7 +590,10 @@ mod tests {
     #[test]
     fn globs_escape_every_special() {
         assert_eq!(escape_glob(b"keel:c:"), b"keel:c:".to_vec());
-        assert_eq!(escape_glob(br"a*b?c[d]e\f^g-h"), br"a\*b\?c\[d\]e\\f\^g\-h".to_vec());
+        assert_eq!(
+            escape_glob(br"a*b?c[d]e\f^g-h"),
+            br"a\*b\?c\[d\]e\\f\^g\-h".to_vec()
+        );
         // What an escaped prefix matches: itself only (checked with our matcher, which
         // follows Redis's rules).
         let prefix = br"we[i]rd*:";

@@ -276,7 +276,8 @@ impl Default for LifecycleConfig {
 #[serde(default)]
 pub struct CacheConfig {
     pub l1_max_bytes: ByteSize,
-    /// `none`, `redb` or a `redis://` URL.
+    /// `none`, `redb` or a `redis://` URL (shown with its password blanked).
+    #[serde(serialize_with = "serialize_redacted")]
     pub l2: String,
     /// Memory redb may use for its page cache of `cache.redb`.
     pub l2_page_cache_bytes: ByteSize,
@@ -698,6 +699,16 @@ impl Default for RateLimitConfig {
             shared: None,
             redis_prefix: "keel:ratelimit:".to_owned(),
         }
+    }
+}
+
+/// Serializes a plain string that may be a URL with credentials as `Secret` does.
+/// Words without `://` (`redb`, `none`) are shown as they are.
+fn serialize_redacted<S: serde::Serializer>(value: &str, serializer: S) -> Result<S::Ok, S::Error> {
+    if value.contains("://") {
+        serializer.serialize_str(&Secret(value.to_owned()).redacted())
+    } else {
+        serializer.serialize_str(value)
     }
 }
 

@@ -43,17 +43,18 @@ pub(super) fn check(config: &Config) -> Problems {
     if let Some(shared) = &config.ratelimit.shared
         && !is_redis_url(shared.expose())
     {
-        problem(
-            "ratelimit.shared",
-            "must be a redis:// URL".to_owned(),
-        );
+        problem("ratelimit.shared", "must be a redis:// URL".to_owned());
     } else if let Some(shared) = &config.ratelimit.shared
         && let Some(error) = redis_url_problem(shared.expose())
     {
         problem("ratelimit.shared", error);
     }
     if config.ratelimit.redis_prefix.is_empty()
-        || config.ratelimit.redis_prefix.chars().any(char::is_whitespace)
+        || config
+            .ratelimit
+            .redis_prefix
+            .chars()
+            .any(char::is_whitespace)
     {
         problem(
             "ratelimit.redis_prefix",
@@ -159,7 +160,10 @@ fn check_cache(config: &Config, problem: &mut impl FnMut(&str, String)) {
     if cache.redis_prefix.is_empty() || cache.redis_prefix.chars().any(char::is_whitespace) {
         problem(
             "cache.redis_prefix",
-            format!("{:?} must be non-empty and without spaces", cache.redis_prefix),
+            format!(
+                "{:?} must be non-empty and without spaces",
+                cache.redis_prefix
+            ),
         );
     }
     if cache.l1_max_age.0.is_zero() {

@@ -128,8 +128,8 @@ impl Dependency {
         let mut breaker = self.breaker();
         breaker.consecutive_failures += 1;
         breaker.last_error = error.to_string();
-        let opens = breaker.open_until.is_none()
-            && breaker.consecutive_failures >= FAILURES_TO_OPEN;
+        let opens =
+            breaker.open_until.is_none() && breaker.consecutive_failures >= FAILURES_TO_OPEN;
         if opens || breaker.probing {
             breaker.open_until = Some(Instant::now() + COOL_DOWN);
             breaker.probing = false;

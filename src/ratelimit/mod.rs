@@ -305,7 +305,10 @@ impl<C: Clock> Limiter<C> {
             self.metrics.rejected_banned.inc();
             return self.banned(left);
         }
-        match shared.check(&self.name, &key, self.interval, self.limit).await {
+        match shared
+            .check(&self.name, &key, self.interval, self.limit)
+            .await
+        {
             Ok((true, tat)) => self.decision_at(Outcome::Allowed, tat, 0),
             Ok((false, tat)) => {
                 self.metrics.rejected_limit.inc();

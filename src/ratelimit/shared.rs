@@ -139,9 +139,12 @@ mod tests {
             count: 20,
             per: Duration::from_secs(3600),
         };
-        let limiter =
-            Limiter::new("shared_test", &LimiterConfig::new(KeyKind::Global, rate), &context)
-                .unwrap();
+        let limiter = Limiter::new(
+            "shared_test",
+            &LimiterConfig::new(KeyKind::Global, rate),
+            &context,
+        )
+        .unwrap();
         (limiter, shared)
     }
 
@@ -164,7 +167,11 @@ mod tests {
         assert_eq!(admitted, 20);
         let refused = b.check_shared(Key::GLOBAL).await;
         assert!(!refused.is_allowed());
-        assert!(refused.retry_after.is_some_and(|wait| wait > Duration::from_secs(60)));
+        assert!(
+            refused
+                .retry_after
+                .is_some_and(|wait| wait > Duration::from_secs(60))
+        );
         assert_eq!(shared.fallbacks.get(), 0);
         let _: i64 = shared
             .redis

@@ -114,7 +114,11 @@ fn two_nodes_share_the_l2_and_invalidate_each_others_l1() {
 
     // A SET through RESP on A is readable on B.
     let mut on_a = resp(a.resp_addr());
-    let () = redis::cmd("SET").arg("k:1").arg("one").query(&mut on_a).unwrap();
+    let () = redis::cmd("SET")
+        .arg("k:1")
+        .arg("one")
+        .query(&mut on_a)
+        .unwrap();
     eventually(DEADLINE, "B reads A's SET", || {
         value(api_b, "k:1").as_deref() == Some("one")
     });
@@ -134,7 +138,9 @@ fn two_nodes_share_the_l2_and_invalidate_each_others_l1() {
         let invalidated = request(api_a, "POST", "/v1/cache/invalidate", body);
         assert_eq!(invalidated.status, 200, "{}", invalidated.body);
         assert_eq!(invalidated.json()["invalidated"], 1, "{body}");
-        eventually(Duration::from_millis(100), body, || value(api_b, key).is_none());
+        eventually(Duration::from_millis(100), body, || {
+            value(api_b, key).is_none()
+        });
     }
     assert_eq!(value(api_b, "k:1").as_deref(), Some("one"));
 }
@@ -197,8 +203,13 @@ fn redis_outage_keeps_l1_reads_refuses_writes_and_recovers() {
     let proxy = Proxy::start(target);
     let dir = scratch();
     let via_proxy = format!("redis://{}{db}", proxy.addr);
-    let (keel, api) = Keel::start(dir.path(), &node_config(dir.path(), &via_proxy, &prefix, ""));
-    eventually(DEADLINE, "ready with Redis", || get(api, "/readyz").status == 200);
+    let (keel, api) = Keel::start(
+        dir.path(),
+        &node_config(dir.path(), &via_proxy, &prefix, ""),
+    );
+    eventually(DEADLINE, "ready with Redis", || {
+        get(api, "/readyz").status == 200
+    });
     assert_eq!(request(api, "PUT", "/v1/cache/warm", "hot").status, 204);
     assert_eq!(value(api, "warm").as_deref(), Some("hot"));
 
@@ -224,7 +235,10 @@ fn redis_outage_keeps_l1_reads_refuses_writes_and_recovers() {
         .unwrap_err();
     assert!(error.to_string().contains("cache unavailable"), "{error}");
     let metrics = get(api, "/metrics").body;
-    assert!(metrics.contains("keel_dependency_up{dependency=\"redis\"} 0"), "{metrics}");
+    assert!(
+        metrics.contains("keel_dependency_up{dependency=\"redis\"} 0"),
+        "{metrics}"
+    );
     assert!(metrics.contains("keel_dependency_errors_total{dependency=\"redis\"}"));
     assert_eq!(value(api, "warm").as_deref(), Some("hot"));
 
@@ -236,7 +250,10 @@ fn redis_outage_keeps_l1_reads_refuses_writes_and_recovers() {
     let metrics = get(api, "/metrics").body;
     assert!(metrics.contains("keel_dependency_up{dependency=\"redis\"} 1"));
     eventually(DEADLINE, "the write reached Redis", || {
-        let mut redis = redis::Client::open(url.as_str()).unwrap().get_connection().unwrap();
+        let mut redis = redis::Client::open(url.as_str())
+            .unwrap()
+            .get_connection()
+            .unwrap();
         let stored: Option<Vec<u8>> = redis::cmd("GET")
             .arg(format!("{prefix}c:other"))
             .query(&mut redis)
@@ -267,9 +284,7 @@ fn a_shared_rate_limit_holds_across_two_nodes() {
         upstream.addr
     );
     let (dir_a, dir_b) = (scratch(), scratch());
-    let config = |dir: &std::path::Path| {
-        crate::support::base_config(dir) + &extra
-    };
+    let config = |dir: &std::path::Path| crate::support::base_config(dir) + &extra;
     let (a, _) = Keel::start(dir_a.path(), &config(dir_a.path()));
     let (b, _) = Keel::start(dir_b.path(), &config(dir_b.path()));
     let gateways = [a.gateway_addr(), b.gateway_addr()];
@@ -307,7 +322,10 @@ fn a_shared_rate_limit_holds_across_two_nodes() {
     }
     let admitted = admitted.load(Ordering::SeqCst) as f64;
     let expected = 40.0 + 40.0 * elapsed;
-    assert!(statuses.contains(&429), "the limit was reached: {statuses:?}");
+    assert!(
+        statuses.contains(&429),
+        "the limit was reached: {statuses:?}"
+    );
     assert!(
         (admitted - expected).abs() <= expected * 0.1,
         "admitted {admitted}, expected {expected:.0} ± 10 %"
