@@ -378,9 +378,10 @@ impl CacheStore for RedisCacheStore {
     }
 
     fn available(&self) -> Result<(), StoreError> {
+        // `check`, not `allow`: asking must not use up the breaker's one probe.
         self.redis
             .dependency()
-            .allow()
+            .check()
             .map_err(|error| StoreError(error.to_string()))
     }
 

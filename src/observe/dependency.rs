@@ -20,6 +20,8 @@ use super::{DependencyState, Metrics, Readiness};
 const FAILURES_TO_OPEN: u32 = 3;
 /// How long an open breaker refuses before letting one probe through.
 const COOL_DOWN: Duration = Duration::from_secs(1);
+/// A probe that has not reported after this long is taken as lost, and another goes.
+const PROBE_LOST: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{dependency} is unavailable (circuit open after repeated failures: {last_error})")]
@@ -45,8 +47,9 @@ struct Breaker {
     consecutive_failures: u32,
     /// Set while open: when the next probe may go.
     open_until: Option<Instant>,
-    /// A probe is out; everyone else is refused until it reports.
-    probing: bool,
+    /// When the probe that is out was let through; everyone else is refused until it
+    /// reports, or until `PROBE_LOST` says it never will (a caller dropped mid-call).
+    probing: Option<Instant>,
     last_error: String,
 }
 
@@ -66,7 +69,7 @@ impl Dependency {
                 breaker: Mutex::new(Breaker {
                     consecutive_failures: 0,
                     open_until: None,
-                    probing: false,
+                    probing: None,
                     last_error: String::new(),
                 }),
             }),
@@ -92,14 +95,33 @@ impl Dependency {
         let Some(until) = breaker.open_until else {
             return Ok(());
         };
-        if !breaker.probing && Instant::now() >= until {
-            breaker.probing = true;
+        let now = Instant::now();
+        let probe_out = breaker
+            .probing
+            .is_some_and(|since| now.duration_since(since) < PROBE_LOST);
+        if !probe_out && now >= until {
+            breaker.probing = Some(now);
             return Ok(());
         }
         Err(Unavailable {
             dependency: self.inner.name,
             last_error: breaker.last_error.clone(),
         })
+    }
+
+    /// Like [`Dependency::allow`] but without taking the probe: for callers that only
+    /// want to know whether to accept work that will reach the dependency later.
+    pub fn check(&self) -> Result<(), Unavailable> {
+        let breaker = self.breaker();
+        match breaker.open_until {
+            Some(until) if Instant::now() < until || breaker.probing.is_some() => {
+                Err(Unavailable {
+                    dependency: self.inner.name,
+                    last_error: breaker.last_error.clone(),
+                })
+            }
+            _ => Ok(()),
+        }
     }
 
     /// True while the breaker is closed (the last calls succeeded).
@@ -112,7 +134,7 @@ impl Dependency {
         let was_down = breaker.open_until.is_some() || self.inner.up.get() == 0;
         breaker.consecutive_failures = 0;
         breaker.open_until = None;
-        breaker.probing = false;
+        breaker.probing = None;
         drop(breaker);
         if was_down {
             self.inner.up.set(1);
@@ -130,9 +152,9 @@ impl Dependency {
         breaker.last_error = error.to_string();
         let opens =
             breaker.open_until.is_none() && breaker.consecutive_failures >= FAILURES_TO_OPEN;
-        if opens || breaker.probing {
+        if opens || breaker.probing.is_some() {
             breaker.open_until = Some(Instant::now() + COOL_DOWN);
-            breaker.probing = false;
+            breaker.probing = None;
         }
         let detail = breaker.last_error.clone();
         drop(breaker);
@@ -149,5 +171,49 @@ impl Dependency {
                 COOL_DOWN
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::observe::BuildInfo;
+
+    #[test]
+    fn the_breaker_opens_lets_one_probe_through_and_closes_on_success() {
+        let metrics = Metrics::new(BuildInfo::CURRENT);
+        let readiness = Readiness::default();
+        let redis = Dependency::new("redis", &metrics, &readiness);
+        assert!(!readiness.is_ready(), "starting until the first success");
+        redis.success();
+        assert!(readiness.is_ready());
+        for _ in 0..FAILURES_TO_OPEN {
+            assert!(redis.allow().is_ok());
+            redis.failure(&"connection refused");
+        }
+        assert!(redis.allow().is_err(), "open: refused without a call");
+        assert!(redis.check().is_err());
+        assert!(!readiness.is_ready());
+        assert!(
+            matches!(&readiness.snapshot()["redis"], DependencyState::Failed(detail) if detail.contains("connection refused"))
+        );
+        // After the cool-down exactly one probe goes, and `check` never takes it.
+        redis.breaker().open_until = Some(Instant::now());
+        assert!(redis.check().is_ok());
+        assert!(redis.allow().is_ok());
+        assert!(redis.allow().is_err(), "one probe at a time");
+        assert!(redis.check().is_err());
+        redis.failure(&"still refused");
+        assert!(
+            redis.allow().is_err(),
+            "a failed probe starts another cool-down"
+        );
+        redis.breaker().open_until = Some(Instant::now());
+        assert!(redis.allow().is_ok());
+        redis.success();
+        assert!(redis.allow().is_ok() && redis.check().is_ok());
+        assert!(readiness.is_ready());
+        let (up, errors) = metrics.dependency("redis");
+        assert_eq!((up.get(), errors.get()), (1, 4));
     }
 }
