@@ -303,17 +303,27 @@ async fn eventually(within: Duration, mut check: impl AsyncFnMut() -> bool) -> b
     check().await
 }
 
-fn cache_on(store: RedisCacheStore) -> Cache {
-    let registry = prometheus::Registry::new();
-    Cache::new(
+/// A cache on `store`, once its subscription is up (subscribing clears L1, since
+/// messages may have been missed: a test must not mistake that clear for a message).
+async fn cache_on(store: RedisCacheStore) -> Cache {
+    let metrics = CacheMetrics::new(&prometheus::Registry::new());
+    let cache = Cache::new(
         8 << 20,
         Some(Arc::new(store)),
         Limits {
             max_key_bytes: 1024,
             max_value_bytes: 1 << 20,
         },
-        CacheMetrics::new(&registry),
-    )
+        metrics.clone(),
+    );
+    assert!(
+        eventually(Duration::from_secs(5), async || {
+            metrics.remote_invalidations.get() >= 1
+        })
+        .await,
+        "subscribed"
+    );
+    cache
 }
 
 /// Two caches on one Redis prefix: what one writes the other reads, and what one
@@ -323,8 +333,8 @@ async fn invalidations_reach_the_other_nodes_l1() {
     let Some(url) = redis_url() else { return };
     let prefix = unique_prefix();
     // A long max age, so only the messages can explain an eviction.
-    let a = cache_on(redis_store(&url, &prefix, Duration::from_secs(600)));
-    let b = cache_on(redis_store(&url, &prefix, Duration::from_secs(600)));
+    let a = cache_on(redis_store(&url, &prefix, Duration::from_secs(600))).await;
+    let b = cache_on(redis_store(&url, &prefix, Duration::from_secs(600))).await;
     let value = |cache: &Cache, key: &'static [u8]| {
         let cache = cache.clone();
         async move { cache.get(key).await.unwrap().map(|entry| entry.value) }
@@ -389,4 +399,47 @@ async fn invalidations_reach_the_other_nodes_l1() {
     a.clear().await.unwrap();
     a.close().await;
     b.close().await;
+}
+
+/// A lost invalidation message cannot leave a stale L1 entry for longer than the max
+/// age: another node's write that this cache never hears of (written to Redis here
+/// without a message) is read once the entry is older than `l1_max_age`.
+#[tokio::test]
+async fn l1_max_age_bounds_staleness_when_a_message_is_lost() {
+    let Some(url) = redis_url() else { return };
+    let prefix = unique_prefix();
+    let cache = cache_on(redis_store(&url, &prefix, Duration::from_millis(200))).await;
+    cache.set(b"k", entry("old", None, &[])).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), async || {
+            cache.key_count().await.unwrap() == 1
+        })
+        .await
+    );
+    let mut redis = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let () = redis::cmd("SET")
+        .arg(format!("{prefix}c:k"))
+        .arg(entry("new", None, &[]).encode())
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let written = std::time::Instant::now();
+    assert_eq!(
+        cache.get(b"k").await.unwrap().unwrap().value,
+        Bytes::from_static(b"old"),
+        "served from L1 while young"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), async || {
+            cache.get(b"k").await.unwrap().unwrap().value == Bytes::from_static(b"new")
+        })
+        .await
+    );
+    assert!(written.elapsed() < Duration::from_secs(2));
+    cache.clear().await.unwrap();
+    cache.close().await;
 }

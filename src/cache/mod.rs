@@ -770,6 +770,9 @@ async fn apply_remote_invalidations(
                     shared.l1.remove(&key);
                 }
             }
+            // Without stripe locks (a pattern may match any key): a miss that read the
+            // old value from L2 just before the delete can still put it in L1; the
+            // max age bounds how long it is served.
             RemoteInvalidation::Pattern(pattern) => {
                 shared.l1.retain(|key, _| !pattern.matches(key));
             }

@@ -86,7 +86,9 @@ pub trait CacheStore: Send + Sync + 'static {
     ) -> Result<Vec<Bytes>, StoreError>;
 
     /// Deletes every key matching `pattern` in one atomic step and returns them. A
-    /// literal prefix must bound the scan, as for `keys_matching`.
+    /// literal prefix must bound the scan, as for `keys_matching`. (A shared store
+    /// cannot lock out other nodes for a whole scan: Redis deletes page by page, and a
+    /// key another node writes meanwhile may survive; see `redis_store.rs`.)
     async fn delete_matching(&self, pattern: &Pattern) -> Result<Vec<Bytes>, StoreError>;
 
     /// Deletes every key carrying any of `tags` in one atomic step and returns them,

@@ -111,6 +111,15 @@ fn two_nodes_share_the_l2_and_invalidate_each_others_l1() {
     let (dir_a, dir_b) = (scratch(), scratch());
     let (a, api_a) = Keel::start(dir_a.path(), &node_config(dir_a.path(), &url, &prefix, ""));
     let (_b, api_b) = Keel::start(dir_b.path(), &node_config(dir_b.path(), &url, &prefix, ""));
+    // Subscribing clears L1 (messages may have been missed); wait for it on both, so
+    // that clear cannot pass for an invalidation message below.
+    for api in [api_a, api_b] {
+        eventually(DEADLINE, "subscribed", || {
+            get(api, "/metrics").body.lines().any(|line| {
+                line.starts_with("keel_cache_remote_invalidations_total ") && !line.ends_with(" 0")
+            })
+        });
+    }
 
     // A SET through RESP on A is readable on B.
     let mut on_a = resp(a.resp_addr());
