@@ -236,7 +236,7 @@ pub async fn run(config: Config, launch: Launch) -> Result<(), AppError> {
     // One `redis` dependency (breaker, metrics, `/readyz` entry) for every use of Redis.
     let redis_dependency = (config.cache.l2.starts_with("redis://")
         || config.ratelimit.shared.is_some())
-    .then(|| Dependency::new("redis", &metrics, &readiness));
+    .then(|| Dependency::new("redis", true, &metrics, &readiness));
     let (config_tx, config_rx) = watch::channel(Arc::new(config.clone()));
     let shutdown = CancellationToken::new();
 

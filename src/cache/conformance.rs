@@ -47,9 +47,29 @@ pub(crate) fn unique_prefix() -> String {
     format!("keeltest:{:016x}:", u64::from_le_bytes(bytes))
 }
 
+/// Removes every key under the prefix, and only those, however the test ends (a
+/// failed assertion included).
+pub(crate) struct Cleanup(pub(crate) String, pub(crate) String);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let Ok(mut redis) = redis::Client::open(self.0.as_str()).and_then(|c| c.get_connection())
+        else {
+            return;
+        };
+        let keys: Vec<Vec<u8>> = redis::cmd("KEYS")
+            .arg(format!("{}*", self.1))
+            .query(&mut redis)
+            .unwrap_or_default();
+        for key in keys {
+            let _: redis::RedisResult<i64> = redis::cmd("UNLINK").arg(key).query(&mut redis);
+        }
+    }
+}
+
 pub(crate) fn redis_store(url: &str, prefix: &str, l1_max_age: Duration) -> RedisCacheStore {
     let metrics = Metrics::new(BuildInfo::CURRENT);
-    let dependency = Dependency::new("redis", &metrics, &Readiness::default());
+    let dependency = Dependency::new("redis", true, &metrics, &Readiness::default());
     let client = RedisClient::new(url, dependency).expect("a valid Redis URL");
     RedisCacheStore::new(Arc::new(client), prefix, l1_max_age)
 }
@@ -287,7 +307,9 @@ async fn redb_store_conforms() {
 #[tokio::test]
 async fn redis_store_conforms() {
     let Some(url) = redis_url() else { return };
-    let store = redis_store(&url, &unique_prefix(), Duration::from_secs(5));
+    let prefix = unique_prefix();
+    let _cleanup = Cleanup(url.clone(), prefix.clone());
+    let store = redis_store(&url, &prefix, Duration::from_secs(5));
     suite(&store).await;
 }
 
@@ -332,6 +354,7 @@ async fn cache_on(store: RedisCacheStore) -> Cache {
 async fn invalidations_reach_the_other_nodes_l1() {
     let Some(url) = redis_url() else { return };
     let prefix = unique_prefix();
+    let _cleanup = Cleanup(url.clone(), prefix.clone());
     // A long max age, so only the messages can explain an eviction.
     let a = cache_on(redis_store(&url, &prefix, Duration::from_secs(600))).await;
     let b = cache_on(redis_store(&url, &prefix, Duration::from_secs(600))).await;
@@ -408,6 +431,7 @@ async fn invalidations_reach_the_other_nodes_l1() {
 async fn l1_max_age_bounds_staleness_when_a_message_is_lost() {
     let Some(url) = redis_url() else { return };
     let prefix = unique_prefix();
+    let _cleanup = Cleanup(url.clone(), prefix.clone());
     let cache = cache_on(redis_store(&url, &prefix, Duration::from_millis(200))).await;
     cache.set(b"k", entry("old", None, &[])).await.unwrap();
     assert!(

@@ -37,6 +37,9 @@ pub struct Dependency {
 
 struct Inner {
     name: &'static str,
+    /// Whether keel can serve without it: then an outage marks it degraded in
+    /// `/readyz` (still 200) instead of failed (503).
+    optional: bool,
     up: IntGauge,
     errors: IntCounter,
     readiness: Readiness,
@@ -55,14 +58,23 @@ struct Breaker {
 
 impl Dependency {
     /// Registers the dependency as starting in `readiness`: `/readyz` is 503 until the
-    /// first successful call.
-    pub fn new(name: &'static str, metrics: &Metrics, readiness: &Readiness) -> Dependency {
+    /// first call succeeds or the breaker first opens. `optional`: keel serves without
+    /// it (Redis: L1, local limits), so an outage is `degraded` and `/readyz` stays 200
+    /// (a load balancer must not take every node out because Redis went away); else
+    /// `failed`, and 503.
+    pub fn new(
+        name: &'static str,
+        optional: bool,
+        metrics: &Metrics,
+        readiness: &Readiness,
+    ) -> Dependency {
         readiness.set(name, DependencyState::Starting);
         let (up, errors) = metrics.dependency(name);
         up.set(0);
         Dependency {
             inner: Arc::new(Inner {
                 name,
+                optional,
                 up,
                 errors,
                 readiness: readiness.clone(),
@@ -160,9 +172,14 @@ impl Dependency {
         drop(breaker);
         if opens {
             self.inner.up.set(0);
+            let state = format!("unreachable: {detail}");
             self.inner.readiness.set(
                 self.inner.name,
-                DependencyState::Failed(format!("unreachable: {detail}")),
+                if self.inner.optional {
+                    DependencyState::Degraded(state)
+                } else {
+                    DependencyState::Failed(state)
+                },
             );
             tracing::warn!(
                 dependency = self.inner.name,
@@ -183,7 +200,7 @@ mod tests {
     fn the_breaker_opens_lets_one_probe_through_and_closes_on_success() {
         let metrics = Metrics::new(BuildInfo::CURRENT);
         let readiness = Readiness::default();
-        let redis = Dependency::new("redis", &metrics, &readiness);
+        let redis = Dependency::new("redis", false, &metrics, &readiness);
         assert!(!readiness.is_ready(), "starting until the first success");
         redis.success();
         assert!(readiness.is_ready());
@@ -215,5 +232,25 @@ mod tests {
         assert!(readiness.is_ready());
         let (up, errors) = metrics.dependency("redis");
         assert_eq!((up.get(), errors.get()), (1, 4));
+    }
+
+    #[test]
+    fn an_optional_dependency_down_is_degraded_and_still_ready() {
+        let metrics = Metrics::new(BuildInfo::CURRENT);
+        let readiness = Readiness::default();
+        let redis = Dependency::new("redis", true, &metrics, &readiness);
+        assert!(!readiness.is_ready());
+        for _ in 0..FAILURES_TO_OPEN {
+            redis.failure(&"connection refused");
+        }
+        assert!(readiness.is_ready() && readiness.is_degraded());
+        assert!(matches!(
+            &readiness.snapshot()["redis"],
+            DependencyState::Degraded(_)
+        ));
+        redis.breaker().open_until = Some(Instant::now());
+        assert!(redis.allow().is_ok());
+        redis.success();
+        assert!(readiness.is_ready() && !readiness.is_degraded());
     }
 }

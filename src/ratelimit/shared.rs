@@ -123,14 +123,14 @@ impl SharedLimits {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::conformance::{redis_url, unique_prefix};
+    use crate::cache::conformance::{Cleanup, redis_url, unique_prefix};
     use crate::config::Rate;
     use crate::observe::{BuildInfo, Metrics, Readiness};
     use crate::ratelimit::{KeyKind, Limiter, LimiterConfig, RateLimitMetrics};
 
     fn node(url: &str, prefix: &str) -> (Limiter, Arc<SharedLimits>) {
         let metrics = Metrics::new(BuildInfo::CURRENT);
-        let dependency = Dependency::new("redis", &metrics, &Readiness::default());
+        let dependency = Dependency::new("redis", true, &metrics, &Readiness::default());
         let shared =
             Arc::new(SharedLimits::new(url, prefix, dependency, metrics.registry()).unwrap());
         let context = RateLimitMetrics::new(metrics.registry()).with_shared(shared.clone());
@@ -153,6 +153,7 @@ mod tests {
     async fn two_nodes_share_one_limit() {
         let Some(url) = redis_url() else { return };
         let prefix = unique_prefix();
+        let _cleanup = Cleanup(url.clone(), prefix.clone());
         let (a, _) = node(&url, &prefix);
         let (b, shared) = node(&url, &prefix);
         let mut admitted = 0;
