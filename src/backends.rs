@@ -5,9 +5,10 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::cache::{CacheStore, RedbCacheStore};
+use crate::cache::{CacheStore, RedbCacheStore, RedisCacheStore};
 use crate::config::{Config, QueueBackend};
 use crate::queue::pg_store::{PgQueueStore, PgSettings};
+use crate::observe::Dependency;
 use crate::queue::redb_store::RedbQueueStore;
 use crate::queue::{Clock, QueueMetrics, QueueStore, RetentionPolicies, Wakeups};
 use crate::storage::Storage;
@@ -26,10 +27,13 @@ pub enum BackendError {
     },
 }
 
-/// The cache's L2: none, redb in the data directory, or Redis.
+/// The cache's L2: none, redb in the data directory, or Redis (`redis`, the
+/// dependency its calls report to, is required then). Redis is not contacted here:
+/// keel starts, and serves L1, while it is away.
 pub fn open_cache_store(
     config: &Config,
     data_dir: &Path,
+    redis: Option<&Dependency>,
 ) -> Result<Option<Arc<dyn CacheStore>>, BackendError> {
     match config.cache.l2.as_str() {
         "none" => Ok(None),
@@ -39,10 +43,22 @@ pub fn open_cache_store(
                 .map_err(|error| BackendError::CacheStore(error.to_string()))?;
             Ok(Some(Arc::new(store)))
         }
+        url if url.starts_with("redis://") => {
+            let dependency = redis.ok_or_else(|| {
+                BackendError::CacheStore("a Redis L2 needs the redis dependency".to_owned())
+            })?;
+            let client = crate::redis_client::RedisClient::new(url, dependency.clone())
+                .map_err(|error| BackendError::CacheStore(error.to_string()))?;
+            Ok(Some(Arc::new(RedisCacheStore::new(
+                Arc::new(client),
+                &config.cache.redis_prefix,
+                config.cache.l1_max_age.0,
+            ))))
+        }
         other => Err(BackendError::Unsupported {
             key: "cache.l2",
             value: other.to_owned(),
-            instead: "\"redb\" or \"none\"",
+            instead: "\"redb\", \"none\" or a redis:// URL",
         }),
     }
 }

@@ -31,6 +31,7 @@ pub mod listener;
 pub mod observe;
 pub mod queue;
 pub mod ratelimit;
+pub mod redis_client;
 pub mod resp;
 pub mod sql;
 pub mod storage;

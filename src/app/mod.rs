@@ -32,9 +32,11 @@ use crate::config::{
 use crate::gateway::{Gateway, GatewayMetrics};
 use crate::http::{self, ApiState, Services};
 use crate::listener::{HttpOptions, Listener, ListenerError, serve_http};
-use crate::observe::{BuildInfo, DependencyState, History, LogHandle, Metrics, Readiness};
+use crate::observe::{
+    BuildInfo, Dependency, DependencyState, History, LogHandle, Metrics, Readiness,
+};
 use crate::queue::{Clock, ProcessorRegistry, Queue, QueueMetrics, SystemClock, Wakeups};
-use crate::ratelimit::RateLimitMetrics;
+use crate::ratelimit::{RateLimitMetrics, SharedLimits};
 use crate::resp::{ParseLimits, RespContext, RespMetrics, serve_resp};
 use crate::sql::{
     MaintenanceProcessor, QueryLoader, Settings as SqliteSettings, Sql, SqlMetrics, SqliteBackend,
@@ -232,6 +234,10 @@ pub async fn run(config: Config, launch: Launch) -> Result<(), AppError> {
 
     let metrics = Arc::new(Metrics::new(build));
     let readiness = Readiness::new(&["storage"]);
+    // One `redis` dependency (breaker, metrics, `/readyz` entry) for every use of Redis.
+    let redis_dependency = (config.cache.l2.starts_with("redis://")
+        || config.ratelimit.shared.is_some())
+    .then(|| Dependency::new("redis", true, &metrics, &readiness));
     let (config_tx, config_rx) = watch::channel(Arc::new(config.clone()));
     let shutdown = CancellationToken::new();
 
@@ -264,7 +270,19 @@ pub async fn run(config: Config, launch: Launch) -> Result<(), AppError> {
         inspect_framing: false,
     };
     let services = Arc::new(OnceLock::new());
-    let limit_metrics = RateLimitMetrics::new(metrics.registry());
+    let mut limit_metrics = RateLimitMetrics::new(metrics.registry());
+    if let (Some(url), Some(dependency)) = (&config.ratelimit.shared, &redis_dependency) {
+        let shared = SharedLimits::new(
+            url.expose(),
+            &config.ratelimit.redis_prefix,
+            dependency.clone(),
+            metrics.registry(),
+        )
+        .map_err(|error| AppError::Runtime(format!("ratelimit.shared: {error}")))?;
+        tokio::spawn(shared.redis().clone().probe(shutdown.clone()));
+        tracing::info!(url = %url.redacted(), "rate limits shared through Redis");
+        limit_metrics = limit_metrics.with_shared(Arc::new(shared));
+    }
     let auth =
         Authenticator::from_config(&config, data_dir.path(), metrics.registry(), &limit_metrics)
             .map_err(|error| AppError::Runtime(format!("authentication: {error}")))?;
@@ -290,9 +308,14 @@ pub async fn run(config: Config, launch: Launch) -> Result<(), AppError> {
 
     let opening = {
         let config = config.clone();
+        let redis_dependency = redis_dependency.clone();
         tokio::task::spawn_blocking(move || -> Result<_, AppError> {
             let storage = Storage::open(data_dir, &config)?;
-            let cache_store = backends::open_cache_store(&config, storage.data_dir.path())?;
+            let cache_store = backends::open_cache_store(
+                &config,
+                storage.data_dir.path(),
+                redis_dependency.as_ref(),
+            )?;
             Ok((storage, cache_store))
         })
     };

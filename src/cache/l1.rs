@@ -24,6 +24,9 @@ pub(super) const ENTRY_OVERHEAD: u64 = 240;
 pub(super) struct Stored {
     pub(super) entry: Entry,
     pub(super) seq: u64,
+    /// When this node last read or wrote it through L2 (Unix ms): with a shared L2,
+    /// an entry older than the store's `l1_max_age` is looked up again.
+    pub(super) cached_at: u64,
 }
 
 #[derive(Clone, Copy)]

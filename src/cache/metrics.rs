@@ -20,6 +20,8 @@ pub struct CacheMetrics {
     pub l2_errors: IntCounter,
     /// L2 commits that reached the disk (fsync); the ones between are only ordered.
     pub l2_durable_commits: IntCounter,
+    /// Invalidations other nodes published (shared L2) that this node applied to L1.
+    pub remote_invalidations: IntCounter,
     /// The per-layer children, resolved once: label lookups cost more than the read.
     pub l1_hits: IntCounter,
     pub l1_misses: IntCounter,
@@ -97,6 +99,11 @@ impl CacheMetrics {
                 "L2 commits flushed to disk; cache writes older than the last one survive a power cut.",
             )
             .expect("valid metric"),
+            remote_invalidations: IntCounter::new(
+                "keel_cache_remote_invalidations_total",
+                "Invalidations received from other nodes over the shared L2 and applied to L1.",
+            )
+            .expect("valid metric"),
         };
         for collector in [
             Box::new(metrics.hits.clone()) as Box<dyn prometheus::core::Collector>,
@@ -111,6 +118,7 @@ impl CacheMetrics {
             Box::new(metrics.l2_queue_ops.clone()),
             Box::new(metrics.l2_errors.clone()),
             Box::new(metrics.l2_durable_commits.clone()),
+            Box::new(metrics.remote_invalidations.clone()),
         ] {
             // Only tests build two caches on one registry; the first one keeps its series.
             let _ = registry.register(collector);

@@ -8,12 +8,15 @@
 //!
 //! This module knows nothing of HTTP or RESP: `http/cache.rs` and `resp/` translate.
 
+#[cfg(test)]
+pub(crate) mod conformance;
 mod entry;
 mod glob;
 mod l1;
 pub mod loader;
 mod metrics;
 mod redb_store;
+mod redis_store;
 mod store;
 pub mod warm;
 mod writer;
@@ -32,7 +35,8 @@ pub use entry::{Entry, expires_in, now_ms};
 pub use glob::Pattern;
 pub use metrics::CacheMetrics;
 pub use redb_store::RedbCacheStore;
-pub use store::{CacheStore, StoreError, StoreOp};
+pub use redis_store::RedisCacheStore;
+pub use store::{CacheStore, RemoteInvalidation, StoreError, StoreOp};
 
 use l1::{L1, Stored};
 use writer::{Message, Writer};
@@ -61,6 +65,10 @@ pub enum CacheError {
     TooManyTags,
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The shared L2 is known to be unreachable: writes and invalidations are refused
+    /// rather than kept on this node only (reads still answer from L1).
+    #[error("cache unavailable: {0}")]
+    Unavailable(StoreError),
     #[error("the cache is shutting down")]
     Closed,
 }
@@ -199,6 +207,8 @@ struct Inner {
     /// Orders writes: L1 entries remember theirs so invalidation spares newer writes.
     seq: AtomicU64,
     l1_capacity: u64,
+    /// From a shared store: how long an L1 entry is served before L2 is asked again.
+    l1_max_age_ms: Option<u64>,
 }
 
 /// The cache handle: cheap to clone, shared by the REST and RESP front ends.
@@ -231,6 +241,16 @@ impl Cache {
             queued_ops: AtomicI64::new(0),
             controls_queued: AtomicI64::new(0),
         });
+        if let Some(remote) = store
+            .as_ref()
+            .and_then(|store| store.remote_invalidations())
+        {
+            tokio::spawn(apply_remote_invalidations(shared.clone(), remote));
+        }
+        let l1_max_age_ms = store
+            .as_ref()
+            .and_then(|store| store.l1_max_age())
+            .map(|age| age.as_millis() as u64);
         let writer = store.as_ref().map(|store| {
             let (sender, inbox) = mpsc::unbounded_channel();
             tokio::spawn(
@@ -252,6 +272,7 @@ impl Cache {
                 limits,
                 seq: AtomicU64::new(1),
                 l1_capacity: l1_max_bytes,
+                l1_max_age_ms,
             }),
         }
     }
@@ -264,6 +285,10 @@ impl Cache {
     /// before any write.
     pub async fn trust_l1_if_l2_is_empty(&self) -> Result<(), CacheError> {
         if let Some(store) = &self.inner.store {
+            if store.is_shared() {
+                // Other nodes write it: L1 never holds every key.
+                return Ok(());
+            }
             let empty = store.key_count().await? == 0;
             self.inner
                 .shared
@@ -308,13 +333,19 @@ impl Cache {
         Ok(())
     }
 
-    /// Reads a key: L1, then pending writes, then L2 (promoting what it finds).
+    /// Reads a key: L1, then pending writes, then L2 (promoting what it finds). With a
+    /// shared L2, an L1 entry older than its max age is looked up again, and served
+    /// anyway if L2 cannot answer.
     pub async fn get(&self, key: &[u8]) -> Result<Option<Entry>, CacheError> {
         self.check_key(key)?;
         let shared = &self.inner.shared;
         let now = now_ms();
+        let mut aged = None;
         if let Some(stored) = shared.l1.get(key) {
-            return Ok(self.live_l1(key, stored, now));
+            if !self.too_old(&stored, now) {
+                return Ok(self.live_l1(key, stored, now));
+            }
+            aged = Some(stored);
         }
         shared.metrics.l1_misses.inc();
         let Some(store) = &self.inner.store else {
@@ -325,13 +356,25 @@ impl Cache {
         }
         let _guard = shared.stripe(key).lock().await;
         // Another reader may have promoted it, or a writer written it, while we waited.
-        if let Some(stored) = shared.l1.peek(key) {
+        if let Some(stored) = shared.l1.peek(key)
+            && !self.too_old(&stored, now)
+        {
             return Ok(Some(stored.entry).filter(|entry| !entry.is_expired(now)));
         }
         if let Some(pending) = shared.pending.get(key) {
             return Ok(pending.filter(|entry| !entry.is_expired(now)));
         }
-        match store.get(key).await? {
+        let found = match store.get(key).await {
+            Ok(found) => found,
+            Err(error) => {
+                return match aged {
+                    // L1 keeps serving while L2 is away.
+                    Some(stored) => Ok(Some(stored.entry).filter(|entry| !entry.is_expired(now))),
+                    None => Err(error.into()),
+                };
+            }
+        };
+        match found {
             Some(entry) if !entry.is_expired(now) => {
                 shared.metrics.l2_hits.inc();
                 shared.l1.insert(
@@ -339,14 +382,33 @@ impl Cache {
                     Stored {
                         entry: entry.clone(),
                         seq: 0,
+                        cached_at: now,
                     },
                 );
                 Ok(Some(entry))
             }
             _ => {
                 shared.metrics.l2_misses.inc();
+                if let Some(aged) = aged {
+                    shared.l1.remove_if(key, |current| current.seq == aged.seq);
+                }
                 Ok(None)
             }
+        }
+    }
+
+    /// Whether an L1 entry is past the shared store's max age.
+    fn too_old(&self, stored: &Stored, now: u64) -> bool {
+        self.inner
+            .l1_max_age_ms
+            .is_some_and(|max_age| now.saturating_sub(stored.cached_at) > max_age)
+    }
+
+    /// Refuses a write or invalidation while a shared L2 is known to be unreachable.
+    fn check_available(&self) -> Result<(), CacheError> {
+        match &self.inner.store {
+            Some(store) => store.available().map_err(CacheError::Unavailable),
+            None => Ok(()),
         }
     }
 
@@ -368,6 +430,7 @@ impl Cache {
     pub async fn set(&self, key: &[u8], entry: Entry) -> Result<(), CacheError> {
         self.check_key(key)?;
         self.check_value(&entry)?;
+        self.check_available()?;
         let budget = self.reserve(key.len() + entry.value.len()).await?;
         let _guard = self.inner.shared.stripe(key).lock().await;
         self.write(key, Some(entry), budget);
@@ -389,11 +452,13 @@ impl Cache {
             Mutation::Keep(result) => Ok(result),
             Mutation::Put(entry, result) => {
                 self.check_value(&entry)?;
+                self.check_available()?;
                 self.write(key, Some(entry), budget);
                 Ok(result)
             }
             Mutation::Delete(result) => {
                 if current.is_some() {
+                    self.check_available()?;
                     self.write(key, None, budget);
                 }
                 Ok(result)
@@ -411,7 +476,9 @@ impl Cache {
     async fn current_locked(&self, key: &[u8]) -> Result<Option<Entry>, CacheError> {
         let shared = &self.inner.shared;
         let now = now_ms();
-        if let Some(stored) = shared.l1.peek(key) {
+        if let Some(stored) = shared.l1.peek(key)
+            && !self.too_old(&stored, now)
+        {
             return Ok(Some(stored.entry).filter(|entry| !entry.is_expired(now)));
         }
         let Some(store) = &self.inner.store else {
@@ -453,6 +520,7 @@ impl Cache {
                 let stored = Stored {
                     entry: entry.clone(),
                     seq,
+                    cached_at: now_ms(),
                 };
                 shared
                     .l1
@@ -500,6 +568,7 @@ impl Cache {
     /// layers. Writes made after the call started survive.
     pub async fn invalidate(&self, target: Target) -> Result<usize, CacheError> {
         let started = Instant::now();
+        self.check_available()?;
         let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed);
         let removed = match &self.inner.writer {
             Some(writer) => {
@@ -606,6 +675,7 @@ impl Cache {
 
     /// Removes everything from both layers (FLUSHALL).
     pub async fn clear(&self) -> Result<(), CacheError> {
+        self.check_available()?;
         match &self.inner.writer {
             Some(writer) => {
                 let (reply, answer) = oneshot::channel();
@@ -682,5 +752,37 @@ impl Cache {
             None => None,
         };
         CacheStats { l1, l2 }
+    }
+}
+
+/// Evicts from L1 what other nodes changed in the shared L2, until the store goes
+/// away. Key evictions take the key's stripe lock, so a concurrent miss cannot put
+/// back a value it read from L2 before the change.
+async fn apply_remote_invalidations(
+    shared: Arc<Shared>,
+    mut remote: mpsc::UnboundedReceiver<RemoteInvalidation>,
+) {
+    while let Some(invalidation) = remote.recv().await {
+        match invalidation {
+            RemoteInvalidation::Keys(keys) => {
+                for key in keys {
+                    let _guard = shared.stripe(&key).lock().await;
+                    shared.l1.remove(&key);
+                }
+            }
+            // Without stripe locks (a pattern may match any key): a miss that read the
+            // old value from L2 just before the delete can still put it in L1; the
+            // max age bounds how long it is served.
+            RemoteInvalidation::Pattern(pattern) => {
+                shared.l1.retain(|key, _| !pattern.matches(key));
+            }
+            RemoteInvalidation::Tags(tags) => {
+                shared
+                    .l1
+                    .retain(|_, stored| !stored.entry.tags().iter().any(|tag| tags.contains(tag)));
+            }
+            RemoteInvalidation::All => shared.l1.clear(),
+        }
+        shared.metrics.remote_invalidations.inc();
     }
 }

@@ -1,6 +1,11 @@
 //! The L2 seam: what a persistent cache layer must do. The embedded implementation
 //! (`RedbCacheStore`) comes first; Redis fits the same trait when scaled out.
 //!
+//! A store shared between nodes (Redis) also says so (`is_shared`), bounds how long L1
+//! may trust an entry (`l1_max_age`), refuses writes while it is unreachable
+//! (`available`), and hands the cache the invalidations other nodes publish
+//! (`remote_invalidations`).
+//!
 //! Only the cache's writer task calls the mutating methods, one batch at a time, so an
 //! implementation needs no write coordination of its own. Reads come from any task.
 
@@ -14,6 +19,17 @@ use super::glob::Pattern;
 #[error("cache store: {0}")]
 pub struct StoreError(pub String);
 
+/// What another node changed in a shared L2, so this node's L1 must forget it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RemoteInvalidation {
+    Keys(Vec<Bytes>),
+    Pattern(Pattern),
+    Tags(Vec<String>),
+    /// Everything: a clear on another node, or this node's subscription was down and
+    /// messages may have been missed.
+    All,
+}
+
 /// One change, applied in order within a batch.
 #[derive(Debug, Clone)]
 pub enum StoreOp {
@@ -25,6 +41,32 @@ pub enum StoreOp {
 pub trait CacheStore: Send + Sync + 'static {
     /// A short name for logs and `/readyz` (`redb`, `redis`).
     fn kind(&self) -> &'static str;
+
+    /// True when other nodes write the same L2, so L1 can never be trusted to hold
+    /// every key.
+    fn is_shared(&self) -> bool {
+        false
+    }
+
+    /// How long an L1 entry may be served without looking at L2 again: the staleness
+    /// bound when an invalidation message from another node is lost. `None`: forever.
+    fn l1_max_age(&self) -> Option<std::time::Duration> {
+        None
+    }
+
+    /// `Err` while the store is known to be unreachable (its circuit is open): the
+    /// cache then refuses writes and invalidations instead of accepting what it cannot
+    /// share.
+    fn available(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// The stream of other nodes' invalidations, once (the cache takes it at start).
+    fn remote_invalidations(
+        &self,
+    ) -> Option<tokio::sync::mpsc::UnboundedReceiver<RemoteInvalidation>> {
+        None
+    }
 
     async fn get(&self, key: &[u8]) -> Result<Option<Entry>, StoreError>;
 
@@ -44,7 +86,9 @@ pub trait CacheStore: Send + Sync + 'static {
     ) -> Result<Vec<Bytes>, StoreError>;
 
     /// Deletes every key matching `pattern` in one atomic step and returns them. A
-    /// literal prefix must bound the scan, as for `keys_matching`.
+    /// literal prefix must bound the scan, as for `keys_matching`. (A shared store
+    /// cannot lock out other nodes for a whole scan: Redis deletes page by page, and a
+    /// key another node writes meanwhile may survive; see `redis_store.rs`.)
     async fn delete_matching(&self, pattern: &Pattern) -> Result<Vec<Bytes>, StoreError>;
 
     /// Deletes every key carrying any of `tags` in one atomic step and returns them,

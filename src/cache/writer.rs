@@ -30,6 +30,10 @@ pub(super) const DURABLE_EVERY: Duration = Duration::from_secs(1);
 /// writes), and in a B-tree with copy-on-write pages a few large commits cost far less
 /// than many small ones: each commit copies every page it touches.
 const BATCH_WINDOW: Duration = Duration::from_millis(100);
+/// The window with a shared L2 (Redis): other nodes see a write, and drop their L1 copy
+/// of the key, only once it is committed, so it waits one poll at most. Redis has no
+/// copy-on-write pages to amortise; pipelining a batch is what it needs.
+const SHARED_BATCH_WINDOW: Duration = POLL;
 const EARLY_COMMIT: i64 = 8 * 1024;
 const POLL: Duration = Duration::from_millis(5);
 /// Ops per transaction at most: bounds a commit's size and the time between commits.
@@ -140,7 +144,12 @@ impl Writer {
             .all(|message| matches!(message, Message::Write { .. }))
             && messages.len() < MAX_BATCH
         {
-            let deadline = tokio::time::Instant::now() + BATCH_WINDOW;
+            let window = if self.store.is_shared() {
+                SHARED_BATCH_WINDOW
+            } else {
+                BATCH_WINDOW
+            };
+            let deadline = tokio::time::Instant::now() + window;
             while tokio::time::Instant::now() < deadline
                 && self.shared.queued() < EARLY_COMMIT
                 && self

@@ -579,6 +579,25 @@ mod tests {
     }
 
     #[test]
+    fn a_redis_l2_is_shown_without_its_password() {
+        let config = parse_str(
+            Path::new("keel.toml"),
+            "[cache]\nl2 = \"redis://:hunter2@cache.internal:6379/0\"\n",
+        )
+        .unwrap();
+        let shown = config.to_redacted_toml();
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(
+            shown.contains("redis://<redacted>@cache.internal:6379/0"),
+            "{shown}"
+        );
+        let plain = parse_str(Path::new("keel.toml"), "")
+            .unwrap()
+            .to_redacted_toml();
+        assert!(plain.contains("l2 = \"redb\""), "{plain}");
+    }
+
+    #[test]
     fn empty_file_is_the_defaults() {
         let config = parse_str(Path::new("keel.toml"), "").unwrap();
         assert_eq!(config.listeners.api.bind.0.unwrap().port(), 3100);

@@ -276,10 +276,17 @@ impl Default for LifecycleConfig {
 #[serde(default)]
 pub struct CacheConfig {
     pub l1_max_bytes: ByteSize,
-    /// `none`, `redb` or a `redis://` URL.
+    /// `none`, `redb` or a `redis://` URL (shown with its password blanked).
+    #[serde(serialize_with = "serialize_redacted")]
     pub l2: String,
     /// Memory redb may use for its page cache of `cache.redb`.
     pub l2_page_cache_bytes: ByteSize,
+    /// With a Redis L2: the prefix of every key keel stores there, and of its
+    /// invalidation channel. Nodes that share a cache use the same prefix.
+    pub redis_prefix: String,
+    /// With a shared (Redis) L2: how long an L1 entry is served before L2 is read
+    /// again; bounds staleness when an invalidation message is lost.
+    pub l1_max_age: Span,
     pub max_key_bytes: ByteSize,
     pub max_value_bytes: ByteSize,
     pub namespaces: BTreeMap<String, NamespaceConfig>,
@@ -291,6 +298,8 @@ impl Default for CacheConfig {
             l1_max_bytes: ByteSize(256 << 20),
             l2: "redb".to_owned(),
             l2_page_cache_bytes: ByteSize(64 << 20),
+            redis_prefix: "keel:cache:".to_owned(),
+            l1_max_age: Span(Duration::from_secs(5)),
             max_key_bytes: ByteSize(64 << 10),
             max_value_bytes: ByteSize(64 << 20),
             namespaces: BTreeMap::new(),
@@ -701,11 +710,33 @@ pub struct NamedQueryConfig {
     pub cache_ttl: Option<Span>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct RateLimitConfig {
     /// `redis://...` to share limits between nodes.
     pub shared: Option<Secret>,
+    /// The prefix of the shared limits' keys in Redis; nodes enforcing one limit use
+    /// the same prefix.
+    pub redis_prefix: String,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        RateLimitConfig {
+            shared: None,
+            redis_prefix: "keel:ratelimit:".to_owned(),
+        }
+    }
+}
+
+/// Serializes a plain string that may be a URL with credentials as `Secret` does.
+/// Words without `://` (`redb`, `none`) are shown as they are.
+fn serialize_redacted<S: serde::Serializer>(value: &str, serializer: S) -> Result<S::Ok, S::Error> {
+    if value.contains("://") {
+        serializer.serialize_str(&Secret(value.to_owned()).redacted())
+    } else {
+        serializer.serialize_str(value)
+    }
 }
 
 /// A string that may carry a password: printed with the credentials blanked.

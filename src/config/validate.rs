@@ -43,9 +43,25 @@ pub(super) fn check(config: &Config) -> Problems {
     if let Some(shared) = &config.ratelimit.shared
         && !is_redis_url(shared.expose())
     {
+        problem("ratelimit.shared", "must be a redis:// URL".to_owned());
+    } else if let Some(shared) = &config.ratelimit.shared
+        && let Some(error) = redis_url_problem(shared.expose())
+    {
+        problem("ratelimit.shared", error);
+    }
+    if config.ratelimit.redis_prefix.is_empty()
+        || config
+            .ratelimit
+            .redis_prefix
+            .chars()
+            .any(char::is_whitespace)
+    {
         problem(
-            "ratelimit.shared",
-            "must be a redis:// or rediss:// URL".to_owned(),
+            "ratelimit.redis_prefix",
+            format!(
+                "{:?} must be non-empty and without spaces",
+                config.ratelimit.redis_prefix
+            ),
         );
     }
     problems
@@ -137,6 +153,23 @@ fn check_cache(config: &Config, problem: &mut impl FnMut(&str, String)) {
                 "{:?} is not a cache layer; use \"none\", \"redb\" or a redis:// URL",
                 cache.l2
             ),
+        );
+    } else if let Some(error) = redis_url_problem(&cache.l2) {
+        problem("cache.l2", error);
+    }
+    if cache.redis_prefix.is_empty() || cache.redis_prefix.chars().any(char::is_whitespace) {
+        problem(
+            "cache.redis_prefix",
+            format!(
+                "{:?} must be non-empty and without spaces",
+                cache.redis_prefix
+            ),
+        );
+    }
+    if cache.l1_max_age.0.is_zero() {
+        problem(
+            "cache.l1_max_age",
+            "must be above 0 (with a shared L2, L1 entries are re-read after it)".to_owned(),
         );
     }
     if cache.max_key_bytes.0 == 0 || cache.max_value_bytes.0 == 0 {
@@ -552,6 +585,20 @@ fn is_redis_url(url: &str) -> bool {
     url.strip_prefix("redis://")
         .or_else(|| url.strip_prefix("rediss://"))
         .is_some_and(|rest| !rest.is_empty())
+}
+
+/// Why the Redis client would refuse a redis:// URL (a bad port, `rediss://` in a
+/// build without TLS for Redis); `None` for anything else.
+fn redis_url_problem(url: &str) -> Option<String> {
+    if !is_redis_url(url) {
+        return None;
+    }
+    if url.starts_with("rediss://") {
+        return Some("rediss:// (TLS) is not supported by this keel; use redis://".to_owned());
+    }
+    redis::Client::open(url)
+        .err()
+        .map(|error| format!("not a usable Redis URL: {error}"))
 }
 
 fn is_postgres_url(url: &str) -> bool {

@@ -395,10 +395,12 @@ async fn proxy(
             .rate_limit
             .as_ref()
             .is_some_and(|limit| limit.count == crate::config::RateLimitCount::Failures);
+        // Login mode counts on this node only: its peek/record pair is not one atomic
+        // step that a shared script could take.
         let decision = if failures_only {
             limiter.peek(key)
         } else {
-            limiter.check(key)
+            limiter.check_shared(key).await
         };
         if !decision.is_allowed() {
             metrics.rejected.with_label_values(&["rate_limited"]).inc();

@@ -87,7 +87,12 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
-        if let Some(seconds) = self.retry_after {
+        // A 503 is a dependency that is down: circuit breakers probe about once a
+        // second, so that is when a retry may succeed, unless the error says otherwise.
+        let retry_after = self
+            .retry_after
+            .or((self.status == StatusCode::SERVICE_UNAVAILABLE).then_some(1));
+        if let Some(seconds) = retry_after {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
@@ -121,6 +126,14 @@ impl From<crate::cache::CacheError> for ApiError {
                 "value_too_large",
                 error.to_string(),
             ),
+            CacheError::Unavailable(_) => {
+                tracing::warn!(%error, "cache write refused");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "cache_unavailable",
+                    error.to_string(),
+                )
+            }
             CacheError::Store(_) | CacheError::Closed => {
                 tracing::error!(%error, "cache unavailable");
                 ApiError::new(

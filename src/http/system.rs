@@ -133,8 +133,9 @@ async fn healthz() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok" }))
 }
 
-/// Ready: every dependency is open. 503 with the same body shape until then, so a load
-/// balancer and an operator read the same answer.
+/// Ready: every dependency is open, or down but one keel can serve without (degraded,
+/// named in the body). 503 with the same body shape otherwise, so a load balancer and
+/// an operator read the same answer.
 async fn readyz(State(state): State<ApiState>) -> Response {
     let ready = state.readiness.is_ready();
     let status = if ready {
@@ -142,7 +143,11 @@ async fn readyz(State(state): State<ApiState>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let body = json!({ "ready": ready, "dependencies": state.readiness.snapshot() });
+    let body = json!({
+        "ready": ready,
+        "degraded": state.readiness.is_degraded(),
+        "dependencies": state.readiness.snapshot(),
+    });
     (status, Json(body)).into_response()
 }
 

@@ -33,6 +33,8 @@ pub struct Metrics {
     uptime: Gauge,
     http_requests: IntCounterVec,
     http_duration: HistogramVec,
+    dependency_up: IntGaugeVec,
+    dependency_errors: IntCounterVec,
 }
 
 impl Metrics {
@@ -70,8 +72,28 @@ impl Metrics {
             &["route", "status"],
         )
         .expect("valid metric");
+        // Shared by every external dependency (`redis`, `postgres`), so one dashboard
+        // panel and one alert cover them all.
+        let dependency_up = IntGaugeVec::new(
+            Opts::new(
+                "keel_dependency_up",
+                "1 while the external dependency answers (circuit closed), else 0.",
+            ),
+            &["dependency"],
+        )
+        .expect("valid metric");
+        let dependency_errors = IntCounterVec::new(
+            Opts::new(
+                "keel_dependency_errors_total",
+                "Failed calls to an external dependency.",
+            ),
+            &["dependency"],
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(build_info) as Box<dyn prometheus::core::Collector>,
+            Box::new(dependency_up.clone()),
+            Box::new(dependency_errors.clone()),
             Box::new(uptime.clone()),
             Box::new(http_requests.clone()),
             Box::new(http_duration.clone()),
@@ -92,7 +114,17 @@ impl Metrics {
             uptime,
             http_requests,
             http_duration,
+            dependency_up,
+            dependency_errors,
         }
+    }
+
+    /// The up gauge and error counter of one external dependency.
+    pub fn dependency(&self, name: &str) -> (prometheus::IntGauge, prometheus::IntCounter) {
+        (
+            self.dependency_up.with_label_values(&[name]),
+            self.dependency_errors.with_label_values(&[name]),
+        )
     }
 
     /// Time since this process started (since `Metrics` was made, first thing at start).

@@ -6,11 +6,13 @@
 //! Subsystems receive the registry at construction and register typed metrics in it;
 //! there are no global metrics.
 
+mod dependency;
 mod history;
 mod log;
 mod metrics;
 mod readiness;
 
+pub use dependency::{Dependency, Unavailable};
 pub use history::{History, Point};
 pub use log::{LogHandle, init_logging};
 pub use metrics::{BuildInfo, Metrics};

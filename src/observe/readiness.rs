@@ -11,6 +11,9 @@ pub enum DependencyState {
     Starting,
     Ready,
     Failed(String),
+    /// Down, but keel serves without it (what needs it answers 503, the rest works):
+    /// named in `/readyz`, which stays 200 so a load balancer keeps the node.
+    Degraded(String),
 }
 
 /// Shared, cheap to clone. A std `Mutex` is enough: it is held for a map update and
@@ -34,11 +37,18 @@ impl Readiness {
         self.lock().insert(name, state);
     }
 
-    /// Ready when every dependency is.
+    /// Ready when every dependency is ready or degraded.
     pub fn is_ready(&self) -> bool {
         self.lock()
             .values()
-            .all(|state| *state == DependencyState::Ready)
+            .all(|state| matches!(state, DependencyState::Ready | DependencyState::Degraded(_)))
+    }
+
+    /// True when some dependency is degraded.
+    pub fn is_degraded(&self) -> bool {
+        self.lock()
+            .values()
+            .any(|state| matches!(state, DependencyState::Degraded(_)))
     }
 
     pub fn snapshot(&self) -> BTreeMap<&'static str, DependencyState> {

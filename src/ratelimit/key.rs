@@ -2,10 +2,8 @@
 //! derives from a request.
 
 use std::fmt;
-use std::hash::{BuildHasher, RandomState};
 use std::net::IpAddr;
 use std::str::FromStr;
-use std::sync::OnceLock;
 
 use hyper::HeaderMap;
 use hyper::header::HeaderName;
@@ -113,13 +111,24 @@ impl Key {
     }
 
     /// Any other identity (a header value, a user name, a queue name). The bytes are
-    /// hashed with SipHash under a per-process random key: collisions cannot be aimed
-    /// at a victim's bucket from outside, and by chance they are ~n²/2^65.
+    /// hashed with SHA-256, cut to 64 bits: the same on every node, so limits shared
+    /// through Redis agree on the key, while a collision with a given victim's key still
+    /// costs ~2^64 hashes to find (by chance they are ~n²/2^65).
     pub fn hashed(bytes: &[u8]) -> Key {
-        static HASHER: OnceLock<RandomState> = OnceLock::new();
-        Key(Repr::Digest(
-            HASHER.get_or_init(RandomState::new).hash_one(bytes),
-        ))
+        let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
+        let first: [u8; 8] = digest.as_ref()[..8].try_into().expect("32 bytes");
+        Key(Repr::Digest(u64::from_le_bytes(first)))
+    }
+
+    /// The key as text that means the same on every node: the name of its bucket in
+    /// Redis for shared limits.
+    pub(super) fn stable_id(&self) -> String {
+        match self.0 {
+            Repr::V4(v4) => format!("4:{v4:08x}"),
+            Repr::V6(net) => format!("6:{net:016x}"),
+            Repr::Digest(digest) => format!("h:{digest:016x}"),
+            Repr::Global => "g".to_owned(),
+        }
     }
 
     /// Well-spread bits that pick a store shard. Not a defence against crafted keys (the

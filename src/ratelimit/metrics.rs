@@ -3,8 +3,11 @@
 
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
+/// What every limiter is built with: the metric families, and the shared (Redis)
+/// limits when `ratelimit.shared` is set.
 #[derive(Clone)]
 pub struct RateLimitMetrics {
+    pub(super) shared: Option<std::sync::Arc<super::SharedLimits>>,
     keys: IntGaugeVec,
     rejected: IntCounterVec,
     overflow: IntCounterVec,
@@ -25,6 +28,7 @@ pub(super) struct LimiterMetrics {
 impl RateLimitMetrics {
     pub fn new(registry: &Registry) -> RateLimitMetrics {
         let metrics = RateLimitMetrics {
+            shared: None,
             keys: IntGaugeVec::new(
                 Opts::new(
                     "keel_ratelimit_keys",
@@ -70,6 +74,12 @@ impl RateLimitMetrics {
             let _ = registry.register(collector);
         }
         metrics
+    }
+
+    /// Limiters built from now on check `shared` first (see [`super::Limiter::check_shared`]).
+    pub fn with_shared(mut self, shared: std::sync::Arc<super::SharedLimits>) -> RateLimitMetrics {
+        self.shared = Some(shared);
+        self
     }
 
     pub(super) fn for_limiter(&self, name: &str) -> LimiterMetrics {

@@ -5,8 +5,9 @@
 //!
 //! Not here: choosing the client address (the gateway applies its trusted proxies and
 //! passes an `IpAddr`), answering HTTP (callers get a [`Decision`] and write its header
-//! fields into their response), and limits shared between nodes through Redis
-//! (`ratelimit.shared`, later).
+//! fields into their response). Limits shared between nodes through Redis
+//! (`ratelimit.shared`) are in `shared.rs`; [`Limiter::check_shared`] uses them and
+//! falls back to the local limiter when Redis cannot answer.
 //!
 //! How a caller uses a [`Limiter`]:
 //! - Ordinary limit: `limiter.check(key)` before serving. Not allowed: answer 429 and
@@ -32,6 +33,7 @@ mod key;
 mod metrics;
 mod penalty;
 mod registry;
+mod shared;
 mod store;
 mod table;
 #[cfg(test)]
@@ -53,6 +55,7 @@ pub use key::{Key, KeyKind, KeyKindError};
 pub use metrics::RateLimitMetrics;
 pub use penalty::PenaltyPolicy;
 pub use registry::RateLimits;
+pub use shared::SharedLimits;
 
 use metrics::LimiterMetrics;
 use penalty::PenaltyBox;
@@ -178,6 +181,8 @@ pub struct Limiter<C: Clock = DefaultClock> {
     /// `RateLimit-Policy` never changes for a limiter, so it is rendered once.
     policy: HeaderValue,
     penalty: Option<PenaltyBox>,
+    /// Set with `ratelimit.shared`: `check_shared` asks Redis first.
+    shared: Option<Arc<SharedLimits>>,
     /// Nanoseconds since start of the last sweep a full table forced; [`NEVER`] before.
     last_forced_sweep: AtomicU64,
     metrics: LimiterMetrics,
@@ -222,6 +227,7 @@ impl<C: Clock> Limiter<C> {
             check_penalty(policy)?;
         }
 
+        let metrics_context = metrics;
         let metrics = metrics.for_limiter(name);
         let buckets = Arc::new(Buckets::new(
             config.max_keys,
@@ -259,6 +265,7 @@ impl<C: Clock> Limiter<C> {
             sf_name: sf_name.into(),
             policy,
             penalty,
+            shared: metrics_context.shared.clone(),
             last_forced_sweep: AtomicU64::new(NEVER),
             metrics,
         })
@@ -282,6 +289,41 @@ impl<C: Clock> Limiter<C> {
     /// Uses one unit of the key's quota if it has one.
     pub fn check(&self, key: Key) -> Decision {
         self.decide(key, true)
+    }
+
+    /// Like [`Limiter::check`], but against the limit all nodes share when
+    /// `ratelimit.shared` is set: one atomic script in Redis. If Redis cannot answer,
+    /// the local limiter decides (never fail closed), counted and logged. The penalty
+    /// box stays per node.
+    pub async fn check_shared(&self, key: Key) -> Decision {
+        let Some(shared) = &self.shared else {
+            return self.check(key);
+        };
+        if let Some(penalty) = &self.penalty
+            && let Some(left) = penalty.ban_left(&key, self.now())
+        {
+            self.metrics.rejected_banned.inc();
+            return self.banned(left);
+        }
+        match shared
+            .check(&self.name, &key, self.interval, self.limit)
+            .await
+        {
+            Ok((true, tat)) => self.decision_at(Outcome::Allowed, tat, 0),
+            Ok((false, tat)) => {
+                self.metrics.rejected_limit.inc();
+                if let Some(penalty) = &self.penalty
+                    && let Some(ban) = penalty.strike(&key, self.now())
+                {
+                    return self.banned(ban);
+                }
+                self.decision_at(Outcome::Limited, tat, 0)
+            }
+            Err(error) => {
+                shared.fell_back(&self.name, &error);
+                self.check(key)
+            }
+        }
     }
 
     /// Login mode, before the request: rejects a key that has no capacity left or is

@@ -102,6 +102,10 @@ fn store_error(error: CacheError) -> Reply {
         CacheError::KeyTooLarge { .. }
         | CacheError::ValueTooLarge { .. }
         | CacheError::TooManyTags => Reply::error(format!("ERR {error}")),
+        CacheError::Unavailable(_) => {
+            tracing::warn!(%error, "cache write refused");
+            Reply::error(format!("ERR {error}; retry later"))
+        }
         other => {
             tracing::error!(error = %other, "cache unavailable");
             Reply::error("ERR cache storage unavailable")

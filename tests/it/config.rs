@@ -75,6 +75,21 @@ const BAD: &[(&str, &str, &str)] = &[
         ":1: TOML syntax error",
     ),
     (
+        "Redis over TLS",
+        "[cache]\nl2 = \"rediss://cache.internal:6379/0\"\n",
+        ":2: cache.l2: rediss:// (TLS) is not supported by this keel; use redis://",
+    ),
+    (
+        "unusable Redis URL",
+        "[ratelimit]\nshared = \"redis://cache.internal:99999/0\"\n",
+        ":2: ratelimit.shared: not a usable Redis URL",
+    ),
+    (
+        "zero L1 max age",
+        "[cache]\nl1_max_age = \"0s\"\n",
+        ":2: cache.l1_max_age: must be above 0",
+    ),
+    (
         "readers out of range",
         "[sql]\nreaders = 0\n",
         ":2: sql.readers: 0 must be between 1 and 256",

@@ -16,5 +16,6 @@ mod lifecycle;
 mod queue;
 mod queue_crash;
 mod resp;
+mod scaled;
 mod sql;
 mod tls;

@@ -1,0 +1,353 @@
+//! Scaled out: keel nodes sharing one Redis as the cache's L2 and for rate limits.
+//! Needs `KEEL_TEST_REDIS_URL` (scripts/test sets it); without it these tests say they
+//! are skipped, or fail when `KEEL_REQUIRE_EXTERNAL=1`.
+//!
+//! The Redis may be shared with anything else: every test uses a random prefix and
+//! removes only its own keys. Outages are made with a TCP proxy this test runs and
+//! cuts; the shared Redis is never stopped.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use crate::support::{DEADLINE, Keel, TestServer, get, request, resp_config, scratch};
+
+fn redis_url() -> Option<String> {
+    match std::env::var("KEEL_TEST_REDIS_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var("KEEL_REQUIRE_EXTERNAL").as_deref() == Ok("1") => {
+            panic!("KEEL_REQUIRE_EXTERNAL=1 but KEEL_TEST_REDIS_URL is not set")
+        }
+        _ => {
+            eprintln!("skipped: set KEEL_TEST_REDIS_URL to run the scaled-out tests");
+            None
+        }
+    }
+}
+
+fn unique_prefix() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("keelit:{}:{nanos:x}:", std::process::id())
+}
+
+/// Removes every key under `prefix`, and only those.
+fn remove_prefix(url: &str, prefix: &str) {
+    let mut redis = redis::Client::open(url).unwrap().get_connection().unwrap();
+    let keys: Vec<Vec<u8>> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query(&mut redis)
+        .unwrap();
+    for key in keys {
+        let _: i64 = redis::cmd("UNLINK").arg(key).query(&mut redis).unwrap();
+    }
+}
+
+/// Deletes the test's keys however the test ends.
+struct Cleanup(String, String);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        remove_prefix(&self.0, &self.1);
+    }
+}
+
+/// `host:port` and the rest (`/0`) of a redis:// URL.
+fn split_url(url: &str) -> (String, String) {
+    let rest = url.strip_prefix("redis://").expect("a redis:// URL");
+    match rest.split_once('/') {
+        Some((host, db)) => (host.to_owned(), format!("/{db}")),
+        None => (rest.to_owned(), String::new()),
+    }
+}
+
+fn node_config(dir: &std::path::Path, l2: &str, prefix: &str, extra: &str) -> String {
+    resp_config(
+        dir,
+        &format!(
+            "[cache]\nl2 = \"{l2}\"\nredis_prefix = \"{prefix}\"\n\
+             # Long, so only the invalidation messages can explain an eviction.\n\
+             l1_max_age = \"10m\"\n{extra}"
+        ),
+    )
+}
+
+fn resp(addr: SocketAddr) -> redis::Connection {
+    redis::Client::open(format!("redis://{addr}/"))
+        .unwrap()
+        .get_connection_with_timeout(DEADLINE)
+        .unwrap()
+}
+
+/// Polls `check` every 5 ms until it holds; fails after `within`.
+fn eventually(within: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !check() {
+        assert!(started.elapsed() < within, "{what}: not within {within:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn value(addr: SocketAddr, key: &str) -> Option<String> {
+    let reply = get(addr, &format!("/v1/cache/{key}"));
+    match reply.status {
+        200 => Some(reply.body),
+        404 => None,
+        other => panic!("GET {key}: {other} {}", reply.body),
+    }
+}
+
+#[test]
+fn two_nodes_share_the_l2_and_invalidate_each_others_l1() {
+    let Some(url) = redis_url() else { return };
+    let prefix = unique_prefix();
+    let _cleanup = Cleanup(url.clone(), prefix.clone());
+    let (dir_a, dir_b) = (scratch(), scratch());
+    let (a, api_a) = Keel::start(dir_a.path(), &node_config(dir_a.path(), &url, &prefix, ""));
+    let (_b, api_b) = Keel::start(dir_b.path(), &node_config(dir_b.path(), &url, &prefix, ""));
+    // Subscribing clears L1 (messages may have been missed); wait for it on both, so
+    // that clear cannot pass for an invalidation message below.
+    for api in [api_a, api_b] {
+        eventually(DEADLINE, "subscribed", || {
+            get(api, "/metrics").body.lines().any(|line| {
+                line.starts_with("keel_cache_remote_invalidations_total ") && !line.ends_with(" 0")
+            })
+        });
+    }
+
+    // A SET through RESP on A is readable on B.
+    let mut on_a = resp(a.resp_addr());
+    let () = redis::cmd("SET")
+        .arg("k:1")
+        .arg("one")
+        .query(&mut on_a)
+        .unwrap();
+    eventually(DEADLINE, "B reads A's SET", || {
+        value(api_b, "k:1").as_deref() == Some("one")
+    });
+
+    // B now holds each key in L1; A invalidates by key, pattern and tag, and each
+    // leaves B's L1 within 100 ms.
+    for (key, tags) in [("k:2", ""), ("p:1", ""), ("t:1", "?tags=red")] {
+        let put = request(api_a, "PUT", &format!("/v1/cache/{key}{tags}"), "v");
+        assert_eq!(put.status, 204, "{}", put.body);
+        eventually(DEADLINE, "B reads A's PUT", || value(api_b, key).is_some());
+    }
+    for (body, key) in [
+        (r#"{"keys":["k:2"]}"#, "k:2"),
+        (r#"{"pattern":"p:*"}"#, "p:1"),
+        (r#"{"tags":["red"]}"#, "t:1"),
+    ] {
+        let invalidated = request(api_a, "POST", "/v1/cache/invalidate", body);
+        assert_eq!(invalidated.status, 200, "{}", invalidated.body);
+        assert_eq!(invalidated.json()["invalidated"], 1, "{body}");
+        eventually(Duration::from_millis(100), body, || {
+            value(api_b, key).is_none()
+        });
+    }
+    assert_eq!(value(api_b, "k:1").as_deref(), Some("one"));
+}
+
+/// A TCP proxy in front of Redis that the test can cut (every connection closed, new
+/// ones closed on arrival) and restore.
+struct Proxy {
+    addr: SocketAddr,
+    up: watch::Sender<bool>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl Proxy {
+    fn start(target: String) -> Proxy {
+        let runtime = crate::support::server_runtime();
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (up, watching) = watch::channel(true);
+        runtime.spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    continue;
+                };
+                let mut state = watching.clone();
+                if !*state.borrow_and_update() {
+                    continue; // dropped: closed on arrival
+                }
+                let target = target.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = state.wait_for(|up| !*up) => {}
+                    }
+                });
+            }
+        });
+        Proxy {
+            addr,
+            up,
+            _runtime: runtime,
+        }
+    }
+
+    fn set_up(&self, up: bool) {
+        self.up.send_replace(up);
+    }
+}
+
+#[test]
+fn redis_outage_keeps_l1_reads_refuses_writes_and_recovers() {
+    let Some(url) = redis_url() else { return };
+    let prefix = unique_prefix();
+    let _cleanup = Cleanup(url.clone(), prefix.clone());
+    let (target, db) = split_url(&url);
+    let proxy = Proxy::start(target);
+    let dir = scratch();
+    let via_proxy = format!("redis://{}{db}", proxy.addr);
+    let (keel, api) = Keel::start(
+        dir.path(),
+        &node_config(dir.path(), &via_proxy, &prefix, ""),
+    );
+    eventually(DEADLINE, "ready with Redis", || {
+        get(api, "/readyz").status == 200
+    });
+    assert_eq!(request(api, "PUT", "/v1/cache/warm", "hot").status, 204);
+    assert_eq!(value(api, "warm").as_deref(), Some("hot"));
+
+    proxy.set_up(false);
+    // Reads from L1 keep answering throughout.
+    // Redis is optional: /readyz stays 200 (the node still serves L1, the queue, SQL,
+    // the gateway) and names it as degraded.
+    eventually(DEADLINE, "/readyz reports redis degraded", || {
+        assert_eq!(value(api, "warm").as_deref(), Some("hot"));
+        let ready = get(api, "/readyz");
+        assert_eq!(ready.status, 200, "{}", ready.body);
+        let body = ready.json();
+        body["degraded"] == true && body["dependencies"]["redis"]["state"] == "degraded"
+    });
+    assert!(
+        get(api, "/readyz").json()["dependencies"]["redis"]["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("unreachable")
+    );
+    let refused = request(api, "PUT", "/v1/cache/other", "x");
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    assert_eq!(refused.json()["code"], "cache_unavailable");
+    assert!(refused.json()["detail"].as_str().unwrap().contains("redis"));
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    let invalidate = request(api, "POST", "/v1/cache/invalidate", r#"{"keys":["warm"]}"#);
+    assert_eq!(invalidate.status, 503, "{}", invalidate.body);
+    let mut client = resp(keel.resp_addr());
+    let error = redis::cmd("SET")
+        .arg("other")
+        .arg("x")
+        .query::<()>(&mut client)
+        .unwrap_err();
+    assert!(error.to_string().contains("cache unavailable"), "{error}");
+    let metrics = get(api, "/metrics").body;
+    assert!(
+        metrics.contains("keel_dependency_up{dependency=\"redis\"} 0"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("keel_dependency_errors_total{dependency=\"redis\"}"));
+    assert_eq!(value(api, "warm").as_deref(), Some("hot"));
+
+    proxy.set_up(true);
+    eventually(DEADLINE, "recovery", || {
+        get(api, "/readyz").json()["dependencies"]["redis"]["state"] == "ready"
+            && request(api, "PUT", "/v1/cache/other", "y").status == 204
+    });
+    let metrics = get(api, "/metrics").body;
+    assert!(metrics.contains("keel_dependency_up{dependency=\"redis\"} 1"));
+    eventually(DEADLINE, "the write reached Redis", || {
+        let mut redis = redis::Client::open(url.as_str())
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let stored: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(format!("{prefix}c:other"))
+            .query(&mut redis)
+            .unwrap();
+        stored.is_some_and(|bytes| bytes.ends_with(b"y"))
+    });
+}
+
+#[test]
+fn a_shared_rate_limit_holds_across_two_nodes() {
+    let Some(url) = redis_url() else { return };
+    let prefix = unique_prefix();
+    let _cleanup = Cleanup(url.clone(), prefix.clone());
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counter = hits.clone();
+    let upstream = TestServer::start(axum::Router::new().fallback(move || {
+        counter.fetch_add(1, Ordering::SeqCst);
+        async { "ok" }
+    }));
+    // 40/s with a burst of 40, keyed globally: two nodes together admit 40 at once
+    // and 40 a second after that, not twice as many.
+    let extra = format!(
+        "[ratelimit]\nshared = \"{url}\"\nredis_prefix = \"{prefix}rl:\"\n\
+         [listeners.gateway]\nbind = \"127.0.0.1:0\"\n\
+         [gateway.upstreams.app]\nservers = [\"{}\"]\n\
+         [[gateway.routes]]\nname = \"limited\"\npath_prefix = \"/\"\nupstream = \"app\"\n\
+         rate_limit = {{ key = \"global\", rate = \"40/s\", burst = 40 }}\n",
+        upstream.addr
+    );
+    let (dir_a, dir_b) = (scratch(), scratch());
+    let config = |dir: &std::path::Path| crate::support::base_config(dir) + &extra;
+    let (a, _) = Keel::start(dir_a.path(), &config(dir_a.path()));
+    let (b, _) = Keel::start(dir_b.path(), &config(dir_b.path()));
+    let gateways = [a.gateway_addr(), b.gateway_addr()];
+
+    // Four clients, two per node, for 1.5 s: the limit admits the burst plus 1.5 s of
+    // the rate, 100, whatever each node sees alone.
+    let running = Arc::new(AtomicBool::new(true));
+    let admitted = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let clients: Vec<_> = (0..4)
+        .map(|index| {
+            let (running, admitted) = (running.clone(), admitted.clone());
+            let gateway = gateways[index % 2];
+            std::thread::spawn(move || {
+                let mut statuses = HashSet::new();
+                while running.load(Ordering::SeqCst) {
+                    let status = get(gateway, "/x").status;
+                    if status == 200 {
+                        admitted.fetch_add(1, Ordering::SeqCst);
+                    }
+                    statuses.insert(status);
+                }
+                statuses
+            })
+        })
+        .collect();
+    while started.elapsed() < Duration::from_millis(1500) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    running.store(false, Ordering::SeqCst);
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut statuses = HashSet::new();
+    for client in clients {
+        statuses.extend(client.join().unwrap());
+    }
+    let admitted = admitted.load(Ordering::SeqCst) as f64;
+    let expected = 40.0 + 40.0 * elapsed;
+    assert!(
+        statuses.contains(&429),
+        "the limit was reached: {statuses:?}"
+    );
+    assert!(
+        (admitted - expected).abs() <= expected * 0.1,
+        "admitted {admitted}, expected {expected:.0} ± 10 %"
+    );
+    assert_eq!(hits.load(Ordering::SeqCst) as f64, admitted);
+}
