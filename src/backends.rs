@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use crate::cache::{CacheStore, RedbCacheStore, RedisCacheStore};
 use crate::config::{Config, QueueBackend};
-use crate::queue::pg_store::{PgQueueStore, PgSettings};
 use crate::observe::Dependency;
+use crate::queue::pg_store::{PgQueueStore, PgSettings};
 use crate::queue::redb_store::RedbQueueStore;
 use crate::queue::{Clock, QueueMetrics, QueueStore, RetentionPolicies, Wakeups};
 use crate::storage::Storage;
