@@ -87,12 +87,7 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
-        // A 503 is a dependency that is down: circuit breakers probe about once a
-        // second, so that is when a retry may succeed, unless the error says otherwise.
-        let retry_after = self
-            .retry_after
-            .or((self.status == StatusCode::SERVICE_UNAVAILABLE).then_some(1));
-        if let Some(seconds) = retry_after {
+        if let Some(seconds) = self.retry_after {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
@@ -128,11 +123,13 @@ impl From<crate::cache::CacheError> for ApiError {
             ),
             CacheError::Unavailable(_) => {
                 tracing::warn!(%error, "cache write refused");
+                // The Redis breaker probes about once a second.
                 ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "cache_unavailable",
                     error.to_string(),
                 )
+                .retry_after(1)
             }
             CacheError::Store(_) | CacheError::Closed => {
                 tracing::error!(%error, "cache unavailable");
