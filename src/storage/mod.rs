@@ -97,7 +97,8 @@ pub enum StorageError {
 pub struct Storage {
     /// Keel's own tables. A std `Mutex`: statements are short and run on blocking threads.
     pub meta: Arc<Mutex<Connection>>,
-    pub data_sqlite_path: PathBuf,
+    /// `None` when `sql.url` is PostgreSQL.
+    pub data_sqlite_path: Option<PathBuf>,
     pub queue_db: Arc<redb::Database>,
     /// Last, so the lock is released only after every file above is closed.
     pub data_dir: DataDir,
@@ -117,9 +118,16 @@ impl Storage {
         apply_migrations(&mut meta, &meta_path, &keel_migrations())?;
         tracing::info!(path = %meta_path.display(), "keel schema up to date");
 
-        let data_sqlite_path = sqlite_path(data_dir.path(), config.sql.url.expose())?;
-        drop(open_sqlite(&data_sqlite_path)?);
-        tracing::info!(path = %data_sqlite_path.display(), "sql database opened");
+        let url = config.sql.url.expose();
+        let data_sqlite_path = if url.starts_with("postgres://") || url.starts_with("postgresql://")
+        {
+            None
+        } else {
+            let path = sqlite_path(data_dir.path(), url)?;
+            drop(open_sqlite(&path)?);
+            tracing::info!(path = %path.display(), "sql database opened");
+            Some(path)
+        };
 
         let queue_db = open_redb(&data_dir.path().join("queue.redb"))?;
         tracing::info!("queue store opened");
