@@ -377,7 +377,7 @@ async fn pg_plan(
         format!("EXECUTE {name}({nulls})")
     };
     let plan = txn
-        .query_one(&format!("EXPLAIN (FORMAT JSON) {execute}"), &[])
+        .query_one(&format!("EXPLAIN (VERBOSE, FORMAT JSON) {execute}"), &[])
         .await;
     let deallocated = txn.batch_execute(&format!("DEALLOCATE {name}")).await;
     let plan = plan
@@ -388,7 +388,7 @@ async fn pg_plan(
     Ok(plan)
 }
 
-/// `Seq Scan` relations (schema, table, alias) and `Sort` findings, in plan order.
+/// `Seq Scan` relations (schema, table, alias) and `Sort` findings, in plan order (the plan is VERBOSE: it names schemas).
 fn pg_scans(
     plan: &serde_json::Value,
     scans: &mut Vec<(String, String, Option<String>)>,

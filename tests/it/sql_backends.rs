@@ -1,0 +1,428 @@
+//! The SQL data API's shared behaviour, one suite run against both backends: as
+//! `sql_backends::sqlite::*` on the embedded SQLite and `sql_backends::postgres::*` with
+//! `sql.url` on PostgreSQL. SQLite-only behaviour (types, pragmas, backup) stays in
+//! `sql.rs`.
+//!
+//! PostgreSQL runs read `KEEL_TEST_POSTGRES_URL`; unset, they print SKIPPED and pass,
+//! or fail under `KEEL_REQUIRE_EXTERNAL=1`. Each uses a schema of its own
+//! (`keel_test_sql_<random>`, through `search_path`), dropped at the end.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::support::{DEADLINE, Keel, Reply, base_config, get, request, scratch};
+
+fn post(addr: SocketAddr, path: &str, body: Value) -> Reply {
+    request(addr, "POST", path, &body.to_string())
+}
+
+fn execute(addr: SocketAddr, sql: &str, params: Value) -> Value {
+    let reply = post(
+        addr,
+        "/v1/sql/execute",
+        json!({"sql": sql, "params": params}),
+    );
+    assert_eq!(reply.status, 200, "{sql}: {}", reply.body);
+    reply.json()
+}
+
+fn query(addr: SocketAddr, sql: &str, params: Value) -> Value {
+    let reply = post(addr, "/v1/sql/query", json!({"sql": sql, "params": params}));
+    assert_eq!(reply.status, 200, "{sql}: {}", reply.body);
+    reply.json()
+}
+
+/// `KEEL_TEST_POSTGRES_URL`, or `None` after saying the test is skipped (a failure under
+/// `KEEL_REQUIRE_EXTERNAL=1`).
+fn postgres_url() -> Option<String> {
+    match std::env::var("KEEL_TEST_POSTGRES_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            assert!(
+                std::env::var("KEEL_REQUIRE_EXTERNAL").as_deref() != Ok("1"),
+                "KEEL_TEST_POSTGRES_URL is required (KEEL_REQUIRE_EXTERNAL=1; scripts/test sets it)"
+            );
+            eprintln!("SKIPPED: KEEL_TEST_POSTGRES_URL is not set (scripts/test sets it)");
+            None
+        }
+    }
+}
+
+fn block_on<T>(future: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(future)
+}
+
+/// A schema of this test's own, dropped when the test ends (also after a failure).
+struct TestSchema {
+    url: String,
+    name: String,
+}
+
+impl TestSchema {
+    fn new(url: &str) -> TestSchema {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let name = format!(
+            "keel_test_sql_{}_{:x}",
+            std::process::id(),
+            nanos & 0xffff_ffff_ffff
+        );
+        let schema = TestSchema {
+            url: url.to_owned(),
+            name,
+        };
+        schema.run(&format!("CREATE SCHEMA {}", schema.name));
+        schema
+    }
+
+    fn run(&self, sql: &str) {
+        block_on(async {
+            let (client, connection) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+                .await
+                .expect("connect to KEEL_TEST_POSTGRES_URL");
+            tokio::spawn(connection);
+            client.batch_execute(sql).await.expect(sql);
+        });
+    }
+
+    /// `sql.url` with this schema first on the search path.
+    fn url(&self) -> String {
+        let separator = if self.url.contains('?') { '&' } else { '?' };
+        format!(
+            "{}{separator}options=-csearch_path%3D{}",
+            self.url, self.name
+        )
+    }
+}
+
+impl Drop for TestSchema {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.run(&format!("DROP SCHEMA IF EXISTS {name} CASCADE"))
+        }));
+        if dropped.is_err() && !std::thread::panicking() {
+            panic!("could not drop the test schema {name}");
+        }
+    }
+}
+
+/// The database a test runs on; holds the PostgreSQL schema until the test ends.
+enum Db {
+    Sqlite,
+    Postgres(TestSchema),
+}
+
+impl Db {
+    fn sqlite() -> Option<Db> {
+        Some(Db::Sqlite)
+    }
+
+    fn postgres() -> Option<Db> {
+        postgres_url().map(|url| Db::Postgres(TestSchema::new(&url)))
+    }
+
+    fn start(&self, dir: &Path, extra: &str) -> (Keel, SocketAddr) {
+        let url = match self {
+            Db::Sqlite => String::new(),
+            Db::Postgres(schema) => format!("url = {:?}\npool_size = 4\n", schema.url()),
+        };
+        let config = base_config(dir)
+            + "[sql]\nstatement_timeout = \"1s\"\nmaintenance_cron = \"\"\n"
+            + &url
+            + extra;
+        Keel::start(dir, &config)
+    }
+
+    fn is_postgres(&self) -> bool {
+        matches!(self, Db::Postgres(_))
+    }
+}
+
+/// Each test once per backend: `sqlite::name` and `postgres::name`.
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[test] fn $name() { if let Some(db) = super::Db::sqlite() { super::$name(db) } })*
+        }
+        mod postgres {
+            $(#[test] fn $name() { if let Some(db) = super::Db::postgres() { super::$name(db) } })*
+        }
+    };
+}
+
+on_both!(
+    statements_parameters_and_batches,
+    the_read_path_refuses_writes,
+    cached_named_queries_are_invalidated_by_writes,
+    the_analyzer_proposes_a_proved_index,
+);
+
+fn statements_parameters_and_batches(db: Db) {
+    let dir = scratch();
+    let (_keel, addr) = db.start(dir.path(), "");
+    execute(
+        addr,
+        "CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT NOT NULL, price FLOAT)",
+        json!([]),
+    );
+    let inserted = execute(
+        addr,
+        "INSERT INTO items (id, name, price) VALUES (?, ?, ?)",
+        json!([1, "it's \"quoted\"", 2.5]),
+    );
+    assert_eq!(inserted["rows_affected"], 1);
+    execute(
+        addr,
+        "INSERT INTO items (id, name, price) VALUES (:id, :name, NULL)",
+        json!({"id": 2, ":name": "two"}),
+    );
+    let rows = query(
+        addr,
+        "SELECT id, name, price FROM items WHERE id >= :low ORDER BY id",
+        json!({"low": 1}),
+    );
+    assert_eq!(rows["columns"], json!(["id", "name", "price"]));
+    assert_eq!(
+        rows["rows"],
+        json!([[1, "it's \"quoted\"", 2.5], [2, "two", null]])
+    );
+    // A parameter is data, never SQL.
+    let injected = query(
+        addr,
+        "SELECT count(*) FROM items WHERE name = ?",
+        json!(["x' OR '1'='1"]),
+    );
+    assert_eq!(injected["rows"], json!([[0]]));
+
+    // All or nothing: the second statement fails, the first is rolled back.
+    let failed = post(
+        addr,
+        "/v1/sql/batch",
+        json!({"statements": [
+            {"sql": "INSERT INTO items (id, name) VALUES (3, 'three')"},
+            {"sql": "INSERT INTO items (id, name) VALUES (1, 'duplicate')"},
+        ]}),
+    );
+    assert_eq!(failed.status, 409, "{}", failed.body);
+    assert_eq!(failed.json()["code"], "constraint_violation");
+    assert_eq!(failed.json()["index"], 1);
+    assert_eq!(
+        query(addr, "SELECT count(*) FROM items", json!([]))["rows"],
+        json!([[2]])
+    );
+
+    let two = post(addr, "/v1/sql/query", json!({"sql": "SELECT 1; SELECT 2"}));
+    assert_eq!(two.json()["code"], "multiple_statements", "{}", two.body);
+    let missing = post(
+        addr,
+        "/v1/sql/query",
+        json!({"sql": "SELECT * FROM items WHERE id = :id", "params": {}}),
+    );
+    assert_eq!(missing.json()["code"], "bad_params", "{}", missing.body);
+    let unknown = post(
+        addr,
+        "/v1/sql/query",
+        json!({"sql": "SELECT * FROM items WHERE id = :id", "params": {"id": 1, "other": 2}}),
+    );
+    assert_eq!(unknown.json()["code"], "bad_params", "{}", unknown.body);
+    let syntax = post(addr, "/v1/sql/query", json!({"sql": "SELEC 1"}));
+    assert_eq!(syntax.status, 400, "{}", syntax.body);
+    assert_eq!(syntax.json()["code"], "sql_error");
+
+    // A runaway statement stops at sql.statement_timeout and the server goes on.
+    let runaway = if db.is_postgres() {
+        "SELECT pg_sleep(5)"
+    } else {
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n) SELECT max(i) FROM n"
+    };
+    let started = Instant::now();
+    let stopped = post(addr, "/v1/sql/query", json!({"sql": runaway}));
+    assert_eq!(
+        stopped.json()["code"],
+        "statement_timeout",
+        "{}",
+        stopped.body
+    );
+    assert!(started.elapsed() < Duration::from_secs(4));
+    assert_eq!(
+        query(addr, "SELECT count(*) FROM items", json!([]))["rows"],
+        json!([[2]])
+    );
+}
+
+fn the_read_path_refuses_writes(db: Db) {
+    let dir = scratch();
+    let (_keel, addr) = db.start(dir.path(), "");
+    execute(
+        addr,
+        "CREATE TABLE notes (id INTEGER, body TEXT)",
+        json!([]),
+    );
+    execute(addr, "INSERT INTO notes VALUES (1, 'kept')", json!([]));
+    for write in [
+        "INSERT INTO notes VALUES (2, 'sneaked')",
+        "DELETE FROM notes",
+        "UPDATE notes SET body = 'changed'",
+    ] {
+        let refused = post(addr, "/v1/sql/query", json!({"sql": write}));
+        assert_eq!(refused.status, 400, "{write}: {}", refused.body);
+        assert_eq!(refused.json()["code"], "not_read_only", "{write}");
+    }
+    assert_eq!(
+        query(addr, "SELECT id, body FROM notes", json!([]))["rows"],
+        json!([[1, "kept"]])
+    );
+}
+
+const BLOG: &str = r#"
+[sql.queries.user_posts]
+sql = "SELECT p.id, p.title, u.name FROM posts p JOIN users u ON u.id = p.user_id WHERE p.user_id = :user ORDER BY p.id"
+cache_ttl = "1m"
+[sql.queries.user_names]
+sql = "SELECT name FROM users ORDER BY id"
+cache_ttl = "1m"
+"#;
+
+fn cached_named_queries_are_invalidated_by_writes(db: Db) {
+    let dir = scratch();
+    let (_keel, addr) = db.start(dir.path(), BLOG);
+    execute(
+        addr,
+        "CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)",
+        json!([]),
+    );
+    execute(
+        addr,
+        "CREATE TABLE posts (id INTEGER PRIMARY KEY, user_id INTEGER, title TEXT)",
+        json!([]),
+    );
+    execute(addr, "INSERT INTO users VALUES (1, 'ada')", json!([]));
+    execute(addr, "INSERT INTO posts VALUES (1, 1, 'first')", json!([]));
+
+    let first = get(addr, "/v1/sql/q/user_posts?user=1");
+    assert_eq!(first.status, 200, "{}", first.body);
+    assert_eq!(first.header("x-cache"), Some("MISS"));
+    assert_eq!(first.json()["rows"], json!([[1, "first", "ada"]]));
+    assert_eq!(
+        get(addr, "/v1/sql/q/user_posts?user=1").header("x-cache"),
+        Some("HIT")
+    );
+    assert_eq!(
+        get(addr, "/v1/sql/q/user_names").header("x-cache"),
+        Some("MISS")
+    );
+
+    // A write to a table only the first query reads leaves the second one cached.
+    execute(
+        addr,
+        "UPDATE posts SET title = 'edited' WHERE id = 1",
+        json!([]),
+    );
+    assert_eq!(
+        get(addr, "/v1/sql/q/user_names").header("x-cache"),
+        Some("HIT")
+    );
+    let edited = get(addr, "/v1/sql/q/user_posts?user=1");
+    assert_eq!(edited.header("x-cache"), Some("MISS"));
+    assert_eq!(edited.json()["rows"], json!([[1, "edited", "ada"]]));
+
+    // A write to the joined table, in a batch.
+    let batch = post(
+        addr,
+        "/v1/sql/batch",
+        json!({"statements": [{"sql": "UPDATE users SET name = 'lovelace' WHERE id = 1"}]}),
+    );
+    assert_eq!(batch.status, 200, "{}", batch.body);
+    let renamed = get(addr, "/v1/sql/q/user_posts?user=1");
+    assert_eq!(renamed.json()["rows"], json!([[1, "edited", "lovelace"]]));
+    assert_eq!(
+        get(addr, "/v1/sql/q/user_names").json()["rows"],
+        json!([["lovelace"]])
+    );
+
+    // A read right after an acknowledged write never returns the old result.
+    for round in 0..20 {
+        get(addr, "/v1/sql/q/user_posts?user=1");
+        execute(
+            addr,
+            "UPDATE posts SET title = ? WHERE id = 1",
+            json!([format!("v{round}")]),
+        );
+        let seen = get(addr, "/v1/sql/q/user_posts?user=1").json();
+        assert_eq!(seen["rows"][0][1], format!("v{round}"));
+    }
+}
+
+fn the_analyzer_proposes_a_proved_index(db: Db) {
+    let dir = scratch();
+    let (_keel, addr) = db.start(dir.path(), "");
+    execute(
+        addr,
+        "CREATE TABLE orders (id INTEGER PRIMARY KEY, customer INTEGER, status TEXT)",
+        json!([]),
+    );
+    execute(
+        addr,
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 20000) \
+         INSERT INTO orders (id, customer, status) SELECT i, i % 1000, 'open' FROM n",
+        json!([]),
+    );
+    let reply = post(
+        addr,
+        "/v1/sql/analyze",
+        json!({"sql": "SELECT id FROM orders WHERE customer = :customer"}),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let analysis = reply.json();
+    assert_eq!(analysis["findings"][0]["kind"], "full_scan", "{analysis}");
+    let proposal = &analysis["proposal"];
+    assert_eq!(proposal["columns"], json!(["customer"]), "{analysis}");
+    assert_eq!(proposal["improves"], true, "{analysis}");
+    assert!(
+        !proposal["plan_before"].as_array().unwrap().is_empty()
+            && !proposal["plan_after"].as_array().unwrap().is_empty(),
+        "{analysis}"
+    );
+    // The trial index was rolled back: the same analysis proposes it again.
+    let again = post(
+        addr,
+        "/v1/sql/analyze",
+        json!({"sql": "SELECT id FROM orders WHERE customer = :customer"}),
+    )
+    .json();
+    assert_eq!(again["proposal"]["columns"], json!(["customer"]), "{again}");
+}
+
+#[test]
+fn keel_stops_at_start_when_the_sql_postgres_is_unreachable() {
+    let dir = scratch();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = base_config(dir.path())
+        + &format!(
+            "[sql]\nurl = \"postgres://keel@127.0.0.1:{port}/keel\"\npool_timeout = \"1s\"\n"
+        );
+    let started = Instant::now();
+    let mut keel = Keel::spawn(dir.path(), &config);
+    let status = keel
+        .wait_exit(DEADLINE)
+        .expect("keel exits instead of waiting");
+    assert_eq!(status.code(), Some(1));
+    assert!(started.elapsed() < Duration::from_secs(15));
+    let log = keel.log_text();
+    assert!(log.contains("sql.url"), "{log}");
+    assert!(!log.contains("keel ready"), "{log}");
+}
