@@ -278,6 +278,31 @@ fn the_read_path_refuses_writes(db: Db) {
         assert_eq!(refused.status, 400, "{write}: {}", refused.body);
         assert_eq!(refused.json()["code"], "not_read_only", "{write}");
     }
+    if db.is_postgres() {
+        // PostgreSQL's own READ ONLY transaction decides, not the text: a write hidden
+        // in a CTE or a function is refused as well.
+        for write in [
+            "WITH gone AS (DELETE FROM notes RETURNING id) SELECT count(*) FROM gone",
+            "SELECT nextval('notes_seq')",
+        ] {
+            if write.contains("nextval") {
+                execute(addr, "CREATE SEQUENCE notes_seq", json!([]));
+            }
+            let refused = post(addr, "/v1/sql/query", json!({"sql": write}));
+            assert_eq!(
+                refused.json()["code"],
+                "not_read_only",
+                "{write}: {}",
+                refused.body
+            );
+        }
+        let session = post(
+            addr,
+            "/v1/sql/query",
+            json!({"sql": "SET search_path = public"}),
+        );
+        assert_eq!(session.json()["code"], "not_allowed", "{}", session.body);
+    }
     assert_eq!(
         query(addr, "SELECT id, body FROM notes", json!([]))["rows"],
         json!([[1, "kept"]])
@@ -425,4 +450,37 @@ fn keel_stops_at_start_when_the_sql_postgres_is_unreachable() {
     let log = keel.log_text();
     assert!(log.contains("sql.url"), "{log}");
     assert!(!log.contains("keel ready"), "{log}");
+}
+
+/// Reads go to `sql.replica`, and to the primary for `sql.read_your_writes` after this
+/// node wrote. The "replica" here is the same database with another schema first on its
+/// search path, holding other rows, so the answer says which server read.
+#[test]
+fn postgres_reads_go_to_the_replica_except_right_after_a_write() {
+    let Some(url) = postgres_url() else { return };
+    let primary = TestSchema::new(&url);
+    let replica = TestSchema::new(&url);
+    for (schema, who) in [(&primary, "primary"), (&replica, "replica")] {
+        schema.run(&format!(
+            "CREATE TABLE {0}.who (name text); INSERT INTO {0}.who VALUES ('{who}')",
+            schema.name
+        ));
+    }
+    let dir = scratch();
+    let config = base_config(dir.path())
+        + &format!(
+            "[sql]\nurl = {:?}\nreplica = {:?}\nread_your_writes = \"1h\"\nmaintenance_cron = \"\"\n",
+            primary.url(),
+            replica.url()
+        );
+    let (_keel, addr) = Keel::start(dir.path(), &config);
+    let who = || query(addr, "SELECT name FROM who", json!([]))["rows"][0][0].clone();
+    assert_eq!(who(), "replica");
+    // A write through the read path fails on the replica's READ ONLY transaction.
+    let refused = post(addr, "/v1/sql/query", json!({"sql": "DELETE FROM who"}));
+    assert_eq!(refused.json()["code"], "not_read_only", "{}", refused.body);
+    assert_eq!(who(), "replica");
+    execute(addr, "CREATE TABLE marks (id integer)", json!([]));
+    // Within read_your_writes (1 h here) this node reads from the primary.
+    assert_eq!(who(), "primary");
 }
