@@ -87,9 +87,9 @@ pub enum StorageError {
     #[error("{path} has two migrations numbered {version}")]
     MigrationDuplicate { path: PathBuf, version: u32 },
     #[error(
-        "sql.url {url:?} is not a SQLite database; external databases arrive with the scaled-out mode"
+        "sql.url is not a SQLite database: this works on SQLite only (on PostgreSQL, keel serve applies sql.migrations_dir; back up with PostgreSQL's tools)"
     )]
-    NotSqlite { url: String },
+    NotSqlite,
 }
 
 /// Everything opened in the data directory. Dropping it closes the files and releases
@@ -187,9 +187,7 @@ pub fn stored_files(data_dir: &Path, sql_url: &str) -> Vec<StoredFile> {
 pub fn sqlite_path(data_dir: &Path, url: &str) -> Result<PathBuf, StorageError> {
     let rest = url
         .strip_prefix("sqlite://")
-        .ok_or_else(|| StorageError::NotSqlite {
-            url: url.to_owned(),
-        })?;
+        .ok_or(StorageError::NotSqlite)?;
     let path = Path::new(rest);
     Ok(if path.is_absolute() {
         path.to_owned()
