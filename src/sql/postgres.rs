@@ -352,14 +352,13 @@ async fn run(
             return Err(SqlError::TooManyRows(limits.max_rows));
         }
         let mut cells = Vec::with_capacity(columns.len());
-        for index in 0..columns.len() {
+        for (index, column) in columns.iter().enumerate() {
             let Cell(cell, size) =
                 row.try_get::<_, Cell>(index)
                     .map_err(|error| SqlError::Postgres {
                         sqlstate: "0A000".to_owned(),
                         message: format!(
-                            "column {:?}: {error}; cast it in the query (for example ::text)",
-                            columns[index]
+                            "column {column:?}: {error}; cast it in the query (for example ::text)"
                         ),
                     })?;
             bytes += size;
