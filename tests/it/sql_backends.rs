@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::support::{DEADLINE, Keel, Reply, base_config, get, request, scratch};
+use crate::support::{DEADLINE, Keel, Reply, base_config, get, request, scratch, server_runtime};
+use tokio::sync::watch;
 
 fn post(addr: SocketAddr, path: &str, body: Value) -> Reply {
     request(addr, "POST", path, &body.to_string())
@@ -96,11 +97,7 @@ impl TestSchema {
 
     /// `sql.url` with this schema first on the search path.
     fn url(&self) -> String {
-        let separator = if self.url.contains('?') { '&' } else { '?' };
-        format!(
-            "{}{separator}options=-csearch_path%3D{}",
-            self.url, self.name
-        )
+        with_search_path(&self.url, &self.name)
     }
 }
 
@@ -114,6 +111,11 @@ impl Drop for TestSchema {
             panic!("could not drop the test schema {name}");
         }
     }
+}
+
+fn with_search_path(url: &str, schema: &str) -> String {
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}options=-csearch_path%3D{schema}")
 }
 
 /// The database a test runs on; holds the PostgreSQL schema until the test ends.
@@ -483,4 +485,164 @@ fn postgres_reads_go_to_the_replica_except_right_after_a_write() {
     execute(addr, "CREATE TABLE marks (id integer)", json!([]));
     // Within read_your_writes (1 h here) this node reads from the primary.
     assert_eq!(who(), "primary");
+}
+
+/// A TCP proxy in front of PostgreSQL that the test can cut (every connection closed,
+/// new ones closed on arrival) and restore.
+struct Proxy {
+    addr: SocketAddr,
+    up: watch::Sender<bool>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl Proxy {
+    fn start(target: String) -> Proxy {
+        let runtime = server_runtime();
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (up, watching) = watch::channel(true);
+        runtime.spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    continue;
+                };
+                let mut state = watching.clone();
+                if !*state.borrow_and_update() {
+                    continue;
+                }
+                let target = target.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = state.wait_for(|up| !*up) => {}
+                    }
+                });
+            }
+        });
+        Proxy {
+            addr,
+            up,
+            _runtime: runtime,
+        }
+    }
+
+    fn set_up(&self, up: bool) {
+        self.up.send_replace(up);
+    }
+}
+
+/// Polls `check` until it holds: the outage and the recovery are noticed by the pool
+/// on its next use, not at a known instant.
+fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !check() {
+        assert!(Instant::now() < deadline, "not within {DEADLINE:?}: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn postgres_outage_answers_503_with_retry_after_and_recovers() {
+    let Some(url) = postgres_url() else { return };
+    let schema = TestSchema::new(&url);
+    // postgres://USER@HOST:PORT/DB...: the proxy takes HOST:PORT's place.
+    let (scheme_user, rest) = url.split_once('@').expect("a URL with USER@");
+    let (authority, path) = rest.split_once('/').expect("a URL with /DB");
+    let proxy = Proxy::start(authority.to_owned());
+    let via_proxy = with_search_path(
+        &format!("{scheme_user}@{}/{path}", proxy.addr),
+        &schema.name,
+    );
+    let dir = scratch();
+    let config = base_config(dir.path())
+        + &format!(
+            "[sql]\nurl = {:?}\npool_timeout = \"1s\"\nmaintenance_cron = \"\"\n",
+            via_proxy
+        );
+    let (_keel, addr) = Keel::start(dir.path(), &config);
+    execute(addr, "CREATE TABLE t (id integer)", json!([]));
+    execute(addr, "INSERT INTO t VALUES (1)", json!([]));
+
+    proxy.set_up(false);
+    eventually("SQL answers 503 while PostgreSQL is unreachable", || {
+        let reply = post(
+            addr,
+            "/v1/sql/query",
+            json!({"sql": "SELECT count(*) FROM t"}),
+        );
+        if reply.status != 503 {
+            return false;
+        }
+        assert_eq!(reply.json()["code"], "sql_unavailable", "{}", reply.body);
+        assert_eq!(reply.header("retry-after"), Some("1"));
+        true
+    });
+    let write = post(
+        addr,
+        "/v1/sql/execute",
+        json!({"sql": "INSERT INTO t VALUES (2)"}),
+    );
+    assert_eq!(write.status, 503, "{}", write.body);
+
+    proxy.set_up(true);
+    eventually("SQL answers again once PostgreSQL is back", || {
+        post(
+            addr,
+            "/v1/sql/query",
+            json!({"sql": "SELECT count(*) FROM t"}),
+        )
+        .status
+            == 200
+    });
+    assert_eq!(
+        query(addr, "SELECT count(*) FROM t", json!([]))["rows"],
+        json!([[1]])
+    );
+}
+
+#[test]
+fn postgres_migrations_use_their_dialect_folder_and_apply_once() {
+    let Some(url) = postgres_url() else { return };
+    let schema = TestSchema::new(&url);
+    let dir = scratch();
+    let migrations = dir.path().join("migrations");
+    std::fs::create_dir_all(migrations.join("postgres")).unwrap();
+    // The SQLite file would fail on PostgreSQL (AUTOINCREMENT): the folder is used instead.
+    std::fs::write(
+        migrations.join("0001_items.sql"),
+        "CREATE TABLE items (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT);",
+    )
+    .unwrap();
+    std::fs::write(
+        migrations.join("postgres/0001_items.sql"),
+        "CREATE TABLE items (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, name text);\n\
+         INSERT INTO items (name) VALUES ('seeded');",
+    )
+    .unwrap();
+    let config = base_config(dir.path())
+        + &format!(
+            "[sql]\nurl = {:?}\nmigrations_dir = {:?}\nmaintenance_cron = \"\"\n",
+            schema.url(),
+            migrations
+        );
+    {
+        let (_keel, addr) = Keel::start(dir.path(), &config);
+        assert_eq!(
+            query(addr, "SELECT name FROM items", json!([]))["rows"],
+            json!([["seeded"]])
+        );
+        let recorded = query(addr, "SELECT version, name FROM keel_migrations", json!([]));
+        assert_eq!(recorded["rows"], json!([[1, "items"]]));
+    }
+    // Started again: nothing applied twice.
+    let (_keel, addr) = Keel::start(dir.path(), &config);
+    assert_eq!(
+        query(addr, "SELECT count(*) FROM items", json!([]))["rows"],
+        json!([[1]])
+    );
 }
