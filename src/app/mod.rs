@@ -168,7 +168,7 @@ async fn open_sql(
                 .map_err(|panic| AppError::Runtime(format!("opening SQL panicked: {panic}")))??;
             Arc::new(backend)
         }
-        None => Arc::new(open_postgres_sql(&sql_config).await?),
+        None => Arc::new(open_postgres_sql(&sql_config, sql_metrics.clone()).await?),
     };
     let sql = Sql::new(backend, &config.sql, Some(cache.clone()), sql_metrics);
     tracing::info!(backend = sql.backend_kind(), readers = config.sql.readers, queries = ?sql.query_names(), "sql ready");
@@ -177,14 +177,17 @@ async fn open_sql(
 
 /// The PostgreSQL backend and the site's migrations on it: `migrations_dir/postgres/`
 /// when that folder exists (dialect-specific files), else `migrations_dir` itself.
-async fn open_postgres_sql(sql: &SqlConfig) -> Result<PgSqlBackend, AppError> {
-    let backend = PgSqlBackend::open(PgSettings {
-        url: sql.url.expose().to_owned(),
-        replica: sql.replica.as_ref().map(|url| url.expose().to_owned()),
-        pool_size: sql.pool_size as usize,
-        pool_timeout: sql.pool_timeout.0,
-        read_your_writes: sql.read_your_writes.0,
-    })
+async fn open_postgres_sql(sql: &SqlConfig, metrics: SqlMetrics) -> Result<PgSqlBackend, AppError> {
+    let backend = PgSqlBackend::open(
+        PgSettings {
+            url: sql.url.expose().to_owned(),
+            replica: sql.replica.as_ref().map(|url| url.expose().to_owned()),
+            pool_size: sql.pool_size as usize,
+            pool_timeout: sql.pool_timeout.0,
+            read_your_writes: sql.read_your_writes.0,
+        },
+        metrics,
+    )
     .await
     .map_err(|error| {
         AppError::Runtime(format!(

@@ -35,7 +35,7 @@ use tokio_postgres::types::{FromSql, IsNull, Kind, ToSql, Type, to_sql_checked};
 
 use super::analyze::Analysis;
 use super::value::{Param, Params};
-use super::{ResultSet, SqlBackend, SqlError, SqlLimits, Statement, Touched};
+use super::{ResultSet, SqlBackend, SqlError, SqlLimits, SqlMetrics, Statement, Touched};
 
 /// How the pool reaches PostgreSQL.
 #[derive(Debug, Clone)]
@@ -53,6 +53,8 @@ pub struct PgSqlBackend {
     primary: Pool,
     replica: Option<Pool>,
     settings: PgSettings,
+    /// `keel_sql_readers_*` count pooled connections here, of both pools.
+    metrics: SqlMetrics,
     /// When this node last committed a write.
     last_write: Mutex<Option<Instant>>,
     /// What each statement text touches, learned from EXPLAIN once; cleared when the
@@ -135,7 +137,7 @@ fn with_limits(error: tokio_postgres::Error, limits: &SqlLimits) -> SqlError {
 impl PgSqlBackend {
     /// Builds the pools and checks that the primary (and the replica) answer, so a
     /// keel pointed at an unreachable PostgreSQL stops at start instead of serving 503s.
-    pub async fn open(settings: PgSettings) -> Result<PgSqlBackend, SqlError> {
+    pub async fn open(settings: PgSettings, metrics: SqlMetrics) -> Result<PgSqlBackend, SqlError> {
         let primary = pool(&settings.url, "sql.url", &settings)?;
         let replica = match &settings.replica {
             Some(url) => Some(pool(url, "sql.replica", &settings)?),
@@ -157,6 +159,7 @@ impl PgSqlBackend {
             primary,
             replica,
             settings,
+            metrics,
             last_write: Mutex::new(None),
             touched: Mutex::new(HashMap::new()),
         })
@@ -176,6 +179,24 @@ impl PgSqlBackend {
             }
             None => &self.primary,
         }
+    }
+
+    /// A connection from `pool`, its wait and the pools' use recorded.
+    async fn connection(&self, pool: &Pool) -> Result<deadpool_postgres::Object, SqlError> {
+        let waited = Instant::now();
+        let client = pool.get().await.map_err(pool_error);
+        self.metrics
+            .reader_wait_seconds
+            .observe(waited.elapsed().as_secs_f64());
+        let (mut in_use, mut idle) = (0, 0);
+        for pool in std::iter::once(&self.primary).chain(self.replica.as_ref()) {
+            let status = pool.status();
+            in_use += status.size.saturating_sub(status.available) as i64;
+            idle += status.available as i64;
+        }
+        self.metrics.readers_in_use.set(in_use);
+        self.metrics.readers_idle.set(idle);
+        client
     }
 
     fn wrote(&self) {
@@ -205,7 +226,7 @@ impl PgSqlBackend {
         statements: Vec<Statement>,
         limits: SqlLimits,
     ) -> Result<(Vec<ResultSet>, Touched), SqlError> {
-        let mut client = self.primary.get().await.map_err(pool_error)?;
+        let mut client = self.connection(&self.primary).await?;
         let txn = client.transaction().await.map_err(pg)?;
         set_timeout(&txn, &limits).await?;
         let mut results = Vec::with_capacity(statements.len());
@@ -643,7 +664,7 @@ impl SqlBackend for PgSqlBackend {
     ) -> Result<(ResultSet, Touched), SqlError> {
         refuse_session_changes(&statement.sql)?;
         let (text, values) = translate(&statement.sql, &statement.params)?;
-        let mut client = self.read_pool().get().await.map_err(pool_error)?;
+        let mut client = self.connection(self.read_pool()).await?;
         let txn = client
             .build_transaction()
             .read_only(true)
