@@ -243,6 +243,11 @@ pub(crate) async fn analyze_postgres(
         .await
         .map_err(pg)?;
     let raw = pg_plan(&txn, &sql).await?;
+    // The planner says what writes, as on SQLite: a plan that modifies a table is not
+    // analyzed on the read path.
+    if raw.to_string().contains("\"ModifyTable\"") {
+        return Err(SqlError::NotReadOnly);
+    }
     let mut findings = Vec::new();
     let mut candidate = None;
     let mut scans = Vec::new();
@@ -363,9 +368,14 @@ async fn pg_plan(
     let (text, _) = super::postgres::placeholders(sql, true);
     let prepared = txn.prepare(&text).await.map_err(pg)?;
     let nulls = vec!["NULL"; prepared.params().len()].join(", ");
-    // A prepared statement outlives the transaction; its name is this call's own and it
-    // is deallocated below whatever EXPLAIN answered.
-    let name = format!("keel_analyze_{}", std::process::id());
+    // A prepared statement outlives the transaction: its name is this call's own (a
+    // failed EXPLAIN that leaves it behind never blocks the next analysis on this
+    // pooled connection), and it is deallocated below.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let name = format!(
+        "keel_analyze_{}",
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
     txn.batch_execute(&format!(
         "SET LOCAL plan_cache_mode = force_generic_plan; PREPARE {name} AS {text}"
     ))

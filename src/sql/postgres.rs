@@ -221,17 +221,18 @@ impl PgSqlBackend {
     }
 
     /// Runs statements on the primary in one transaction, committed before it returns.
+    /// With `batch`, a failure is `SqlError::Batch` naming its statement.
     async fn write_all(
         &self,
         statements: Vec<Statement>,
         limits: SqlLimits,
+        batch: bool,
     ) -> Result<(Vec<ResultSet>, Touched), SqlError> {
         let mut client = self.connection(&self.primary).await?;
         let txn = client.transaction().await.map_err(pg)?;
         set_timeout(&txn, &limits).await?;
         let mut results = Vec::with_capacity(statements.len());
         let mut touched = Touched::default();
-        let batch = statements.len() > 1;
         for (index, statement) in statements.iter().enumerate() {
             let outcome = async {
                 refuse_session_changes(&statement.sql)?;
@@ -692,7 +693,7 @@ impl SqlBackend for PgSqlBackend {
         statement: Statement,
         limits: SqlLimits,
     ) -> Result<(ResultSet, Touched), SqlError> {
-        let (mut results, touched) = self.write_all(vec![statement], limits).await?;
+        let (mut results, touched) = self.write_all(vec![statement], limits, false).await?;
         Ok((results.pop().expect("one result"), touched))
     }
 
@@ -701,7 +702,7 @@ impl SqlBackend for PgSqlBackend {
         statements: Vec<Statement>,
         limits: SqlLimits,
     ) -> Result<(Vec<ResultSet>, Touched), SqlError> {
-        self.write_all(statements, limits).await
+        self.write_all(statements, limits, true).await
     }
 
     async fn analyze(&self, sql: String) -> Result<Analysis, SqlError> {

@@ -218,6 +218,12 @@ fn statements_parameters_and_batches(db: Db) {
     assert_eq!(failed.status, 409, "{}", failed.body);
     assert_eq!(failed.json()["code"], "constraint_violation");
     assert_eq!(failed.json()["index"], 1);
+    let alone = post(
+        addr,
+        "/v1/sql/batch",
+        json!({"statements": [{"sql": "INSERT INTO items (id, name) VALUES (1, 'again')"}]}),
+    );
+    assert_eq!(alone.json()["index"], 0, "{}", alone.body);
     assert_eq!(
         query(addr, "SELECT count(*) FROM items", json!([]))["rows"],
         json!([[2]])
@@ -420,6 +426,13 @@ fn the_analyzer_proposes_a_proved_index(db: Db) {
             && !proposal["plan_after"].as_array().unwrap().is_empty(),
         "{analysis}"
     );
+    // A write is not analyzed.
+    let write = post(
+        addr,
+        "/v1/sql/analyze",
+        json!({"sql": "DELETE FROM orders WHERE customer = 1"}),
+    );
+    assert_eq!(write.json()["code"], "not_read_only", "{}", write.body);
     // The trial index was rolled back: the same analysis proposes it again.
     let again = post(
         addr,
