@@ -98,6 +98,15 @@ fn pool(url: &str, key: &str, settings: &PgSettings) -> Result<Pool, SqlError> {
 /// `Unavailable`; anything PostgreSQL answered keeps its SQLSTATE.
 pub(crate) fn pg(error: tokio_postgres::Error) -> SqlError {
     let Some(db) = error.as_db_error() else {
+        // A value that does not convert to its parameter's type never left keel.
+        // (tokio-postgres's error kinds are private; its message is the only sign.)
+        if error.to_string().starts_with("error serializing parameter") {
+            let cause = StdError::source(&error).map(ToString::to_string);
+            return SqlError::BadParams(match cause {
+                Some(cause) => format!("{error}: {cause}"),
+                None => error.to_string(),
+            });
+        }
         // The cause (refused, timed out, reset) is in the source, not the message.
         return match StdError::source(&error) {
             Some(cause) => SqlError::Unavailable(format!("PostgreSQL: {error}: {cause}")),
@@ -237,11 +246,12 @@ impl PgSqlBackend {
             let outcome = async {
                 refuse_session_changes(&statement.sql)?;
                 let (text, values) = translate(&statement.sql, &statement.params)?;
-                let learned = match self.remembered(&statement.sql) {
+                let key = format!("w:{}", statement.sql);
+                let learned = match self.remembered(&key) {
                     Some(known) => known,
                     None => {
                         let learned = written_by(&txn, &text, &values).await?;
-                        self.remember(&statement.sql, &learned);
+                        self.remember(&key, &learned);
                         learned
                     }
                 };
@@ -505,6 +515,11 @@ async fn written_by(
         }
     };
     relations(&plan, true, &mut touched.tables_written);
+    // No table modified in the plan, yet sent as a write: a function it calls may write
+    // (`SELECT archive_posts()`), which no plan shows.
+    if touched.tables_written.is_empty() {
+        touched.changes_schema = true;
+    }
     for table in &touched.tables_written {
         let (schema, name) = table.split_once('.').unwrap_or(("", table));
         // RI_FKey_check_* and the no-action/restrict ones only read; any other trigger
@@ -673,12 +688,13 @@ impl SqlBackend for PgSqlBackend {
             .await
             .map_err(pg)?;
         set_timeout(&txn, &limits).await?;
-        let touched = match (want_tables, self.remembered(&statement.sql)) {
+        let key = format!("r:{}", statement.sql);
+        let touched = match (want_tables, self.remembered(&key)) {
             (false, _) => Touched::default(),
             (true, Some(known)) => known,
             (true, None) => {
                 let learned = read_by(&txn, &text, &values).await?;
-                self.remember(&statement.sql, &learned);
+                self.remember(&key, &learned);
                 learned
             }
         };

@@ -659,3 +659,140 @@ fn postgres_migrations_use_their_dialect_folder_and_apply_once() {
         json!([[1]])
     );
 }
+
+/// PostgreSQL's types through the API: each JSON value converted to the type PostgreSQL
+/// inferred for its parameter, and each column back to JSON.
+#[test]
+fn postgres_values_round_trip_by_type() {
+    let Some(db) = Db::postgres() else { return };
+    let dir = scratch();
+    let (_keel, addr) = db.start(dir.path(), "");
+    execute(
+        addr,
+        "CREATE TABLE kinds (i2 smallint, i4 integer, i8 bigint, f4 real, f8 double precision, \
+         n numeric(12, 4), b boolean, t text, v varchar(10), j jsonb, js json, by bytea, \
+         ts timestamptz, tn timestamp, d date, u uuid)",
+        json!([]),
+    );
+    let params = json!([
+        7, -70000, -9007199254740993i64, 1.5, 2.25, "12345.6789", true, "tëxt", "short",
+        "{\"a\": [1, 2]}", "[true]", {"base64": "AP8A"}, "2026-11-26T05:00:00.123Z",
+        "2026-11-26T05:00:00", "2026-11-26", "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"
+    ]);
+    let inserted = execute(
+        addr,
+        "INSERT INTO kinds VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        params,
+    );
+    assert_eq!(inserted["rows_affected"], 1);
+    let row = query(addr, "SELECT * FROM kinds", json!([]));
+    assert_eq!(
+        row["rows"][0],
+        json!([
+            7, -70000, -9007199254740993i64, 1.5, 2.25, "12345.6789", true, "tëxt", "short",
+            {"a": [1, 2]}, [true], {"base64": "AP8A"}, "2026-11-26T05:00:00.123Z",
+            "2026-11-26T05:00:00", "2026-11-26", "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"
+        ]),
+        "{row}"
+    );
+    // Numbers bind to numeric and text to numbers; NULL to anything.
+    let matched = query(
+        addr,
+        "SELECT count(*) FROM kinds WHERE n = :n AND i4 = :i AND b = :b AND t IS DISTINCT FROM :none",
+        json!({"n": 12345.6789, "i": "-70000", "b": "true", "none": null}),
+    );
+    assert_eq!(matched["rows"], json!([[1]]));
+    // RETURNING is how an inserted id comes back.
+    execute(
+        addr,
+        "CREATE TABLE ids (id serial PRIMARY KEY, x text)",
+        json!([]),
+    );
+    let returned = execute(
+        addr,
+        "INSERT INTO ids (x) VALUES (?) RETURNING id",
+        json!(["a"]),
+    );
+    assert_eq!(returned["rows"], json!([[1]]));
+    assert_eq!(returned["last_insert_id"], Value::Null);
+    // A value that does not fit its parameter's type is the client's error.
+    let overflow = post(
+        addr,
+        "/v1/sql/query",
+        json!({"sql": "SELECT count(*) FROM kinds WHERE i2 = ?", "params": [100000]}),
+    );
+    assert_eq!(overflow.status, 400, "{}", overflow.body);
+    // A type without a JSON form names the column and the cast.
+    let interval = post(
+        addr,
+        "/v1/sql/query",
+        json!({"sql": "SELECT interval '1 day' AS span"}),
+    );
+    assert_eq!(interval.status, 400, "{}", interval.body);
+    assert!(interval.body.contains("span"), "{}", interval.body);
+}
+
+const FOLLOWED: &str = r#"
+[sql.queries.through_view]
+sql = "SELECT v FROM va ORDER BY id"
+cache_ttl = "1m"
+[sql.queries.other]
+sql = "SELECT v FROM b ORDER BY id"
+cache_ttl = "1m"
+"#;
+
+/// The tables PostgreSQL's planner names: a view is followed to its table, and a write
+/// whose effects the plan cannot show (a trigger writing another table, a function)
+/// drops every cached result.
+#[test]
+fn postgres_cache_follows_views_and_distrusts_triggers_and_functions() {
+    let Some(db) = Db::postgres() else { return };
+    let dir = scratch();
+    let (_keel, addr) = db.start(dir.path(), FOLLOWED);
+    execute(addr, "CREATE TABLE a (id integer, v text)", json!([]));
+    execute(addr, "CREATE TABLE b (id integer, v text)", json!([]));
+    execute(addr, "CREATE VIEW va AS SELECT id, v FROM a", json!([]));
+    execute(addr, "INSERT INTO a VALUES (1, 'a1')", json!([]));
+    execute(addr, "INSERT INTO b VALUES (1, 'b1')", json!([]));
+    let cached = |name: &str| {
+        let reply = get(addr, &format!("/v1/sql/q/{name}"));
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        (
+            reply.header("x-cache").unwrap().to_owned(),
+            reply.json()["rows"].clone(),
+        )
+    };
+    cached("through_view");
+    cached("other");
+    assert_eq!(cached("through_view").0, "HIT");
+    execute(addr, "UPDATE a SET v = 'a2'", json!([]));
+    assert_eq!(cached("through_view"), ("MISS".to_owned(), json!([["a2"]])));
+    assert_eq!(cached("other").0, "HIT");
+
+    execute(
+        addr,
+        "CREATE FUNCTION mirror() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN UPDATE b SET v = NEW.v; RETURN NEW; END $$",
+        json!([]),
+    );
+    execute(
+        addr,
+        "CREATE TRIGGER mirrored AFTER UPDATE ON a FOR EACH ROW EXECUTE FUNCTION mirror()",
+        json!([]),
+    );
+    cached("other");
+    assert_eq!(cached("other").0, "HIT");
+    execute(addr, "UPDATE a SET v = 'a3'", json!([]));
+    assert_eq!(cached("other"), ("MISS".to_owned(), json!([["a3"]])));
+
+    execute(
+        addr,
+        "CREATE FUNCTION reset_b() RETURNS integer LANGUAGE sql AS \
+         $$ UPDATE b SET v = 'reset'; SELECT 1 $$",
+        json!([]),
+    );
+    cached("other");
+    assert_eq!(cached("other").0, "HIT");
+    execute(addr, "SELECT reset_b()", json!([]));
+    assert_eq!(cached("other"), ("MISS".to_owned(), json!([["reset"]])));
+}
