@@ -666,6 +666,59 @@ impl PgSqlBackend {
     }
 }
 
+impl PgSqlBackend {
+    /// Each migration file's state against `keel_migrations`, as `keel migrate --status`
+    /// shows it (the same states as on SQLite).
+    pub async fn migration_status(
+        &self,
+        migrations: &[crate::storage::Migration],
+    ) -> Result<Vec<(u32, String, crate::storage::MigrationState)>, PgMigrationError> {
+        use crate::storage::MigrationState;
+        let database = PgMigrationError::Database;
+        let client = self
+            .primary
+            .get()
+            .await
+            .map_err(|e| database(pool_error(e)))?;
+        let exists: bool = client
+            .query_one("SELECT to_regclass('keel_migrations') IS NOT NULL", &[])
+            .await
+            .map_err(|e| database(pg(e)))?
+            .get(0);
+        let applied: Vec<(u32, String, String)> = if exists {
+            client
+                .query("SELECT version, name, checksum FROM keel_migrations", &[])
+                .await
+                .map_err(|e| database(pg(e)))?
+                .iter()
+                .map(|row| (row.get::<_, i32>(0) as u32, row.get(1), row.get(2)))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let mut status: Vec<(u32, String, MigrationState)> = migrations
+            .iter()
+            .map(|migration| {
+                let state = match applied.iter().find(|(v, _, _)| *v == migration.version) {
+                    None => MigrationState::Pending,
+                    Some((_, _, checksum)) if *checksum != migration.checksum() => {
+                        MigrationState::Changed
+                    }
+                    Some(_) => MigrationState::Applied,
+                };
+                (migration.version, migration.name.clone(), state)
+            })
+            .collect();
+        for (version, name, _) in &applied {
+            if !migrations.iter().any(|m| m.version == *version) {
+                status.push((*version, name.clone(), MigrationState::Missing));
+            }
+        }
+        status.sort_by_key(|(version, _, _)| *version);
+        Ok(status)
+    }
+}
+
 #[async_trait::async_trait]
 impl SqlBackend for PgSqlBackend {
     fn kind(&self) -> &'static str {

@@ -87,7 +87,7 @@ pub enum StorageError {
     #[error("{path} has two migrations numbered {version}")]
     MigrationDuplicate { path: PathBuf, version: u32 },
     #[error(
-        "sql.url is not a SQLite database: this works on SQLite only (on PostgreSQL, keel serve applies sql.migrations_dir; back up with PostgreSQL's tools)"
+        "sql.url is not a SQLite database: this works on SQLite only (back up PostgreSQL with its own tools)"
     )]
     NotSqlite,
 }

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::support::{DEADLINE, Keel, Reply, base_config, get, request, scratch, server_runtime};
+use crate::support::{
+    DEADLINE, Keel, Reply, base_config, get, keel_output, request, scratch, server_runtime,
+};
 use tokio::sync::watch;
 
 fn post(addr: SocketAddr, path: &str, body: Value) -> Reply {
@@ -619,7 +621,7 @@ fn postgres_outage_answers_503_with_retry_after_and_recovers() {
 }
 
 #[test]
-fn postgres_migrations_use_their_dialect_folder_and_apply_once() {
+fn postgres_migrations_use_their_dialect_folder_and_apply_once_by_serve_or_migrate() {
     let Some(url) = postgres_url() else { return };
     let schema = TestSchema::new(&url);
     let dir = scratch();
@@ -643,6 +645,22 @@ fn postgres_migrations_use_their_dialect_folder_and_apply_once() {
             schema.url(),
             migrations
         );
+    let config_file = dir.path().join("keel.toml");
+    std::fs::write(&config_file, &config).unwrap();
+    let config_arg = config_file.to_string_lossy().into_owned();
+    let status = keel_output(&["migrate", "--status", "-c", &config_arg], &[]);
+    let listing = String::from_utf8_lossy(&status.stdout).into_owned();
+    assert!(
+        listing.contains("0001 items") && listing.contains("pending"),
+        "{listing}"
+    );
+    let applied = keel_output(&["migrate", "-c", &config_arg], &[]);
+    assert!(
+        applied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+    assert!(String::from_utf8_lossy(&applied.stdout).contains("applied"));
     {
         let (_keel, addr) = Keel::start(dir.path(), &config);
         assert_eq!(
