@@ -63,6 +63,7 @@ impl Backup {
         }
         std::fs::create_dir_all(dir).map_err(|e| destination(e.to_string()))?;
 
+        // false: the SQL data is in PostgreSQL, backed up with PostgreSQL's own tools.
         self.sql
             .backup(dir.join("data.sqlite"))
             .await

@@ -39,7 +39,8 @@ use crate::queue::{Clock, ProcessorRegistry, Queue, QueueMetrics, SystemClock, W
 use crate::ratelimit::{RateLimitMetrics, SharedLimits};
 use crate::resp::{ParseLimits, RespContext, RespMetrics, serve_resp};
 use crate::sql::{
-    MaintenanceProcessor, QueryLoader, Settings as SqliteSettings, Sql, SqlMetrics, SqliteBackend,
+    MaintenanceProcessor, PgSettings, PgSqlBackend, QueryLoader, Settings as SqliteSettings, Sql,
+    SqlBackend, SqlMetrics, SqliteBackend,
 };
 use crate::storage::{Storage, StorageError};
 
@@ -131,40 +132,88 @@ fn with_builtin_jobs(queue: &QueueConfig, sql: &SqlConfig) -> QueueConfig {
 /// The queue and schedule of the built-in SQL maintenance job.
 pub const SQL_MAINTENANCE_QUEUE: &str = "keel.sql.maintenance";
 
-/// Applies the site's migrations, then opens the SQL backend on `data.sqlite`.
+/// Applies the site's migrations, then opens the SQL backend: SQLite on `data.sqlite`,
+/// or PostgreSQL when `sql.url` says so (unreachable: start-up stops, naming the key).
 async fn open_sql(
     config: &Config,
     storage: &Storage,
     metrics: &Metrics,
     cache: &Cache,
 ) -> Result<Sql, AppError> {
-    let path = storage.data_sqlite_path.clone();
     let sql_config = config.sql.clone();
     let sql_metrics = SqlMetrics::new(metrics.registry());
-    let backend_metrics = sql_metrics.clone();
-    let backend = tokio::task::spawn_blocking(move || -> Result<SqliteBackend, AppError> {
-        if let Some(dir) = &sql_config.migrations_dir {
-            let migrations = crate::storage::migrations_in_dir(dir)?;
-            let mut connection = crate::storage::open_sqlite(&path)?;
-            crate::storage::apply_migrations(&mut connection, &path, &migrations)?;
-            tracing::info!(dir = %dir.display(), count = migrations.len(), "sql migrations applied");
+    let backend: Arc<dyn SqlBackend> = match storage.data_sqlite_path.clone() {
+        Some(path) => {
+            let backend_metrics = sql_metrics.clone();
+            let backend =
+                tokio::task::spawn_blocking(move || -> Result<SqliteBackend, AppError> {
+                    if let Some(dir) = &sql_config.migrations_dir {
+                        let migrations = crate::storage::migrations_in_dir(dir)?;
+                        let mut connection = crate::storage::open_sqlite(&path)?;
+                        crate::storage::apply_migrations(&mut connection, &path, &migrations)?;
+                        tracing::info!(dir = %dir.display(), count = migrations.len(), "sql migrations applied");
+                    }
+                    SqliteBackend::open(
+                        SqliteSettings {
+                            path,
+                            readers: sql_config.readers as usize,
+                            synchronous: sql_config.synchronous,
+                            busy_timeout: sql_config.busy_timeout.0,
+                        },
+                        backend_metrics,
+                    )
+                    .map_err(|error| AppError::Runtime(format!("sql: {error}")))
+                })
+                .await
+                .map_err(|panic| AppError::Runtime(format!("opening SQL panicked: {panic}")))??;
+            Arc::new(backend)
         }
-        SqliteBackend::open(
-            SqliteSettings {
-                path,
-                readers: sql_config.readers as usize,
-                synchronous: sql_config.synchronous,
-                busy_timeout: sql_config.busy_timeout.0,
-            },
-            backend_metrics,
-        )
-        .map_err(|error| AppError::Runtime(format!("sql: {error}")))
-    })
-    .await
-    .map_err(|panic| AppError::Runtime(format!("opening SQL panicked: {panic}")))??;
+        None => Arc::new(open_postgres_sql(&sql_config, sql_metrics.clone()).await?),
+    };
     let sql = Sql::new(backend, &config.sql, Some(cache.clone()), sql_metrics);
-    tracing::info!(readers = config.sql.readers, queries = ?sql.query_names(), "sql ready");
+    tracing::info!(backend = sql.backend_kind(), readers = config.sql.readers, queries = ?sql.query_names(), "sql ready");
     Ok(sql)
+}
+
+/// The PostgreSQL backend and the site's migrations on it: `migrations_dir/postgres/`
+/// when that folder exists (dialect-specific files), else `migrations_dir` itself.
+async fn open_postgres_sql(sql: &SqlConfig, metrics: SqlMetrics) -> Result<PgSqlBackend, AppError> {
+    let backend = PgSqlBackend::open(
+        PgSettings {
+            url: sql.url.expose().to_owned(),
+            replica: sql.replica.as_ref().map(|url| url.expose().to_owned()),
+            pool_size: sql.pool_size as usize,
+            pool_timeout: sql.pool_timeout.0,
+            read_your_writes: sql.read_your_writes.0,
+        },
+        metrics,
+    )
+    .await
+    .map_err(|error| {
+        AppError::Runtime(format!(
+            "sql: PostgreSQL is unreachable ({error}); check sql.url and sql.replica"
+        ))
+    })?;
+    if let Some(dir) = &sql.migrations_dir {
+        let dialect = dir.join("postgres");
+        let dir = if dialect.is_dir() {
+            dialect
+        } else {
+            dir.clone()
+        };
+        let migrations = crate::storage::migrations_in_dir(&dir)?;
+        let applied = backend
+            .apply_migrations(&migrations)
+            .await
+            .map_err(|error| AppError::Runtime(format!("sql.migrations_dir: {error}")))?;
+        tracing::info!(dir = %dir.display(), count = migrations.len(), applied, "sql migrations applied on PostgreSQL");
+    }
+    tracing::info!(
+        replica = sql.replica.is_some(),
+        pool_size = sql.pool_size,
+        "sql on PostgreSQL"
+    );
+    Ok(backend)
 }
 
 /// Why `keel serve` stopped with an error; the CLI maps each to an exit code.

@@ -283,12 +283,72 @@ fn with_config(args: &ConfigArgs, run: impl FnOnce(Config) -> ExitCode) -> ExitC
 }
 
 fn migrate(config: &Config, status_only: bool) -> ExitCode {
-    use crate::storage::{self, MigrationState};
     let Some(dir) = &config.sql.migrations_dir else {
         eprintln!("keel: sql.migrations_dir is not set; there is nothing to migrate");
         return ExitCode::from(2);
     };
-    let outcome = (|| -> Result<Vec<(u32, String, MigrationState)>, String> {
+    let url = config.sql.url.expose();
+    let outcome = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        migrate_postgres(config, dir, status_only)
+    } else {
+        migrate_sqlite(config, dir, status_only)
+    };
+    report_migrations(outcome)
+}
+
+/// `keel migrate` on PostgreSQL: `migrations_dir/postgres/` when it exists (as `keel
+/// serve` chooses), applied to the primary.
+fn migrate_postgres(
+    config: &Config,
+    dir: &std::path::Path,
+    status_only: bool,
+) -> Result<Vec<(u32, String, crate::storage::MigrationState)>, String> {
+    use crate::sql::{PgSettings, PgSqlBackend, SqlMetrics};
+    let dialect = dir.join("postgres");
+    let dir = if dialect.is_dir() {
+        dialect
+    } else {
+        dir.to_owned()
+    };
+    let migrations = crate::storage::migrations_in_dir(&dir).map_err(|e| e.to_string())?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    runtime.block_on(async {
+        let sql = &config.sql;
+        let backend = PgSqlBackend::open(
+            PgSettings {
+                url: sql.url.expose().to_owned(),
+                replica: None,
+                pool_size: 1,
+                pool_timeout: sql.pool_timeout.0,
+                read_your_writes: sql.read_your_writes.0,
+            },
+            SqlMetrics::new(&prometheus::Registry::new()),
+        )
+        .await
+        .map_err(|e| format!("sql.url: {e}"))?;
+        if !status_only {
+            backend
+                .apply_migrations(&migrations)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        backend
+            .migration_status(&migrations)
+            .await
+            .map_err(|e| e.to_string())
+    })
+}
+
+fn migrate_sqlite(
+    config: &Config,
+    dir: &std::path::Path,
+    status_only: bool,
+) -> Result<Vec<(u32, String, crate::storage::MigrationState)>, String> {
+    use crate::storage;
+    (|| -> Result<Vec<(u32, String, storage::MigrationState)>, String> {
         let migrations = storage::migrations_in_dir(dir).map_err(|e| e.to_string())?;
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| format!("{}: {e}", config.data_dir.display()))?;
@@ -300,7 +360,13 @@ fn migrate(config: &Config, status_only: bool) -> ExitCode {
                 .map_err(|e| e.to_string())?;
         }
         storage::migration_status(&connection, &migrations).map_err(|e| e.to_string())
-    })();
+    })()
+}
+
+fn report_migrations(
+    outcome: Result<Vec<(u32, String, crate::storage::MigrationState)>, String>,
+) -> ExitCode {
+    use crate::storage::MigrationState;
     match outcome {
         Ok(status) => {
             for (version, name, state) in &status {

@@ -649,6 +649,27 @@ mod tests {
     }
 
     #[test]
+    fn sql_on_postgresql_takes_pool_keys_and_a_replica_only_there() {
+        let config = parse_str(
+            Path::new("keel.toml"),
+            "[sql]\nurl = \"postgres://db/keel\"\nreplica = \"postgres://replica/keel\"\n\
+             pool_size = 8\npool_timeout = \"2s\"\nread_your_writes = \"500ms\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.sql.pool_size, 8);
+        assert_eq!(
+            config.sql.read_your_writes.0,
+            std::time::Duration::from_millis(500)
+        );
+        let found = errors(
+            "[sql]\nreplica = \"postgres://replica/keel\"\npool_size = 0\npool_timeout = \"0s\"\n",
+        );
+        for key in ["sql.replica", "sql.pool_size", "sql.pool_timeout"] {
+            assert!(found.iter().any(|e| e.contains(key)), "{key}: {found:?}");
+        }
+    }
+
+    #[test]
     fn errors_inside_arrays_of_tables_name_the_index() {
         let text = "[[gateway.routes]]\nupstream = \"a\"\n[[gateway.routes]]\nupstream = 5\n";
         let found = errors(text);

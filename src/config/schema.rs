@@ -651,6 +651,13 @@ pub struct SqlConfig {
     pub url: Secret,
     pub replica: Option<Secret>,
     pub readers: u32,
+    /// PostgreSQL: connections per pool (the primary's, and the replica's).
+    pub pool_size: u32,
+    /// PostgreSQL: longest wait for a pooled connection before answering 503.
+    pub pool_timeout: Span,
+    /// PostgreSQL with a replica: after this node writes, its reads go to the
+    /// primary for this long.
+    pub read_your_writes: Span,
     pub migrations_dir: Option<PathBuf>,
     pub queries: BTreeMap<String, NamedQueryConfig>,
     /// `false` makes the API read-only: execute and batch are refused.
@@ -678,6 +685,9 @@ impl Default for SqlConfig {
             url: Secret("sqlite://data.sqlite".to_owned()),
             replica: None,
             readers: 4,
+            pool_size: 16,
+            pool_timeout: Span(Duration::from_secs(5)),
+            read_your_writes: Span(Duration::from_secs(2)),
             migrations_dir: None,
             queries: BTreeMap::new(),
             allow_writes: true,

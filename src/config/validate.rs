@@ -529,6 +529,21 @@ fn check_sql(config: &Config, problem: &mut impl FnMut(&str, String)) {
     {
         problem("sql.replica", "must be a postgres:// URL".to_owned());
     }
+    if !(1..=1024).contains(&sql.pool_size) {
+        problem(
+            "sql.pool_size",
+            format!("{} must be between 1 and 1024", sql.pool_size),
+        );
+    }
+    if sql.pool_timeout.0.is_zero() {
+        problem("sql.pool_timeout", "must be longer than 0".to_owned());
+    }
+    if sql.replica.is_some() && !is_postgres_url(url) {
+        problem(
+            "sql.replica",
+            "a replica needs sql.url on PostgreSQL".to_owned(),
+        );
+    }
     if !(1..=256).contains(&sql.readers) {
         problem(
             "sql.readers",

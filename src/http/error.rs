@@ -247,6 +247,23 @@ impl From<crate::sql::SqlError> for ApiError {
                 inner.detail = detail;
                 inner.with("index", index).with("committed", committed)
             }
+            SqlError::Postgres { ref sqlstate, .. } => {
+                let (status, stable) = match sqlstate.get(..2).unwrap_or("") {
+                    "23" => (StatusCode::CONFLICT, "constraint_violation"),
+                    "40" | "55" => (StatusCode::SERVICE_UNAVAILABLE, "database_busy"),
+                    "42" if sqlstate == "42501" => (StatusCode::FORBIDDEN, "not_allowed"),
+                    "22" | "42" | "0A" | "2B" | "P0" => (StatusCode::BAD_REQUEST, "sql_error"),
+                    "25" => (StatusCode::FORBIDDEN, "read_only"),
+                    _ => (StatusCode::INTERNAL_SERVER_ERROR, "postgres_error"),
+                };
+                let sqlstate = sqlstate.clone();
+                ApiError::new(status, stable, detail).with("sqlstate", sqlstate)
+            }
+            // PostgreSQL unreachable: the same request may work in a moment.
+            SqlError::Unavailable(_) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "sql_unavailable", detail)
+                    .retry_after(1)
+            }
             SqlError::Closed => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "sql_unavailable", detail)
             }

@@ -10,8 +10,8 @@
 
 use serde::Serialize;
 
-use super::sqlite::Conn;
-use super::{Params, Sql, SqlError, Statement};
+use super::sqlite::{Conn, SqliteBackend};
+use super::{Params, SqlError, Statement};
 
 /// A scan of a table with at least this many rows is a finding.
 const LARGE_TABLE_ROWS: i64 = 1000;
@@ -100,11 +100,10 @@ fn quote(identifier: &str) -> String {
     format!("\"{}\"", identifier.replace('"', "\"\""))
 }
 
-impl Sql {
-    pub async fn analyze(&self, sql: String) -> Result<Analysis, SqlError> {
+impl SqliteBackend {
+    pub async fn analyze_plan(&self, sql: String) -> Result<Analysis, SqlError> {
         let text = sql.clone();
         let (rows, findings, candidate) = self
-            .backend()
             .with_reader(move |conn| -> Result<_, SqlError> {
                 let rows = plan_rows(conn, &text)?;
                 let mut findings = Vec::new();
@@ -199,7 +198,6 @@ impl Sql {
         );
         let trial = create_index.clone();
         let rows = self
-            .backend()
             .alone(move |conn| -> Result<Vec<PlanRow>, SqlError> {
                 conn.trusted(|c| c.execute_batch(&format!("BEGIN; {trial};")))?;
                 conn.forget_statements();
@@ -221,6 +219,282 @@ impl Sql {
             improves,
         })
     }
+}
+
+/// PostgreSQL's plan (`EXPLAIN (FORMAT JSON)`) in the same shape: each node's detail is
+/// its type, relation and filter; a `Seq Scan` of a table with at least
+/// [`LARGE_TABLE_ROWS`] rows is a `full_scan`, a `Sort` is a `sort`. Parameters stay
+/// parameters: the statement is prepared and explained as a generic plan
+/// (`plan_cache_mode = force_generic_plan`), so no value is guessed.
+pub(crate) async fn analyze_postgres(
+    backend: &super::postgres::PgSqlBackend,
+    sql: String,
+) -> Result<Analysis, SqlError> {
+    use super::postgres::pg;
+    let mut client = backend
+        .primary()
+        .get()
+        .await
+        .map_err(|error| SqlError::Unavailable(format!("PostgreSQL: {error}")))?;
+    let txn = client
+        .build_transaction()
+        .read_only(true)
+        .start()
+        .await
+        .map_err(pg)?;
+    let raw = pg_plan(&txn, &sql).await?;
+    // The planner says what writes, as on SQLite: a plan that modifies a table is not
+    // analyzed on the read path.
+    if raw.to_string().contains("\"ModifyTable\"") {
+        return Err(SqlError::NotReadOnly);
+    }
+    let mut findings = Vec::new();
+    let mut candidate = None;
+    let mut scans = Vec::new();
+    pg_scans(&raw, &mut scans, &mut findings);
+    for (schema, table, alias) in scans {
+        let relation = format!("{}.{}", quote(&schema), quote(&table));
+        let count: i64 = txn
+            .query_one(
+                &format!(
+                    "SELECT count(*) FROM (SELECT 1 FROM {relation} LIMIT {LARGE_TABLE_ROWS}) t"
+                ),
+                &[],
+            )
+            .await
+            .map_err(pg)?
+            .get(0);
+        if count < LARGE_TABLE_ROWS {
+            continue;
+        }
+        findings.push(Finding {
+            kind: "full_scan",
+            table: Some(table.clone()),
+            detail: format!("Seq Scan on {table} (at least {count} rows)"),
+        });
+        if candidate.is_none() {
+            let columns: Vec<String> = txn
+                .query(
+                    "SELECT column_name::text FROM information_schema.columns                      WHERE table_schema = $1 AND table_name = $2 ORDER BY ordinal_position",
+                    &[&schema, &table],
+                )
+                .await
+                .map_err(pg)?
+                .iter()
+                .map(|row| row.get(0))
+                .collect();
+            candidate = Some((schema, table, alias, columns));
+        }
+    }
+    txn.rollback().await.map_err(pg)?;
+    let plan = pg_tree(&raw);
+    let Some((schema, table, alias, table_columns)) = candidate else {
+        return Ok(Analysis {
+            plan,
+            findings,
+            proposal: None,
+        });
+    };
+    let columns = index_columns(&sql, &table, alias.as_deref(), &table_columns);
+    if columns.is_empty() {
+        return Ok(Analysis {
+            plan,
+            findings,
+            proposal: None,
+        });
+    }
+    let name = index_name(&table, &columns);
+    let create_index = format!(
+        "CREATE INDEX {} ON {} ({})",
+        quote(&name),
+        quote(&table),
+        columns
+            .iter()
+            .map(|c| quote(c))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    // The proof: the index exists only inside this transaction, which is rolled back.
+    let txn = client.transaction().await.map_err(pg)?;
+    txn.batch_execute(&format!(
+        "SET LOCAL lock_timeout = '2s'; CREATE INDEX {} ON {}.{} ({})",
+        quote(&name),
+        quote(&schema),
+        quote(&table),
+        columns
+            .iter()
+            .map(|c| quote(c))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))
+    .await
+    .map_err(pg)?;
+    let after = pg_plan(&txn, &sql).await?;
+    txn.rollback().await.map_err(pg)?;
+    let mut still = Vec::new();
+    pg_scans(&after, &mut still, &mut Vec::new());
+    let improves = !still.iter().any(|(s, t, _)| *s == schema && *t == table);
+    Ok(Analysis {
+        plan: plan.clone(),
+        findings,
+        proposal: Some(Proposal {
+            table,
+            columns,
+            create_index,
+            plan_before: plan,
+            plan_after: pg_tree(&after),
+            improves,
+        }),
+    })
+}
+
+fn index_name(table: &str, columns: &[String]) -> String {
+    format!(
+        "idx_{}_{}",
+        table.to_ascii_lowercase(),
+        columns.join("_").to_ascii_lowercase()
+    )
+    .chars()
+    .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+    .collect()
+}
+
+/// The generic plan of `sql` (its `:name`, `?` and `$n` unbound) as PostgreSQL's JSON.
+async fn pg_plan(
+    txn: &deadpool_postgres::Transaction<'_>,
+    sql: &str,
+) -> Result<serde_json::Value, SqlError> {
+    use super::postgres::pg;
+    let (text, _) = super::postgres::placeholders(sql, true);
+    let prepared = txn.prepare(&text).await.map_err(pg)?;
+    let nulls = vec!["NULL"; prepared.params().len()].join(", ");
+    // A prepared statement outlives the transaction: its name is this call's own (a
+    // failed EXPLAIN that leaves it behind never blocks the next analysis on this
+    // pooled connection), and it is deallocated below.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let name = format!(
+        "keel_analyze_{}",
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    txn.batch_execute(&format!(
+        "SET LOCAL plan_cache_mode = force_generic_plan; PREPARE {name} AS {text}"
+    ))
+    .await
+    .map_err(pg)?;
+    let execute = if nulls.is_empty() {
+        format!("EXECUTE {name}")
+    } else {
+        format!("EXECUTE {name}({nulls})")
+    };
+    let plan = txn
+        .query_one(&format!("EXPLAIN (VERBOSE, FORMAT JSON) {execute}"), &[])
+        .await;
+    let deallocated = txn.batch_execute(&format!("DEALLOCATE {name}")).await;
+    let plan = plan
+        .map_err(pg)?
+        .try_get::<_, serde_json::Value>(0)
+        .map_err(pg)?;
+    deallocated.map_err(pg)?;
+    Ok(plan)
+}
+
+/// `Seq Scan` relations (schema, table, alias) and `Sort` findings, in plan order (the plan is VERBOSE: it names schemas).
+fn pg_scans(
+    plan: &serde_json::Value,
+    scans: &mut Vec<(String, String, Option<String>)>,
+    findings: &mut Vec<Finding>,
+) {
+    use serde_json::Value;
+    match plan {
+        Value::Object(node) => {
+            let kind = node.get("Node Type").and_then(Value::as_str).unwrap_or("");
+            if kind == "Seq Scan"
+                && let Some(table) = node.get("Relation Name").and_then(Value::as_str)
+            {
+                let schema = node.get("Schema").and_then(Value::as_str);
+                let alias = node
+                    .get("Alias")
+                    .and_then(Value::as_str)
+                    .filter(|alias| *alias != table)
+                    .map(str::to_owned);
+                scans.push((
+                    schema.unwrap_or("public").to_owned(),
+                    table.to_owned(),
+                    alias,
+                ));
+            }
+            if kind == "Sort" {
+                let keys = node
+                    .get("Sort Key")
+                    .map(|keys| keys.to_string())
+                    .unwrap_or_default();
+                findings.push(Finding {
+                    kind: "sort",
+                    table: None,
+                    detail: format!("Sort {keys}"),
+                });
+            }
+            for child in node.values() {
+                pg_scans(child, scans, findings);
+            }
+        }
+        Value::Array(items) => {
+            for item in items {
+                pg_scans(item, scans, findings);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// PostgreSQL's JSON plan as `PlanNode`s: ids in plan order, details like
+/// `Seq Scan on posts (Filter: (author_email = $1))`.
+fn pg_tree(plan: &serde_json::Value) -> Vec<PlanNode> {
+    fn node(plan: &serde_json::Value, next: &mut i64) -> Option<PlanNode> {
+        use serde_json::Value;
+        let object = plan.as_object()?;
+        let text = |key: &str| object.get(key).and_then(Value::as_str);
+        let mut detail = text("Node Type").unwrap_or("?").to_owned();
+        if let Some(index) = text("Index Name") {
+            detail.push_str(&format!(" using {index}"));
+        }
+        if let Some(table) = text("Relation Name") {
+            detail.push_str(&format!(" on {table}"));
+            if let Some(alias) = text("Alias").filter(|alias| *alias != table) {
+                detail.push_str(&format!(" {alias}"));
+            }
+        }
+        for key in [
+            "Index Cond",
+            "Recheck Cond",
+            "Filter",
+            "Hash Cond",
+            "Join Filter",
+        ] {
+            if let Some(condition) = text(key) {
+                detail.push_str(&format!(" ({key}: {condition})"));
+            }
+        }
+        *next += 1;
+        let id = *next;
+        let children = object
+            .get("Plans")
+            .and_then(Value::as_array)
+            .map(|plans| plans.iter().filter_map(|p| node(p, next)).collect())
+            .unwrap_or_default();
+        Some(PlanNode {
+            id,
+            detail,
+            children,
+        })
+    }
+    let mut next = 0;
+    plan.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| entry.get("Plan"))
+        .filter_map(|root| node(root, &mut next))
+        .collect()
 }
 
 /// Tokens of SQL text, enough to find terms: words, strings, numbers, punctuation.

@@ -10,6 +10,7 @@
 
 pub mod analyze;
 mod metrics;
+pub mod postgres;
 pub mod sqlite;
 mod stats;
 pub mod value;
@@ -26,7 +27,9 @@ use serde_json::{Value, json};
 use crate::cache::{Cache, Entry, Pattern, Target, expires_in};
 use crate::config::SqlConfig;
 
+pub use analyze::Analysis;
 pub use metrics::SqlMetrics;
+pub use postgres::{PgSettings, PgSqlBackend};
 pub use sqlite::{Settings, SqliteBackend};
 pub use stats::{SlowQuery, SortBy, StatementStats, normalize};
 pub use value::{Params, params_from_json};
@@ -65,6 +68,16 @@ pub enum SqlError {
         committed: usize,
         source: Box<SqlError>,
     },
+    #[error("{message}")]
+    Postgres {
+        /// PostgreSQL's SQLSTATE (`23505`).
+        sqlstate: String,
+        message: String,
+    },
+    /// The database cannot be reached now (PostgreSQL down, its pool exhausted past
+    /// `sql.pool_timeout`); the same request may succeed later.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("the SQL subsystem is shutting down")]
     Closed,
     #[error("{0}")]
@@ -156,6 +169,59 @@ pub struct ResultSet {
     pub time_ms: f64,
 }
 
+/// What statements touched, as the named-query cache needs it: the tables a read
+/// depends on, the tables a write changed, and whether the schema (or something keel
+/// cannot follow, such as a trigger) changed so that every cached result must go.
+#[derive(Debug, Clone, Default)]
+pub struct Touched {
+    pub tables_read: BTreeSet<String>,
+    pub tables_written: BTreeSet<String>,
+    pub changes_schema: bool,
+}
+
+/// The seam between the SQL subsystem and its database: SQLite embedded, or
+/// PostgreSQL when scaled out. `Sql` keeps everything above it (limits of the API,
+/// statistics, metrics, the named-query cache and its invalidation) the same for both.
+#[async_trait::async_trait]
+pub trait SqlBackend: Send + Sync + 'static {
+    /// `sqlite` or `postgres`, for logs and `/v1/system`.
+    fn kind(&self) -> &'static str;
+
+    /// A read: refused with `NotReadOnly` when the database says the statement writes.
+    /// Returns the tables it read (exactly, through views) when `want_tables`.
+    async fn run_read(
+        &self,
+        statement: Statement,
+        limits: SqlLimits,
+        want_tables: bool,
+    ) -> Result<(ResultSet, Touched), SqlError>;
+
+    /// One statement on the primary, committed before it returns.
+    async fn run_write(
+        &self,
+        statement: Statement,
+        limits: SqlLimits,
+    ) -> Result<(ResultSet, Touched), SqlError>;
+
+    /// Several statements in one transaction: all commit or none. A failure is
+    /// `SqlError::Batch` with its index and `committed: 0`.
+    async fn run_transaction(
+        &self,
+        statements: Vec<Statement>,
+        limits: SqlLimits,
+    ) -> Result<(Vec<ResultSet>, Touched), SqlError>;
+
+    /// The plan, findings and a proved index proposal (`POST /v1/sql/analyze`).
+    async fn analyze(&self, sql: String) -> Result<Analysis, SqlError>;
+
+    /// The `sql.maintenance` job's work.
+    async fn maintenance(&self) -> Result<Value, SqlError>;
+
+    /// A consistent copy into `destination`; `None` when the database is external
+    /// (PostgreSQL is backed up with its own tools).
+    async fn backup(&self, destination: std::path::PathBuf) -> Result<bool, SqlError>;
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct SqlLimits {
     pub statement_timeout: Duration,
@@ -175,7 +241,7 @@ pub struct Sql {
 }
 
 struct Inner {
-    backend: SqliteBackend,
+    backend: Arc<dyn SqlBackend>,
     limits: SqlLimits,
     allow_writes: bool,
     stats: stats::Stats,
@@ -199,7 +265,7 @@ fn table_tag(table: &str) -> String {
 
 impl Sql {
     pub fn new(
-        backend: SqliteBackend,
+        backend: Arc<dyn SqlBackend>,
         config: &SqlConfig,
         cache: Option<Cache>,
         metrics: SqlMetrics,
@@ -239,8 +305,13 @@ impl Sql {
         }
     }
 
-    pub fn backend(&self) -> &SqliteBackend {
-        &self.inner.backend
+    /// `sqlite` or `postgres`.
+    pub fn backend_kind(&self) -> &'static str {
+        self.inner.backend.kind()
+    }
+
+    pub async fn analyze(&self, sql: String) -> Result<Analysis, SqlError> {
+        self.inner.backend.analyze(sql).await
     }
 
     fn observe(
@@ -287,10 +358,9 @@ impl Sql {
         let outcome = self
             .inner
             .backend
-            .with_reader(move |conn| conn.run(&statement, &limits, true))
+            .run_read(statement, limits, false)
             .await
-            .and_then(|outcome| outcome);
-        let outcome = outcome.map(|(result, _)| result);
+            .map(|(result, _)| result);
         self.observe(
             "read",
             &sql,
@@ -318,11 +388,7 @@ impl Sql {
         let started = Instant::now();
         let sql = statement.sql.clone();
         let limits = self.inner.limits;
-        let outcome = self
-            .inner
-            .backend
-            .write(move |conn| conn.run(&statement, &limits, false))
-            .await;
+        let outcome = self.inner.backend.run_write(statement, limits).await;
         let outcome = match outcome {
             Ok((result, info)) => {
                 self.after_write(&info.tables_written, info.changes_schema)
@@ -386,31 +452,11 @@ impl Sql {
         }
         let started = Instant::now();
         let texts: Vec<String> = statements.iter().map(|s| s.sql.clone()).collect();
-        let outcome = self
-            .inner
-            .backend
-            .write(move |conn| {
-                let mut results = Vec::with_capacity(statements.len());
-                let mut written = BTreeSet::new();
-                let mut schema = false;
-                for (index, statement) in statements.iter().enumerate() {
-                    let (result, info) =
-                        conn.run(statement, &limits, false)
-                            .map_err(|error| SqlError::Batch {
-                                index,
-                                committed: 0,
-                                source: Box::new(error),
-                            })?;
-                    written.extend(info.tables_written);
-                    schema |= info.changes_schema;
-                    results.push(result);
-                }
-                Ok((results, written, schema))
-            })
-            .await;
+        let outcome = self.inner.backend.run_transaction(statements, limits).await;
         let outcome = match outcome {
-            Ok((results, written, schema)) => {
-                self.after_write(&written, schema).await;
+            Ok((results, touched)) => {
+                self.after_write(&touched.tables_written, touched.changes_schema)
+                    .await;
                 Ok(results)
             }
             Err(error) => Err(error),
@@ -501,11 +547,7 @@ impl Sql {
         let started = Instant::now();
         let sql = statement.sql.clone();
         let limits = inner.limits;
-        let outcome = inner
-            .backend
-            .with_reader(move |conn| conn.run(&statement, &limits, true))
-            .await
-            .and_then(|outcome| outcome);
+        let outcome = inner.backend.run_read(statement, limits, true).await;
         self.observe(
             "read",
             &sql,
@@ -563,44 +605,19 @@ impl Sql {
         self.inner.stats.reset();
     }
 
-    /// PRAGMA optimize, ANALYZE, incremental vacuum and a WAL checkpoint, on the writer
-    /// between transactions (the `sql.maintenance` job).
+    /// The database's housekeeping (SQLite: optimize, ANALYZE, incremental vacuum, a
+    /// WAL checkpoint), the `sql.maintenance` job.
     pub async fn maintenance(&self) -> Result<Value, SqlError> {
         let started = Instant::now();
-        let outcome = self
-            .inner
-            .backend
-            .alone(|conn| {
-                conn.trusted(|c| -> Result<Value, SqlError> {
-                    c.execute_batch("PRAGMA optimize; ANALYZE; PRAGMA incremental_vacuum;")?;
-                    let (busy, log, checkpointed): (i64, i64, i64) = c.query_row(
-                        "PRAGMA wal_checkpoint(TRUNCATE)",
-                        [],
-                        |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
-                    )?;
-                    Ok(json!({ "checkpoint": { "busy": busy, "log_frames": log, "checkpointed": checkpointed } }))
-                })
-            })
-            .await??;
+        let outcome = self.inner.backend.maintenance().await?;
         self.inner.epoch.fetch_add(1, Ordering::SeqCst);
         Ok(json!({ "maintenance": outcome, "ms": started.elapsed().as_millis() as u64 }))
     }
 
-    /// A consistent copy of the database, taken with SQLite's online backup API on the
-    /// writer (so no write is half in it) while readers keep running.
-    pub async fn backup(&self, destination: std::path::PathBuf) -> Result<(), SqlError> {
-        self.inner
-            .backend
-            .alone(move |conn| {
-                conn.raw()
-                    .backup(
-                        rusqlite::MAIN_DB,
-                        &destination,
-                        None::<fn(rusqlite::backup::Progress)>,
-                    )
-                    .map_err(SqlError::from)
-            })
-            .await?
+    /// A consistent copy of the database; false when the database is external and is
+    /// backed up with its own tools.
+    pub async fn backup(&self, destination: std::path::PathBuf) -> Result<bool, SqlError> {
+        self.inner.backend.backup(destination).await
     }
 }
 
@@ -632,6 +649,8 @@ fn error_label(error: &SqlError) -> &'static str {
         SqlError::TooManyRows(_) => "too_many_rows",
         SqlError::ResultTooLarge(_) => "result_too_large",
         SqlError::Sqlite { .. } => "sqlite",
+        SqlError::Postgres { .. } => "postgres",
+        SqlError::Unavailable(_) => "unavailable",
         SqlError::WritesDisabled => "writes_disabled",
         SqlError::UnknownQuery(_) => "unknown_query",
         SqlError::Batch { .. } => "batch",

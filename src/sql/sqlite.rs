@@ -23,8 +23,9 @@ use rusqlite::{Connection, OpenFlags};
 use serde_json::Value;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
+use super::analyze::Analysis;
 use super::value::{Param, Params, cell_to_json};
-use super::{ResultSet, SqlError, SqlLimits, SqlMetrics, Statement};
+use super::{ResultSet, SqlBackend, SqlError, SqlLimits, SqlMetrics, Statement, Touched};
 use crate::config::SqlSynchronous;
 
 /// What the authorizer learned about one statement when it was prepared.
@@ -596,6 +597,108 @@ impl SqliteBackend {
         self.metrics.writer_queue.inc();
         self.writes.send(op).await.map_err(|_| SqlError::Closed)?;
         answer.await.map_err(|_| SqlError::Closed)
+    }
+}
+
+impl From<StatementInfo> for Touched {
+    fn from(info: StatementInfo) -> Touched {
+        Touched {
+            tables_read: info.tables_read,
+            tables_written: info.tables_written,
+            changes_schema: info.changes_schema,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl SqlBackend for SqliteBackend {
+    fn kind(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn run_read(
+        &self,
+        statement: Statement,
+        limits: SqlLimits,
+        _want_tables: bool,
+    ) -> Result<(ResultSet, Touched), SqlError> {
+        // The authorizer records the tables anyway; there is nothing to save.
+        let (result, info) = self
+            .with_reader(move |conn| conn.run(&statement, &limits, true))
+            .await??;
+        Ok((result, info.into()))
+    }
+
+    async fn run_write(
+        &self,
+        statement: Statement,
+        limits: SqlLimits,
+    ) -> Result<(ResultSet, Touched), SqlError> {
+        let (result, info) = self
+            .write(move |conn| conn.run(&statement, &limits, false))
+            .await?;
+        Ok((result, info.into()))
+    }
+
+    async fn run_transaction(
+        &self,
+        statements: Vec<Statement>,
+        limits: SqlLimits,
+    ) -> Result<(Vec<ResultSet>, Touched), SqlError> {
+        self.write(move |conn| {
+            let mut results = Vec::with_capacity(statements.len());
+            let mut touched = Touched::default();
+            for (index, statement) in statements.iter().enumerate() {
+                let (result, info) =
+                    conn.run(statement, &limits, false)
+                        .map_err(|error| SqlError::Batch {
+                            index,
+                            committed: 0,
+                            source: Box::new(error),
+                        })?;
+                touched.tables_written.extend(info.tables_written);
+                touched.changes_schema |= info.changes_schema;
+                results.push(result);
+            }
+            Ok((results, touched))
+        })
+        .await
+    }
+
+    async fn analyze(&self, sql: String) -> Result<Analysis, SqlError> {
+        self.analyze_plan(sql).await
+    }
+
+    /// PRAGMA optimize, ANALYZE, incremental vacuum and a WAL checkpoint, on the writer
+    /// between transactions.
+    async fn maintenance(&self) -> Result<Value, SqlError> {
+        self.alone(|conn| {
+            conn.trusted(|c| -> Result<Value, SqlError> {
+                c.execute_batch("PRAGMA optimize; ANALYZE; PRAGMA incremental_vacuum;")?;
+                let (busy, log, checkpointed): (i64, i64, i64) =
+                    c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| {
+                        Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+                    })?;
+                Ok(serde_json::json!({ "checkpoint": { "busy": busy, "log_frames": log, "checkpointed": checkpointed } }))
+            })
+        })
+        .await?
+    }
+
+    /// SQLite's online backup API on the writer (so no write is half in the copy)
+    /// while readers keep running.
+    async fn backup(&self, destination: PathBuf) -> Result<bool, SqlError> {
+        self.alone(move |conn| {
+            conn.raw()
+                .backup(
+                    rusqlite::MAIN_DB,
+                    &destination,
+                    None::<fn(rusqlite::backup::Progress)>,
+                )
+                .map_err(SqlError::from)
+        })
+        .await??;
+        Ok(true)
     }
 }
 

@@ -87,9 +87,9 @@ pub enum StorageError {
     #[error("{path} has two migrations numbered {version}")]
     MigrationDuplicate { path: PathBuf, version: u32 },
     #[error(
-        "sql.url {url:?} is not a SQLite database; external databases arrive with the scaled-out mode"
+        "sql.url is not a SQLite database: this works on SQLite only (back up PostgreSQL with its own tools)"
     )]
-    NotSqlite { url: String },
+    NotSqlite,
 }
 
 /// Everything opened in the data directory. Dropping it closes the files and releases
@@ -97,7 +97,8 @@ pub enum StorageError {
 pub struct Storage {
     /// Keel's own tables. A std `Mutex`: statements are short and run on blocking threads.
     pub meta: Arc<Mutex<Connection>>,
-    pub data_sqlite_path: PathBuf,
+    /// `None` when `sql.url` is PostgreSQL.
+    pub data_sqlite_path: Option<PathBuf>,
     pub queue_db: Arc<redb::Database>,
     /// Last, so the lock is released only after every file above is closed.
     pub data_dir: DataDir,
@@ -117,9 +118,16 @@ impl Storage {
         apply_migrations(&mut meta, &meta_path, &keel_migrations())?;
         tracing::info!(path = %meta_path.display(), "keel schema up to date");
 
-        let data_sqlite_path = sqlite_path(data_dir.path(), config.sql.url.expose())?;
-        drop(open_sqlite(&data_sqlite_path)?);
-        tracing::info!(path = %data_sqlite_path.display(), "sql database opened");
+        let url = config.sql.url.expose();
+        let data_sqlite_path = if url.starts_with("postgres://") || url.starts_with("postgresql://")
+        {
+            None
+        } else {
+            let path = sqlite_path(data_dir.path(), url)?;
+            drop(open_sqlite(&path)?);
+            tracing::info!(path = %path.display(), "sql database opened");
+            Some(path)
+        };
 
         let queue_db = open_redb(&data_dir.path().join("queue.redb"))?;
         tracing::info!("queue store opened");
@@ -179,9 +187,7 @@ pub fn stored_files(data_dir: &Path, sql_url: &str) -> Vec<StoredFile> {
 pub fn sqlite_path(data_dir: &Path, url: &str) -> Result<PathBuf, StorageError> {
     let rest = url
         .strip_prefix("sqlite://")
-        .ok_or_else(|| StorageError::NotSqlite {
-            url: url.to_owned(),
-        })?;
+        .ok_or(StorageError::NotSqlite)?;
     let path = Path::new(rest);
     Ok(if path.is_absolute() {
         path.to_owned()

@@ -18,4 +18,5 @@ mod queue_crash;
 mod resp;
 mod scaled;
 mod sql;
+mod sql_backends;
 mod tls;
