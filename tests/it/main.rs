@@ -17,5 +17,6 @@ mod queue;
 mod queue_crash;
 mod resp;
 mod scaled;
+mod scaleout;
 mod sql;
 mod tls;
