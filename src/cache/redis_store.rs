@@ -99,6 +99,12 @@ pub struct RedisCacheStore {
     stop: CancellationToken,
 }
 
+/// A call that failed on a broken connection (not a slow Redis: a timeout is not
+/// retried, it would only double the wait).
+fn is_stale_connection(error: &redis::RedisError) -> bool {
+    error.is_io_error() || error.is_connection_dropped() || error.is_connection_refusal()
+}
+
 fn fail(error: RedisCallError) -> StoreError {
     StoreError(error.0)
 }
@@ -448,9 +454,17 @@ impl CacheStore for RedisCacheStore {
                 .ignore();
         }
         let mut connection = self.redis.connection().await.map_err(fail)?;
-        self.redis
-            .record(pipe.query_async::<()>(&mut connection).await)
-            .map_err(fail)
+        let mut sent = pipe.query_async::<()>(&mut connection).await;
+        if sent.as_ref().is_err_and(is_stale_connection) {
+            // Once: the first call after Redis came back can still fail on the dead
+            // connection (the manager reconnects only then), while the breaker is
+            // already closed (another client's probe, e.g. the shared limits', closed
+            // it): the writes in this batch were acknowledged, and would be lost.
+            // Applying a batch twice is harmless: whole values, UNLINKs, set members,
+            // invalidation messages.
+            sent = pipe.query_async::<()>(&mut connection).await;
+        }
+        self.redis.record(sent).map_err(fail)
     }
 
     async fn keys_matching(
