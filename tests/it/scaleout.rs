@@ -251,7 +251,7 @@ fn three_nodes_share_jobs_ticks_invalidations_and_limits() {
             let acked = acked.clone();
             std::thread::spawn(move || {
                 let (mut delivered, mut completed) = (Vec::new(), Vec::new());
-                let deadline = Instant::now() + Duration::from_secs(120);
+                let deadline = Instant::now() + Duration::from_secs(180);
                 while acked.load(Ordering::SeqCst) < JOBS {
                     assert!(Instant::now() < deadline, "workers not done in time");
                     let reserved = post(
@@ -835,7 +835,18 @@ fn outages_of_redis_and_postgres_lose_nothing_acknowledged() {
                         -(redis_cut.duration_since(*at).as_millis() as i128)
                     });
                 } else {
-                    lost_outside.push(format!("{key} on {api}: {read}"));
+                    let since_cut = if *at >= redis_cut {
+                        format!("{:?} after", at.duration_since(redis_cut))
+                    } else {
+                        format!("{:?} before", redis_cut.duration_since(*at))
+                    };
+                    lost_outside.push(format!(
+                        "{key} (written on node {node} {since_cut} the cut, {:?} after \
+                         the restore; that node's first refusal {:?} after the cut) read \
+                         on {api}: {read}",
+                        at.checked_duration_since(redis_restored),
+                        first_refusal[*node].duration_since(redis_cut)
+                    ));
                 }
             }
         }
