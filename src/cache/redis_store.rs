@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use super::entry::Entry;
 use super::glob::Pattern;
 use super::store::{CacheStore, RemoteInvalidation, StoreError, StoreOp};
-use crate::redis_client::{RedisCallError, RedisClient};
+use crate::redis_client::{RedisCallError, RedisClient, is_stale_connection};
 
 /// Keys asked for per SCAN step and unlinked per round trip.
 const PAGE: usize = 1000;
@@ -97,12 +97,6 @@ pub struct RedisCacheStore {
     remote_sender: mpsc::UnboundedSender<RemoteInvalidation>,
     /// Stops the subscriber and probe tasks when the store goes away.
     stop: CancellationToken,
-}
-
-/// A call that failed on a broken connection (not a slow Redis: a timeout is not
-/// retried, it would only double the wait).
-fn is_stale_connection(error: &redis::RedisError) -> bool {
-    error.is_io_error() || error.is_connection_dropped() || error.is_connection_refusal()
 }
 
 fn fail(error: RedisCallError) -> StoreError {
