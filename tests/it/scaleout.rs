@@ -59,7 +59,7 @@ fn node_config(
 ) -> String {
     base_config(dir)
         + &format!(
-            "[queue]\nbackend = \"postgres\"\nurl = {postgres:?}\nschema = {:?}\npool_size = 4\n\
+            "[queue]\nbackend = \"postgres\"\nurl = {postgres:?}\nschema = {:?}\npool_size = 8\n\
              [cache]\nl2 = {redis:?}\nredis_prefix = \"{prefix}c:\"\n{extra}\
              [ratelimit]\nshared = {redis:?}\nredis_prefix = \"{prefix}rl:\"\n",
             schema.name
@@ -245,7 +245,7 @@ fn three_nodes_share_jobs_ticks_invalidations_and_limits() {
             })
         })
         .collect();
-    let workers: Vec<_> = (0..6)
+    let workers: Vec<_> = (0..12)
         .map(|index| {
             let api = apis[index % 3];
             let acked = acked.clone();
