@@ -7,7 +7,7 @@
 //!
 //! ```text
 //! cargo bench --bench queue_load -- enqueue --url http://127.0.0.1:PORT [--clients 32] [--per-request 1] [--seconds 10]
-//! cargo bench --bench queue_load -- e2e --url URL [--jobs 100000] [--workers 8] [--reserve 32] [--enqueuers 8]
+//! cargo bench --bench queue_load -- e2e --url URL[,URL...] [--jobs 100000] [--workers 8] [--reserve 32] [--enqueuers 8]
 //! cargo bench --bench queue_load -- pickup --url URL [--rate 1000] [--seconds 10] [--workers 4] [--reserve 32]
 //! cargo bench --bench queue_load -- pg-e2e [--pg "host=127.0.0.1 user=postgres dbname=keel_bench"] [--jobs 100000]
 //! ```
@@ -42,10 +42,12 @@ usage: queue_load SUBCOMMAND [OPTIONS]
 
   enqueue --url URL [--clients 32] [--per-request 1] [--seconds 10] [--queue NAME]
       durable enqueue throughput: jobs/s, requests/s, request latency p50/p99
-  e2e --url URL [--jobs 100000] [--workers 8] [--reserve 32] [--enqueuers 8]
+  e2e --url URL[,URL...] [--jobs 100000] [--workers 8] [--reserve 32] [--enqueuers 8]
       [--per-request 100] [--timeout 600] [--queue NAME]
       enqueue JOBS in batches while WORKERS reserve (wait 1s) and batch-ack them;
-      jobs/s from the first enqueue to the last ack, every id acked exactly once
+      jobs/s from the first enqueue to the last ack, every id acked exactly once;
+      with several URLs (nodes sharing one PostgreSQL queue) enqueuers and workers
+      take the nodes in turn
   pickup --url URL [--rate 1000] [--seconds 10] [--workers 4] [--reserve 32]
       [--max-in-flight 256] [--queue NAME]
       single-job enqueues paced at RATE/s while WORKERS long-poll reserve (wait 5s);
@@ -776,9 +778,14 @@ async fn e2e(opts: Opts) -> Result<bool> {
     let per_request = opts.number("per-request", 100, 1, 10_000)?;
     let timeout = opts.number("timeout", 600, 1, 86_400)?;
     let queue = opts.queue("e2e")?;
-    let api = Api::new(&url, (workers + enqueuers) as usize)?;
-    api.preflight().await?;
-    let endpoints = Arc::new(api.endpoints(&queue)?);
+    // One client per node; enqueuer and worker `i` talk to node `i % nodes`.
+    let mut nodes = Vec::new();
+    for url in url.split(',') {
+        let api = Api::new(url, (workers + enqueuers) as usize)?;
+        api.preflight().await?;
+        let endpoints = Arc::new(api.endpoints(&queue)?);
+        nodes.push((api, endpoints));
+    }
 
     let batches = Arc::new(Batches {
         bodies: batch_sizes(jobs, per_request)
@@ -805,7 +812,8 @@ async fn e2e(opts: Opts) -> Result<bool> {
     let stop = progress.done.clone();
     let enqueued_us = Arc::new(AtomicU64::new(0));
     let mut enqueue_handles = Vec::new();
-    for _ in 0..enqueuers {
+    for index in 0..enqueuers as usize {
+        let (api, endpoints) = &nodes[index % nodes.len()];
         let (api, endpoints, batches, enqueued_us) = (
             api.clone(),
             endpoints.clone(),
@@ -834,7 +842,8 @@ async fn e2e(opts: Opts) -> Result<bool> {
         }));
     }
     let mut worker_handles = Vec::new();
-    for _ in 0..workers {
+    for index in 0..workers as usize {
+        let (api, endpoints) = &nodes[index % nodes.len()];
         let (api, endpoints, progress, body) = (
             api.clone(),
             endpoints.clone(),
@@ -912,6 +921,7 @@ async fn e2e(opts: Opts) -> Result<bool> {
         "enqueuers": enqueuers,
         "per_request": per_request,
         "workers": workers,
+        "nodes": nodes.len(),
         "reserve": reserve,
         "seconds": seconds,
         "jobs_per_s": jobs_per_s,

@@ -43,6 +43,13 @@ fn is_outage(error: &redis::RedisError) -> bool {
         )
 }
 
+/// A call that failed on a broken connection, worth one retry: the connection manager
+/// answers the first call after an outage with its last failed reconnect's error and
+/// only then reconnects. Not a timeout: retrying a slow Redis only doubles the wait.
+pub fn is_stale_connection(error: &redis::RedisError) -> bool {
+    error.is_io_error() || error.is_connection_dropped() || error.is_connection_refusal()
+}
+
 impl RedisClient {
     /// Parses the URL; connects on first use.
     pub fn new(url: &str, dependency: Dependency) -> Result<RedisClient, RedisCallError> {
@@ -133,13 +140,16 @@ impl RedisClient {
             // `allow` let this ping through (as the probe, when half-open); asking
             // again through `connection` would be refused, so go to the manager.
             let outcome = match self.manager().await {
-                Ok(mut connection) => self
-                    .record(
-                        redis::cmd("PING")
-                            .query_async::<String>(&mut connection)
-                            .await,
-                    )
-                    .map(drop),
+                Ok(mut connection) => {
+                    let ping = redis::cmd("PING");
+                    let mut pong = ping.query_async::<String>(&mut connection).await;
+                    if pong.as_ref().is_err_and(is_stale_connection) {
+                        // Else the stale error fails the probe and keeps the breaker
+                        // open for another cool-down although Redis is back.
+                        pong = ping.query_async::<String>(&mut connection).await;
+                    }
+                    self.record(pong).map(drop)
+                }
                 Err(error) => Err(error),
             };
             if let Err(error) = outcome {

@@ -187,4 +187,5 @@ def main():
         raise SystemExit(f"queue bench: failed: {', '.join(failures)} (see above)")
 
 
-main()
+if __name__ == "__main__":
+    main()

@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use super::entry::Entry;
 use super::glob::Pattern;
 use super::store::{CacheStore, RemoteInvalidation, StoreError, StoreOp};
-use crate::redis_client::{RedisCallError, RedisClient};
+use crate::redis_client::{RedisCallError, RedisClient, is_stale_connection};
 
 /// Keys asked for per SCAN step and unlinked per round trip.
 const PAGE: usize = 1000;
@@ -448,9 +448,17 @@ impl CacheStore for RedisCacheStore {
                 .ignore();
         }
         let mut connection = self.redis.connection().await.map_err(fail)?;
-        self.redis
-            .record(pipe.query_async::<()>(&mut connection).await)
-            .map_err(fail)
+        let mut sent = pipe.query_async::<()>(&mut connection).await;
+        if sent.as_ref().is_err_and(is_stale_connection) {
+            // Once: the first call after Redis came back can still fail on the dead
+            // connection (the manager reconnects only then), while the breaker is
+            // already closed (another client's probe, e.g. the shared limits', closed
+            // it): the writes in this batch were acknowledged, and would be lost.
+            // Applying a batch twice is harmless: whole values, UNLINKs, set members,
+            // invalidation messages.
+            sent = pipe.query_async::<()>(&mut connection).await;
+        }
+        self.redis.record(sent).map_err(fail)
     }
 
     async fn keys_matching(

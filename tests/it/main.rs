@@ -17,6 +17,7 @@ mod queue;
 mod queue_crash;
 mod resp;
 mod scaled;
+mod scaleout;
 mod sql;
 mod sql_backends;
 mod tls;

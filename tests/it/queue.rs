@@ -426,7 +426,7 @@ fn schedules_over_rest_enqueue_on_their_ticks() {
 
 /// `KEEL_TEST_POSTGRES_URL`, or `None` after saying the test is skipped (a failure under
 /// `KEEL_REQUIRE_EXTERNAL=1`).
-fn postgres_url() -> Option<String> {
+pub(crate) fn postgres_url() -> Option<String> {
     match std::env::var("KEEL_TEST_POSTGRES_URL") {
         Ok(url) if !url.is_empty() => Some(url),
         _ => {
@@ -441,13 +441,13 @@ fn postgres_url() -> Option<String> {
 }
 
 /// A schema of this test's own, dropped when the test ends (also after a failure).
-struct TestSchema {
+pub(crate) struct TestSchema {
     url: String,
-    name: String,
+    pub(crate) name: String,
 }
 
 impl TestSchema {
-    fn new(url: &str) -> TestSchema {
+    pub(crate) fn new(url: &str) -> TestSchema {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()

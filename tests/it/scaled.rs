@@ -16,7 +16,7 @@ use tokio::sync::watch;
 
 use crate::support::{DEADLINE, Keel, TestServer, get, request, resp_config, scratch};
 
-fn redis_url() -> Option<String> {
+pub(crate) fn redis_url() -> Option<String> {
     match std::env::var("KEEL_TEST_REDIS_URL") {
         Ok(url) if !url.is_empty() => Some(url),
         _ if std::env::var("KEEL_REQUIRE_EXTERNAL").as_deref() == Ok("1") => {
@@ -29,7 +29,7 @@ fn redis_url() -> Option<String> {
     }
 }
 
-fn unique_prefix() -> String {
+pub(crate) fn unique_prefix() -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -38,7 +38,7 @@ fn unique_prefix() -> String {
 }
 
 /// Removes every key under `prefix`, and only those.
-fn remove_prefix(url: &str, prefix: &str) {
+pub(crate) fn remove_prefix(url: &str, prefix: &str) {
     let mut redis = redis::Client::open(url).unwrap().get_connection().unwrap();
     let keys: Vec<Vec<u8>> = redis::cmd("KEYS")
         .arg(format!("{prefix}*"))
@@ -50,7 +50,7 @@ fn remove_prefix(url: &str, prefix: &str) {
 }
 
 /// Deletes the test's keys however the test ends.
-struct Cleanup(String, String);
+pub(crate) struct Cleanup(pub(crate) String, pub(crate) String);
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
@@ -59,7 +59,7 @@ impl Drop for Cleanup {
 }
 
 /// `host:port` and the rest (`/0`) of a redis:// URL.
-fn split_url(url: &str) -> (String, String) {
+pub(crate) fn split_url(url: &str) -> (String, String) {
     let rest = url.strip_prefix("redis://").expect("a redis:// URL");
     match rest.split_once('/') {
         Some((host, db)) => (host.to_owned(), format!("/{db}")),
@@ -86,7 +86,7 @@ fn resp(addr: SocketAddr) -> redis::Connection {
 }
 
 /// Polls `check` every 5 ms until it holds; fails after `within`.
-fn eventually(within: Duration, what: &str, mut check: impl FnMut() -> bool) {
+pub(crate) fn eventually(within: Duration, what: &str, mut check: impl FnMut() -> bool) {
     let started = Instant::now();
     while !check() {
         assert!(started.elapsed() < within, "{what}: not within {within:?}");
@@ -94,7 +94,7 @@ fn eventually(within: Duration, what: &str, mut check: impl FnMut() -> bool) {
     }
 }
 
-fn value(addr: SocketAddr, key: &str) -> Option<String> {
+pub(crate) fn value(addr: SocketAddr, key: &str) -> Option<String> {
     let reply = get(addr, &format!("/v1/cache/{key}"));
     match reply.status {
         200 => Some(reply.body),
@@ -154,41 +154,56 @@ fn two_nodes_share_the_l2_and_invalidate_each_others_l1() {
     assert_eq!(value(api_b, "k:1").as_deref(), Some("one"));
 }
 
-/// A TCP proxy in front of Redis that the test can cut (every connection closed, new
-/// ones closed on arrival) and restore.
-struct Proxy {
-    addr: SocketAddr,
+/// A TCP proxy in front of a server (Redis, PostgreSQL) that the test can cut and
+/// restore, as a network failure would: cut closes the listener (new connections are
+/// refused) and resets every relayed connection on both sides; restore listens on the
+/// same port again. The real server is never touched.
+pub(crate) struct Proxy {
+    pub(crate) addr: SocketAddr,
     up: watch::Sender<bool>,
     _runtime: tokio::runtime::Runtime,
 }
 
 impl Proxy {
-    fn start(target: String) -> Proxy {
+    pub(crate) fn start(target: String) -> Proxy {
         let runtime = crate::support::server_runtime();
-        let listener = runtime
+        let first = runtime
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
             .unwrap();
-        let addr = listener.local_addr().unwrap();
+        let addr = first.local_addr().unwrap();
         let (up, watching) = watch::channel(true);
         runtime.spawn(async move {
+            let mut state = watching.clone();
+            let mut listener = Some(first);
             loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
-                    continue;
-                };
-                let mut state = watching.clone();
-                if !*state.borrow_and_update() {
-                    continue; // dropped: closed on arrival
-                }
-                let target = target.clone();
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = state.wait_for(|up| !*up) => {}
+                let current = match listener.take() {
+                    Some(listener) => listener,
+                    None => {
+                        if state.wait_for(|up| *up).await.is_err() {
+                            return;
+                        }
+                        // Tokio sets SO_REUSEADDR, and reset connections leave no
+                        // TIME_WAIT behind, so the port is free again at once.
+                        match tokio::net::TcpListener::bind(addr).await {
+                            Ok(listener) => listener,
+                            Err(_) => {
+                                tokio::time::sleep(Duration::from_millis(10)).await;
+                                continue;
+                            }
+                        }
                     }
-                });
+                };
+                loop {
+                    tokio::select! {
+                        accepted = current.accept() => {
+                            if let Ok((inbound, _)) = accepted {
+                                tokio::spawn(relay(inbound, target.clone(), watching.clone()));
+                            }
+                        }
+                        _ = state.wait_for(|up| !*up) => break,
+                    }
+                }
+                drop(current); // cut: refuse connections until restored
             }
         });
         Proxy {
@@ -198,8 +213,33 @@ impl Proxy {
         }
     }
 
-    fn set_up(&self, up: bool) {
+    pub(crate) fn set_up(&self, up: bool) {
         self.up.send_replace(up);
+    }
+}
+
+/// Copies both ways until either side closes, or resets both when the proxy is cut.
+async fn relay(
+    mut inbound: tokio::net::TcpStream,
+    target: String,
+    mut state: watch::Receiver<bool>,
+) {
+    if !*state.borrow_and_update() {
+        let _ = inbound.set_zero_linger();
+        return;
+    }
+    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
+        let _ = inbound.set_zero_linger();
+        return;
+    };
+    let cut = tokio::select! {
+        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => false,
+        _ = state.wait_for(|up| !*up) => true,
+    };
+    if cut {
+        // SO_LINGER 0: dropping sends RST, as a broken network path would surface.
+        let _ = inbound.set_zero_linger();
+        let _ = outbound.set_zero_linger();
     }
 }
 

@@ -1,0 +1,130 @@
+"""`scripts/bench scaleout`: keel scaled out on this one machine.
+
+Usage: scaleout_bench.py PATH_TO_KEEL PATH_TO_QUEUE_LOAD
+
+1. The queue end to end (queue_load e2e, as `scripts/bench queue` runs it) with
+   `queue.backend = "postgres"` on the PostgreSQL at 127.0.0.1:5432 (database keel_bench,
+   a schema of this run's own, dropped after): one node, then three nodes sharing the
+   schema with the enqueuers and workers spread over them.
+2. RESP GET/SET, `redis-benchmark -q -c 50 -n 100000 -t set,get -P 1`, against one keel
+   with `cache.l2 = "redis://..."` (a private redis-server on a free port, no
+   persistence) and against one with `cache.l2 = "redb"`.
+
+Prints markdown tables for BENCHMARKS.md. Never touches other schemas or servers.
+"""
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+from benchkit import free_port, ready, stop, wait_port
+from queue_bench import failures, figure, fmt, harness, KEEL, QUICK
+
+JOBS = 20_000 if QUICK else 100_000
+WORKERS = 8
+ENQUEUERS = 8
+RESERVE = 32
+REQUESTS = 100_000
+PG_URL = "postgres://postgres@127.0.0.1:5432/keel_bench"
+
+
+def psql(sql):
+    subprocess.run(["psql", "-X", "-q", "-h", "127.0.0.1", "-U", "postgres", "-d", "keel_bench", "-c", sql],
+                   check=True, capture_output=True)
+
+
+def start_keel(workdir, name, toml):
+    """A release keel with `toml` added to loopback listeners; returns (process, api port, resp port)."""
+    api, resp = free_port(), free_port()
+    os.makedirs(f"{workdir}/{name}")
+    config = f"{workdir}/{name}/keel.toml"
+    with open(config, "w") as out:
+        out.write(f'data_dir = "{workdir}/{name}/data"\n'
+                  f'[listeners.api]\nbind = "127.0.0.1:{api}"\n'
+                  f'[listeners.resp]\nbind = "127.0.0.1:{resp}"\n' + toml)
+    log = open(f"{workdir}/{name}/keel.log", "w")
+    keel = subprocess.Popen([KEEL, "serve", "--config", config], stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 30
+    while not ready(api):
+        if keel.poll() is not None or time.time() > deadline:
+            stop(keel)
+            with open(f"{workdir}/{name}/keel.log") as output:
+                sys.stderr.write(output.read()[-4000:])
+            raise SystemExit(f"keel {name} did not become ready")
+        time.sleep(0.02)
+    return keel, api, resp
+
+
+def queue_e2e(workdir, nodes):
+    """The e2e run against `nodes` keels sharing one fresh schema; its RESULT dict."""
+    schema = f"keel_bench_scaleout_{os.getpid()}_{nodes}"
+    toml = f'[queue]\nbackend = "postgres"\nurl = "{PG_URL}"\nschema = "{schema}"\n'
+    keels = []
+    try:
+        for index in range(nodes):
+            keels.append(start_keel(workdir, f"q{nodes}-{index}", toml))
+        urls = ",".join(f"http://127.0.0.1:{api}" for _, api, _ in keels)
+        return harness("e2e", "--url", urls, "--jobs", str(JOBS), "--workers", str(WORKERS),
+                       "--reserve", str(RESERVE), "--enqueuers", str(ENQUEUERS), "--per-request", "100")
+    finally:
+        for keel, _, _ in keels:
+            stop(keel)
+        psql(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+def resp_benchmark(workdir, name, l2):
+    """{"SET": ops/s, "GET": ops/s} from redis-benchmark against one keel with `l2`."""
+    keel, _, resp = start_keel(workdir, name, f'[cache]\nl2 = "{l2}"\n')
+    try:
+        command = ["redis-benchmark", "-h", "127.0.0.1", "-p", str(resp),
+                   "-q", "-c", "50", "-n", str(REQUESTS), "-t", "set,get", "-P", "1"]
+        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    finally:
+        stop(keel)
+    rows = {}
+    for test, rps in re.findall(r"(SET|GET): ([\d.]+) requests per second", out.replace("\r", "\n")):
+        rows[test] = float(rps)
+    if set(rows) != {"SET", "GET"}:
+        failures.append(f"redis-benchmark against {name}")
+        sys.stderr.write(out)
+    return rows
+
+
+def main():
+    workdir = tempfile.mkdtemp(prefix="keel-bench-scaleout-")
+    redis_port = free_port()
+    redis = subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                              "--appendonly", "no", "--dir", workdir], stdout=subprocess.DEVNULL)
+    try:
+        one = queue_e2e(workdir, 1)
+        three = queue_e2e(workdir, 3)
+        if not wait_port(redis_port, proc=redis):
+            raise SystemExit("redis-server did not start")
+        redb = resp_benchmark(workdir, "redb", "redb")
+        shared = resp_benchmark(workdir, "redis", f"redis://127.0.0.1:{redis_port}/0")
+    finally:
+        stop(redis)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    def rate(result):
+        return None if result is None or not result.get("ok") else result["jobs_per_s"]
+
+    print()
+    print(f"| queue end to end, {JOBS:,} jobs ({ENQUEUERS} enqueuers × 100/request, {WORKERS} workers × reserve "
+          f"{RESERVE} + batch ack), `queue.backend = \"postgres\"` | jobs/s | seconds |")
+    print("|---|---|---|")
+    print(f"| 1 node | {fmt(rate(one))} | {figure(one, 'seconds', 2)} |")
+    print(f"| 3 nodes (enqueuers and workers spread over them) | {fmt(rate(three))} | {figure(three, 'seconds', 2)} |")
+    print()
+    print(f"| `redis-benchmark -q -c 50 -n {REQUESTS} -t set,get -P 1`, one keel | SET ops/s | GET ops/s |")
+    print("|---|---|---|")
+    for label, rows in (("`cache.l2 = \"redb\"`", redb), ("`cache.l2 = \"redis://...\"`", shared)):
+        print(f"| {label} | {fmt(rows.get('SET'))} | {fmt(rows.get('GET'))} |")
+    if failures:
+        raise SystemExit(f"scaleout bench: failed: {', '.join(failures)} (see above)")
+
+
+main()
