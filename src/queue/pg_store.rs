@@ -41,6 +41,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use super::job::{Job, JobState, Millis, NewJob};
 use super::store::{
     Ack, DueReport, Enqueued, Failed, Lease, Page, QueueCounts, QueueStore, Schedule,
+    decode_cursor, encode_cursor, truncate,
 };
 use super::{Clock, QueueError, QueueMetrics, RetentionPolicies, Wakeups, random_u64};
 
@@ -1022,33 +1023,6 @@ impl Tx<'_> {
             None => Ok(None),
         }
     }
-}
-
-fn truncate(text: &str, max: usize) -> String {
-    if text.len() <= max {
-        return text.to_owned();
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    text[..end].to_owned()
-}
-
-fn encode_cursor(order: u64, id: u64) -> String {
-    format!("{order:x}.{id:x}")
-}
-
-fn decode_cursor(cursor: &str) -> Result<(u64, u64), QueueError> {
-    let bad = || QueueError::Invalid {
-        code: "bad_cursor",
-        detail: "the cursor is not one this listing gave out".to_owned(),
-    };
-    let (order, id) = cursor.split_once('.').ok_or_else(bad)?;
-    Ok((
-        u64::from_str_radix(order, 16).map_err(|_| bad())?,
-        u64::from_str_radix(id, 16).map_err(|_| bad())?,
-    ))
 }
 
 #[async_trait]

@@ -33,6 +33,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::job::{Job, JobState, Millis, NewJob};
 use super::store::{
     Ack, DueReport, Enqueued, Failed, Lease, Page, QueueCounts, QueueStore, Schedule,
+    decode_cursor, encode_cursor, truncate,
 };
 use super::{Clock, QueueError, QueueMetrics, RetentionPolicies, Wakeups, random_u64};
 
@@ -914,33 +915,6 @@ fn first_keys<T: ReadableTable<(u64, u64), ()>>(
         .take(limit)
         .map(|row| row.map(|(key, _)| key.value().1).map_err(storage))
         .collect()
-}
-
-fn truncate(text: &str, max: usize) -> String {
-    if text.len() <= max {
-        return text.to_owned();
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    text[..end].to_owned()
-}
-
-fn encode_cursor(order: u64, id: u64) -> String {
-    format!("{order:x}.{id:x}")
-}
-
-fn decode_cursor(cursor: &str) -> Result<(u64, u64), QueueError> {
-    let bad = || QueueError::Invalid {
-        code: "bad_cursor",
-        detail: "the cursor is not one this listing gave out".to_owned(),
-    };
-    let (order, id) = cursor.split_once('.').ok_or_else(bad)?;
-    Ok((
-        u64::from_str_radix(order, 16).map_err(|_| bad())?,
-        u64::from_str_radix(id, 16).map_err(|_| bad())?,
-    ))
 }
 
 #[async_trait]

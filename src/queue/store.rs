@@ -207,3 +207,34 @@ pub trait QueueStore: Send + Sync + 'static {
     /// are backed up by their own tools and answer `Invalid`).
     async fn backup(&self, destination: &std::path::Path) -> Result<(), QueueError>;
 }
+
+/// The first `max` bytes of `text`, cut on a character boundary: stored job errors are
+/// bounded whatever a worker sends.
+pub(super) fn truncate(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
+}
+
+/// A listing's paging cursor: the sort position and the job id, opaque to clients and
+/// the same for every store, so a cursor survives a change of backend's code path.
+pub(super) fn encode_cursor(order: u64, id: u64) -> String {
+    format!("{order:x}.{id:x}")
+}
+
+pub(super) fn decode_cursor(cursor: &str) -> Result<(u64, u64), QueueError> {
+    let bad = || QueueError::Invalid {
+        code: "bad_cursor",
+        detail: "the cursor is not one this listing gave out".to_owned(),
+    };
+    let (order, id) = cursor.split_once('.').ok_or_else(bad)?;
+    Ok((
+        u64::from_str_radix(order, 16).map_err(|_| bad())?,
+        u64::from_str_radix(id, 16).map_err(|_| bad())?,
+    ))
+}
