@@ -350,13 +350,33 @@ fn a_shared_rate_limit_holds_across_two_nodes() {
 
     // Four clients, two per node, for 1.5 s: the limit admits the burst plus 1.5 s of
     // the rate, 100, whatever each node sees alone.
+    let (admitted, elapsed, statuses) = hammer_gateways(&gateways, 4, Duration::from_millis(1500));
+    let expected = 40.0 + 40.0 * elapsed;
+    assert!(
+        statuses.contains(&429),
+        "the limit was reached: {statuses:?}"
+    );
+    assert!(
+        (admitted - expected).abs() <= expected * 0.1,
+        "admitted {admitted}, expected {expected:.0} ± 10 %"
+    );
+    assert_eq!(hits.load(Ordering::SeqCst) as f64, admitted);
+}
+
+/// Sends `GET /x` from `clients` threads spread over `gateways` for `window`; returns how
+/// many were admitted (200), the seconds the window really lasted, and every status seen.
+pub fn hammer_gateways(
+    gateways: &[SocketAddr],
+    clients: usize,
+    window: Duration,
+) -> (f64, f64, HashSet<u16>) {
     let running = Arc::new(AtomicBool::new(true));
     let admitted = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
-    let clients: Vec<_> = (0..4)
+    let threads: Vec<_> = (0..clients)
         .map(|index| {
             let (running, admitted) = (running.clone(), admitted.clone());
-            let gateway = gateways[index % 2];
+            let gateway = gateways[index % gateways.len()];
             std::thread::spawn(move || {
                 let mut statuses = HashSet::new();
                 while running.load(Ordering::SeqCst) {
@@ -370,24 +390,15 @@ fn a_shared_rate_limit_holds_across_two_nodes() {
             })
         })
         .collect();
-    while started.elapsed() < Duration::from_millis(1500) {
+    // The measuring window itself, not a wait for something to happen.
+    while started.elapsed() < window {
         std::thread::sleep(Duration::from_millis(10));
     }
     running.store(false, Ordering::SeqCst);
     let elapsed = started.elapsed().as_secs_f64();
     let mut statuses = HashSet::new();
-    for client in clients {
-        statuses.extend(client.join().unwrap());
+    for thread in threads {
+        statuses.extend(thread.join().unwrap());
     }
-    let admitted = admitted.load(Ordering::SeqCst) as f64;
-    let expected = 40.0 + 40.0 * elapsed;
-    assert!(
-        statuses.contains(&429),
-        "the limit was reached: {statuses:?}"
-    );
-    assert!(
-        (admitted - expected).abs() <= expected * 0.1,
-        "admitted {admitted}, expected {expected:.0} ± 10 %"
-    );
-    assert_eq!(hits.load(Ordering::SeqCst) as f64, admitted);
+    (admitted.load(Ordering::SeqCst) as f64, elapsed, statuses)
 }

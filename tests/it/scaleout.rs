@@ -387,36 +387,8 @@ fn three_nodes_share_jobs_ticks_invalidations_and_limits() {
 
     // --- 50/s (burst 50) keyed globally holds across the three gateways ---------------
     let gateways: Vec<SocketAddr> = nodes.iter().map(|(keel, _)| keel.gateway_addr()).collect();
-    let running = Arc::new(AtomicBool::new(true));
-    let admitted = Arc::new(AtomicUsize::new(0));
-    let window = Instant::now();
-    let clients: Vec<_> = (0..6)
-        .map(|index| {
-            let (running, admitted) = (running.clone(), admitted.clone());
-            let gateway = gateways[index % 3];
-            std::thread::spawn(move || {
-                let mut statuses = HashSet::new();
-                while running.load(Ordering::SeqCst) {
-                    let status = get(gateway, "/x").status;
-                    if status == 200 {
-                        admitted.fetch_add(1, Ordering::SeqCst);
-                    }
-                    statuses.insert(status);
-                }
-                statuses
-            })
-        })
-        .collect();
-    while window.elapsed() < Duration::from_secs(2) {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    running.store(false, Ordering::SeqCst);
-    let elapsed = window.elapsed().as_secs_f64();
-    let mut statuses = HashSet::new();
-    for client in clients {
-        statuses.extend(client.join().unwrap());
-    }
-    let admitted = admitted.load(Ordering::SeqCst) as f64;
+    let (admitted, elapsed, statuses) =
+        crate::scaled::hammer_gateways(&gateways, 6, Duration::from_secs(2));
     let expected = 50.0 + 50.0 * elapsed;
     eprintln!(
         "three nodes: global limit admitted {admitted} in {elapsed:.2} s (expected {expected:.0})"
