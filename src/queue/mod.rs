@@ -507,7 +507,11 @@ impl Queue {
                     .observe(now.saturating_sub(started) as f64 / 1000.0);
             }
         }
-        let mut throughput = self.inner.throughput.lock().expect("throughput lock");
+        let mut throughput = self
+            .inner
+            .throughput
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         for (queue, completed) in per_queue {
             self.inner
                 .metrics
@@ -604,7 +608,11 @@ impl Queue {
     pub async fn stats(&self) -> Result<Vec<QueueStats>, QueueError> {
         let now = self.now_ms();
         let counts = self.inner.store.stats().await?;
-        let throughput = self.inner.throughput.lock().expect("throughput lock");
+        let throughput = self
+            .inner
+            .throughput
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         Ok(counts
             .into_iter()
             .map(|counts| QueueStats {
@@ -762,7 +770,9 @@ impl Throughput {
         let second = now / 1000;
         match self.queues.get(queue) {
             Some(window) if second.saturating_sub(window.second) < 60 => {
-                let stale = second - window.second;
+                // `now` is read before the lock, so a completion recorded meanwhile may
+                // have moved the window past it: then nothing is stale.
+                let stale = second.saturating_sub(window.second);
                 let live: u64 = (0..60u64)
                     .filter(|age| *age >= stale)
                     .map(|age| u64::from(window.buckets[((second - age) % 60) as usize]))
@@ -784,5 +794,20 @@ impl Window {
             self.buckets[((self.second + step) % 60) as usize] = 0;
         }
         self.second = second;
+    }
+}
+
+#[cfg(test)]
+mod throughput_tests {
+    use super::Throughput;
+
+    #[test]
+    fn a_reading_older_than_the_last_completion_counts_and_does_not_panic() {
+        let mut throughput = Throughput::default();
+        throughput.record("q", 6, 100_500);
+        // Read with a `now` taken before that completion was recorded: it still counts
+        // (the ring holds it) and the reading must not underflow.
+        assert_eq!(throughput.per_second("q", 99_900), 0.1);
+        assert_eq!(throughput.per_second("q", 100_900), 0.1);
     }
 }
