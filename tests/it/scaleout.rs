@@ -847,9 +847,21 @@ fn outages_of_redis_and_postgres_lose_nothing_acknowledged() {
         observed.statuses,
         observed.hung.len(),
     );
+    // A connection closed without an answer is usually a handler that panicked: show
+    // the nodes' own account of it next to the requests that hit it.
+    let panics: Vec<String> = nodes
+        .iter()
+        .flat_map(|(keel, _)| {
+            keel.log_text()
+                .lines()
+                .filter(|line| line.contains("panicked"))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect();
     assert!(
         observed.hung.is_empty(),
-        "requests without an answer: {:?}",
+        "requests without an answer: {:?}; panics in the nodes' logs: {panics:?}",
         observed.hung
     );
     assert!(
