@@ -26,7 +26,7 @@
 //! Tables, all in the configured schema: `jobs` (id, indexed columns, the job as
 //! JSONB), `unique_keys`, `queues` (pause flag), `counts`, `schedules`.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -40,7 +40,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::job::{Job, JobState, Millis, NewJob};
 use super::store::{
-    Ack, DueReport, Enqueued, Failed, Lease, Page, QueueCounts, QueueStore, Schedule,
+    Ack, DueReport, Effects, Enqueued, Failed, Lease, Page, QueueCounts, QueueStore, Schedule,
     decode_cursor, encode_cursor, truncate,
 };
 use super::{Clock, QueueError, QueueMetrics, RetentionPolicies, Wakeups, random_u64};
@@ -440,24 +440,7 @@ impl PgQueueStore {
         self.metrics
             .commit_seconds
             .observe(started.elapsed().as_secs_f64());
-        for (queue, removed) in &effects.retention_removed {
-            self.metrics
-                .retention_removed
-                .with_label_values(&[queue.as_str()])
-                .inc_by(*removed);
-        }
-        for queue in &effects.ready {
-            self.wakeups.job_ready(queue);
-        }
-        if let Some(next) = effects.due_reset {
-            self.wakeups.due_reset(next);
-        }
-        if let Some(at) = effects.earliest_due {
-            self.wakeups.due_at(at);
-        }
-        if effects.schedules_changed {
-            self.wakeups.schedules_changed();
-        }
+        effects.publish(&self.wakeups, &self.metrics);
     }
 
     /// Drops a schema and everything in it: for tests, which each use their own.
@@ -501,16 +484,6 @@ macro_rules! in_tx {
         store.after_commit(effects, started);
         Ok::<_, QueueError>(outcome)
     }};
-}
-
-/// What a committed transaction must tell the rest of the process (and the others).
-#[derive(Default)]
-struct Effects {
-    ready: HashSet<String>,
-    earliest_due: Option<Millis>,
-    due_reset: Option<Option<Millis>>,
-    retention_removed: HashMap<String, u64>,
-    schedules_changed: bool,
 }
 
 /// One open transaction and the bookkeeping that keeps `counts` in step with it.

@@ -19,7 +19,7 @@
 //! - `meta`: "next_id"
 //! - `schedules`: name → schedule (JSON)
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::job::{Job, JobState, Millis, NewJob};
 use super::store::{
-    Ack, DueReport, Enqueued, Failed, Lease, Page, QueueCounts, QueueStore, Schedule,
+    Ack, DueReport, Effects, Enqueued, Failed, Lease, Page, QueueCounts, QueueStore, Schedule,
     decode_cursor, encode_cursor, truncate,
 };
 use super::{Clock, QueueError, QueueMetrics, RetentionPolicies, Wakeups, random_u64};
@@ -225,45 +225,13 @@ impl Writer {
             .commit_seconds
             .observe(started.elapsed().as_secs_f64());
         match &result {
-            Ok(()) => {
-                for (queue, removed) in &effects.retention_removed {
-                    self.metrics
-                        .retention_removed
-                        .with_label_values(&[queue.as_str()])
-                        .inc_by(*removed);
-                }
-                for queue in &effects.ready {
-                    self.wakeups.job_ready(queue);
-                }
-                // Replaced here, in commit order, so an earlier deadline committed after
-                // the pass is never overwritten by the pass's answer.
-                if let Some(next) = effects.due_reset {
-                    self.wakeups.due_reset(next);
-                }
-                if let Some(at) = effects.earliest_due {
-                    self.wakeups.due_at(at);
-                }
-                if effects.schedules_changed {
-                    self.wakeups.schedules_changed();
-                }
-            }
+            Ok(()) => effects.publish(&self.wakeups, &self.metrics),
             Err(error) => tracing::error!(%error, jobs = size, "queue commit failed"),
         }
         for deliver in delivers {
             deliver(result.clone());
         }
     }
-}
-
-/// What a committed transaction must tell the rest of the process.
-#[derive(Default)]
-struct Effects {
-    ready: HashSet<String>,
-    earliest_due: Option<Millis>,
-    /// Set by a pass over due work: what the timer knew is replaced by this.
-    due_reset: Option<Option<Millis>>,
-    retention_removed: HashMap<String, u64>,
-    schedules_changed: bool,
 }
 
 /// The tables of one write transaction and the bookkeeping that keeps them in step.

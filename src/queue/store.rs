@@ -8,8 +8,10 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::QueueError;
+use std::collections::{HashMap, HashSet};
+
 use super::job::{Job, JobState, Millis, NewJob};
+use super::{QueueError, QueueMetrics, Wakeups};
 
 /// The answer to one enqueued job.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -237,4 +239,41 @@ pub(super) fn decode_cursor(cursor: &str) -> Result<(u64, u64), QueueError> {
         u64::from_str_radix(order, 16).map_err(|_| bad())?,
         u64::from_str_radix(id, 16).map_err(|_| bad())?,
     ))
+}
+
+/// What a committed transaction must tell the rest of the process: collected inside the
+/// transaction, published only after its commit, by every store the same way.
+#[derive(Default)]
+pub(super) struct Effects {
+    pub(super) ready: HashSet<String>,
+    pub(super) earliest_due: Option<Millis>,
+    /// Set by a pass over due work: what the timer knew is replaced by this.
+    pub(super) due_reset: Option<Option<Millis>>,
+    pub(super) retention_removed: HashMap<String, u64>,
+    pub(super) schedules_changed: bool,
+}
+
+impl Effects {
+    pub(super) fn publish(&self, wakeups: &Wakeups, metrics: &QueueMetrics) {
+        for (queue, removed) in &self.retention_removed {
+            metrics
+                .retention_removed
+                .with_label_values(&[queue.as_str()])
+                .inc_by(*removed);
+        }
+        for queue in &self.ready {
+            wakeups.job_ready(queue);
+        }
+        // Replaced here, in commit order, so an earlier deadline committed after the
+        // pass is never overwritten by the pass's answer.
+        if let Some(next) = self.due_reset {
+            wakeups.due_reset(next);
+        }
+        if let Some(at) = self.earliest_due {
+            wakeups.due_at(at);
+        }
+        if self.schedules_changed {
+            wakeups.schedules_changed();
+        }
+    }
 }

@@ -550,24 +550,8 @@ fn two_keels_share_one_postgres_queue_over_rest() {
 
 #[test]
 fn keel_stops_at_start_when_the_queue_postgres_is_unreachable() {
-    let dir = scratch();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let config = base_config(dir.path())
-        + &format!(
-            "[queue]\nbackend = \"postgres\"\nurl = \"postgres://keel@127.0.0.1:{port}/keel\"\n"
-        );
-    let started = Instant::now();
-    let mut keel = Keel::spawn(dir.path(), &config);
-    let status = keel
-        .wait_exit(DEADLINE)
-        .expect("keel exits instead of waiting");
-    assert_eq!(status.code(), Some(1));
-    assert!(started.elapsed() < Duration::from_secs(15));
-    let log = keel.log_text();
-    assert!(log.contains("queue.url"), "{log}");
-    assert!(!log.contains("keel ready"), "{log}");
+    crate::support::assert_stops_at_start(
+        "[queue]\nbackend = \"postgres\"\nurl = \"postgres://keel@127.0.0.1:{port}/keel\"\n",
+        "queue.url",
+    );
 }

@@ -10,11 +10,11 @@ use serde_json::{Value, json};
 
 use crate::support::{Keel, Reply, base_config, get, keel_output, request, scratch};
 
-fn post(addr: SocketAddr, path: &str, body: Value) -> Reply {
+pub fn post(addr: SocketAddr, path: &str, body: Value) -> Reply {
     request(addr, "POST", path, &body.to_string())
 }
 
-fn execute(addr: SocketAddr, sql: &str, params: Value) -> Value {
+pub fn execute(addr: SocketAddr, sql: &str, params: Value) -> Value {
     let reply = post(
         addr,
         "/v1/sql/execute",
@@ -24,7 +24,7 @@ fn execute(addr: SocketAddr, sql: &str, params: Value) -> Value {
     reply.json()
 }
 
-fn query(addr: SocketAddr, sql: &str, params: Value) -> Value {
+pub fn query(addr: SocketAddr, sql: &str, params: Value) -> Value {
     let reply = post(addr, "/v1/sql/query", json!({"sql": sql, "params": params}));
     assert_eq!(reply.status, 200, "{sql}: {}", reply.body);
     reply.json()

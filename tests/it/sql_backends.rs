@@ -13,30 +13,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::support::{
-    DEADLINE, Keel, Reply, base_config, get, keel_output, request, scratch, server_runtime,
-};
+use crate::support::{DEADLINE, Keel, base_config, get, keel_output, scratch, server_runtime};
 use tokio::sync::watch;
 
-fn post(addr: SocketAddr, path: &str, body: Value) -> Reply {
-    request(addr, "POST", path, &body.to_string())
-}
-
-fn execute(addr: SocketAddr, sql: &str, params: Value) -> Value {
-    let reply = post(
-        addr,
-        "/v1/sql/execute",
-        json!({"sql": sql, "params": params}),
-    );
-    assert_eq!(reply.status, 200, "{sql}: {}", reply.body);
-    reply.json()
-}
-
-fn query(addr: SocketAddr, sql: &str, params: Value) -> Value {
-    let reply = post(addr, "/v1/sql/query", json!({"sql": sql, "params": params}));
-    assert_eq!(reply.status, 200, "{sql}: {}", reply.body);
-    reply.json()
-}
+// The REST helpers are the SQLite suite's own.
+use crate::sql::{execute, post, query};
 
 /// `KEEL_TEST_POSTGRES_URL`, or `None` after saying the test is skipped (a failure under
 /// `KEEL_REQUIRE_EXTERNAL=1`).
@@ -447,26 +428,10 @@ fn the_analyzer_proposes_a_proved_index(db: Db) {
 
 #[test]
 fn keel_stops_at_start_when_the_sql_postgres_is_unreachable() {
-    let dir = scratch();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let config = base_config(dir.path())
-        + &format!(
-            "[sql]\nurl = \"postgres://keel@127.0.0.1:{port}/keel\"\npool_timeout = \"1s\"\n"
-        );
-    let started = Instant::now();
-    let mut keel = Keel::spawn(dir.path(), &config);
-    let status = keel
-        .wait_exit(DEADLINE)
-        .expect("keel exits instead of waiting");
-    assert_eq!(status.code(), Some(1));
-    assert!(started.elapsed() < Duration::from_secs(15));
-    let log = keel.log_text();
-    assert!(log.contains("sql.url"), "{log}");
-    assert!(!log.contains("keel ready"), "{log}");
+    crate::support::assert_stops_at_start(
+        "[sql]\nurl = \"postgres://keel@127.0.0.1:{port}/keel\"\npool_timeout = \"1s\"\n",
+        "sql.url",
+    );
 }
 
 /// Reads go to `sql.replica`, and to the primary for `sql.read_your_writes` after this

@@ -325,3 +325,25 @@ impl TestServer {
         }
     }
 }
+
+/// Starts keel with `extra` config naming a database on a port nothing listens on
+/// (`{port}` in `extra`), and checks it exits 1 at once, naming `key`, never ready.
+pub fn assert_stops_at_start(extra: &str, key: &str) {
+    let dir = scratch();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = base_config(dir.path()) + &extra.replace("{port}", &port.to_string());
+    let started = Instant::now();
+    let mut keel = Keel::spawn(dir.path(), &config);
+    let status = keel
+        .wait_exit(DEADLINE)
+        .expect("keel exits instead of waiting");
+    assert_eq!(status.code(), Some(1));
+    assert!(started.elapsed() < Duration::from_secs(15));
+    let log = keel.log_text();
+    assert!(log.contains(key), "{log}");
+    assert!(!log.contains("keel ready"), "{log}");
+}
