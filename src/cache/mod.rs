@@ -3,8 +3,9 @@
 //!
 //! Reads go L1 → L2 and promote what L2 had. Writes update L1 and queue the L2 write for
 //! the writer task (`writer.rs`), which commits in batches; until then the write is
-//! *pending* and reads see it. Every write to a key happens under that key's stripe
-//! lock, so read-modify-write commands (INCR, APPEND, SET NX...) are atomic.
+//! *pending* and reads see it. With a shared L2 (Redis) a write is answered once Redis
+//! stored it; with redb, at once (write-behind). Every write to a key happens under that
+//! key's stripe lock, so read-modify-write commands (INCR, APPEND, SET NX...) are atomic.
 //!
 //! This module knows nothing of HTTP or RESP: `http/cache.rs` and `resp/` translate.
 
@@ -71,6 +72,37 @@ pub enum CacheError {
     Unavailable(StoreError),
     #[error("the cache is shutting down")]
     Closed,
+}
+
+/// A write's answer from a shared L2: whether Redis stored it.
+type Ack = oneshot::Receiver<Result<(), StoreError>>;
+
+/// Writes issued through a `pipelined` handle that a shared L2 has not confirmed yet.
+#[must_use = "the writes may not have been stored: wait for `confirmed`"]
+#[derive(Default)]
+pub struct Unconfirmed(Vec<Ack>);
+
+impl Unconfirmed {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Waits until L2 answered for every write: `Ok` if it stored them all, else the
+    /// first failure (a write that failed is already forgotten from L1).
+    pub async fn confirmed(self) -> Result<(), CacheError> {
+        let mut outcome = Ok(());
+        for ack in self.0 {
+            let answer = match ack.await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(error)) => Err(CacheError::Unavailable(error)),
+                Err(_) => Err(CacheError::Closed),
+            };
+            if outcome.is_ok() {
+                outcome = answer;
+            }
+        }
+        outcome
+    }
 }
 
 /// What a read-modify-write decides, with a result for the caller.
@@ -203,6 +235,8 @@ struct Inner {
     store: Option<Arc<dyn CacheStore>>,
     writer: Option<mpsc::UnboundedSender<Message>>,
     budget: Arc<Semaphore>,
+    /// A shared L2: a write is answered only once L2 stored it (see `writer.rs`).
+    write_through: bool,
     limits: Limits,
     /// Orders writes: L1 entries remember theirs so invalidation spares newer writes.
     seq: AtomicU64,
@@ -215,6 +249,9 @@ struct Inner {
 #[derive(Clone)]
 pub struct Cache {
     inner: Arc<Inner>,
+    /// On a handle from `pipelined` (with a shared L2): what its writes left for the
+    /// caller to wait for.
+    unconfirmed: Option<Arc<std::sync::Mutex<Unconfirmed>>>,
 }
 
 impl Cache {
@@ -263,17 +300,77 @@ impl Cache {
             );
             sender
         });
+        let write_through = store.as_ref().is_some_and(|store| store.is_shared());
         Cache {
             inner: Arc::new(Inner {
                 shared,
                 store,
                 writer,
                 budget: Arc::new(Semaphore::new(QUEUE_BUDGET_UNITS as usize)),
+                write_through,
                 limits,
                 seq: AtomicU64::new(1),
                 l1_capacity: l1_max_bytes,
                 l1_max_age_ms,
             }),
+            unconfirmed: None,
+        }
+    }
+
+    /// A handle whose writes return as soon as they are issued (L1 holds them, the
+    /// writer has them), leaving what a shared L2 has not confirmed yet to
+    /// `take_unconfirmed`. A caller with many writes (MSET, a RESP pipeline) waits for
+    /// Redis once for all of them instead of once per write; it must wait before it
+    /// reports them done. Without a shared L2 it is an ordinary handle.
+    pub fn pipelined(&self) -> Cache {
+        Cache {
+            inner: self.inner.clone(),
+            unconfirmed: self
+                .inner
+                .write_through
+                .then(|| Arc::new(std::sync::Mutex::new(Unconfirmed::default()))),
+        }
+    }
+
+    /// The writes this handle issued since the last call that L2 has not confirmed yet
+    /// (none on a handle that is not `pipelined`).
+    pub fn take_unconfirmed(&self) -> Unconfirmed {
+        match &self.unconfirmed {
+            Some(unconfirmed) => std::mem::take(
+                &mut *unconfirmed
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()),
+            ),
+            None => Unconfirmed::default(),
+        }
+    }
+
+    /// Waits until a shared L2 stored a write; a `pipelined` handle leaves that to its
+    /// caller.
+    async fn stored(&self, ack: Option<Ack>) -> Result<(), CacheError> {
+        let Some(ack) = ack else {
+            return Ok(());
+        };
+        match &self.unconfirmed {
+            Some(unconfirmed) => {
+                unconfirmed
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .0
+                    .push(ack);
+                Ok(())
+            }
+            None => Unconfirmed(vec![ack]).confirmed().await,
+        }
+    }
+
+    /// A failure of a shared L2 is Redis being unavailable, answered as a refusal is;
+    /// one of the embedded L2 is a storage fault.
+    fn store_failure(&self, error: StoreError) -> CacheError {
+        if self.inner.write_through {
+            CacheError::Unavailable(error)
+        } else {
+            CacheError::Store(error)
         }
     }
 
@@ -432,9 +529,11 @@ impl Cache {
         self.check_value(&entry)?;
         self.check_available()?;
         let budget = self.reserve(key.len() + entry.value.len()).await?;
-        let _guard = self.inner.shared.stripe(key).lock().await;
-        self.write(key, Some(entry), budget);
-        Ok(())
+        let ack = {
+            let _guard = self.inner.shared.stripe(key).lock().await;
+            self.write(key, Some(entry), budget)
+        };
+        self.stored(ack).await
     }
 
     /// Atomic read-modify-write of one key: `decide` sees the live current entry (if
@@ -446,24 +545,29 @@ impl Cache {
     ) -> Result<T, CacheError> {
         self.check_key(key)?;
         let budget = self.reserve(key.len()).await?;
-        let _guard = self.inner.shared.stripe(key).lock().await;
-        let current = self.current_locked(key).await?;
-        match decide(current.as_ref()) {
-            Mutation::Keep(result) => Ok(result),
-            Mutation::Put(entry, result) => {
-                self.check_value(&entry)?;
-                self.check_available()?;
-                self.write(key, Some(entry), budget);
-                Ok(result)
-            }
-            Mutation::Delete(result) => {
-                if current.is_some() {
+        // The key's lock is not held while L2 stores the write: other writes to the key
+        // go on, each ordered by its sequence.
+        let (result, ack) = {
+            let _guard = self.inner.shared.stripe(key).lock().await;
+            let current = self.current_locked(key).await?;
+            match decide(current.as_ref()) {
+                Mutation::Keep(result) => return Ok(result),
+                Mutation::Put(entry, result) => {
+                    self.check_value(&entry)?;
                     self.check_available()?;
-                    self.write(key, None, budget);
+                    (result, self.write(key, Some(entry), budget))
                 }
-                Ok(result)
+                Mutation::Delete(result) => {
+                    if current.is_none() {
+                        return Ok(result);
+                    }
+                    self.check_available()?;
+                    (result, self.write(key, None, budget))
+                }
             }
-        }
+        };
+        self.stored(ack).await?;
+        Ok(result)
     }
 
     /// Deletes a key; true if it existed.
@@ -509,8 +613,14 @@ impl Cache {
         Ok(Some(permit))
     }
 
-    /// Applies a decided write. The caller holds the key's stripe lock.
-    fn write(&self, key: &[u8], entry: Option<Entry>, budget: Option<OwnedSemaphorePermit>) {
+    /// Applies a decided write to L1 and queues it for L2; with a shared L2, returns
+    /// the answer to wait for. The caller holds the key's stripe lock.
+    fn write(
+        &self,
+        key: &[u8],
+        entry: Option<Entry>,
+        budget: Option<OwnedSemaphorePermit>,
+    ) -> Option<Ack> {
         let inner = &self.inner;
         let shared = &inner.shared;
         let seq = inner.seq.fetch_add(1, Ordering::Relaxed);
@@ -531,18 +641,27 @@ impl Cache {
             }
         }
         let (Some(writer), Some(budget)) = (&inner.writer, budget) else {
-            return;
+            return None;
         };
         shared.pending.set(key.clone(), seq, entry.clone());
         let op = match entry {
             Some(entry) => StoreOp::Put { key, entry },
             None => StoreOp::Delete { key },
         };
+        let (stored, ack) = inner.write_through.then(oneshot::channel).unzip();
         shared.queued_ops.fetch_add(1, Ordering::Relaxed);
-        if writer.send(Message::Write { seq, op, budget }).is_err() {
+        let message = Message::Write {
+            seq,
+            op,
+            budget,
+            stored,
+        };
+        if writer.send(message).is_err() {
+            // A waiting caller hears `Closed`: the answer was dropped with the message.
             shared.queued_ops.fetch_sub(1, Ordering::Relaxed);
             tracing::warn!("cache writer stopped; the write stays in L1 only");
         }
+        ack
     }
 
     /// Queues a message someone will wait for.
@@ -574,7 +693,10 @@ impl Cache {
             Some(writer) => {
                 let (reply, answer) = oneshot::channel();
                 self.send_control(writer, Message::Invalidate { target, seq, reply })?;
-                answer.await.map_err(|_| CacheError::Closed)??
+                answer
+                    .await
+                    .map_err(|_| CacheError::Closed)?
+                    .map_err(|error| self.store_failure(error))?
             }
             None => self.invalidate_l1_only(&target, seq),
         };
@@ -680,7 +802,10 @@ impl Cache {
             Some(writer) => {
                 let (reply, answer) = oneshot::channel();
                 self.send_control(writer, Message::Clear { reply })?;
-                answer.await.map_err(|_| CacheError::Closed)??;
+                answer
+                    .await
+                    .map_err(|_| CacheError::Closed)?
+                    .map_err(|error| self.store_failure(error))?;
             }
             None => self.inner.shared.l1.clear(),
         }

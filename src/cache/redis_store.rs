@@ -453,7 +453,7 @@ impl CacheStore for RedisCacheStore {
             // Once: the first call after Redis came back can still fail on the dead
             // connection (the manager reconnects only then), while the breaker is
             // already closed (another client's probe, e.g. the shared limits', closed
-            // it): the writes in this batch were acknowledged, and would be lost.
+            // it): the writes in this batch would be refused although Redis is back.
             // Applying a batch twice is harmless: whole values, UNLINKs, set members,
             // invalidation messages.
             sent = pipe.query_async::<()>(&mut connection).await;

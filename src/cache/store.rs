@@ -15,7 +15,7 @@ use bytes::Bytes;
 use super::entry::Entry;
 use super::glob::Pattern;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("cache store: {0}")]
 pub struct StoreError(pub String);
 

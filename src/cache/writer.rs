@@ -1,15 +1,22 @@
 //! The L2 writer: one task owns every change to L2 and commits them in batches.
 //!
-//! Callers update L1 and record the write as *pending* before queueing it, and return
-//! at once; the writer drains whatever has queued, applies it in one transaction, and
-//! only then clears the pending records. A read that misses L1 consults the pending
-//! records before L2, so it never sees an older L2 value while a newer write is queued.
+//! Callers update L1 and record the write as *pending* before queueing it; the writer
+//! drains whatever has queued, applies it as one batch, and only then clears the
+//! pending records. A read that misses L1 consults the pending records before L2, so it
+//! never sees an older L2 value while a newer write is queued.
 //!
-//! Commits are not flushed to disk one by one: at least one durable commit per second
-//! (`DURABLE_EVERY`) and none in between, so a power cut can lose the last second of
-//! cache writes. redb's
-//! commit protocol never leaves a torn file: after a crash it holds the last durable
-//! commit.
+//! With a shared L2 (Redis) every write waits for its batch: it is answered only once
+//! Redis stored it, or with the error when Redis did not. The writer never waits for
+//! more writes then (group commit): it applies what has queued, answers everyone, and
+//! what queued meanwhile is the next batch. A write Redis did not store is forgotten
+//! from L1 before it is answered, so this node never serves a value no other node has.
+//!
+//! With the embedded L2 (redb) writes are write-behind: answered once L1 holds them,
+//! committed in batches that wait up to `BATCH_WINDOW` for more. Commits are not
+//! flushed to disk one by one: at least one durable commit per second (`DURABLE_EVERY`)
+//! and none in between, so a power cut can lose the last second of cache writes.
+//! redb's commit protocol never leaves a torn file: after a crash it holds the last
+//! durable commit.
 //!
 //! Invalidations, barriers and clears travel through the same queue, so they apply
 //! after every write queued before them.
@@ -25,15 +32,11 @@ use super::store::{CacheStore, StoreError, StoreOp};
 use super::{Shared, Target};
 
 pub(super) const DURABLE_EVERY: Duration = Duration::from_secs(1);
-/// How long the writer keeps collecting after the first queued write, unless
-/// `EARLY_COMMIT` writes queue up first. Callers never wait for it (reads see pending
+/// How long the writer keeps collecting write-behind writes after the first one queued,
+/// unless `EARLY_COMMIT` writes queue up first. Nobody waits for it (reads see pending
 /// writes), and in a B-tree with copy-on-write pages a few large commits cost far less
 /// than many small ones: each commit copies every page it touches.
 const BATCH_WINDOW: Duration = Duration::from_millis(100);
-/// The window with a shared L2 (Redis): other nodes see a write, and drop their L1 copy
-/// of the key, only once it is committed, so it waits one poll at most. Redis has no
-/// copy-on-write pages to amortise; pipelining a batch is what it needs.
-const SHARED_BATCH_WINDOW: Duration = POLL;
 const EARLY_COMMIT: i64 = 8 * 1024;
 const POLL: Duration = Duration::from_millis(5);
 /// Ops per transaction at most: bounds a commit's size and the time between commits.
@@ -43,11 +46,16 @@ const STEP: usize = 4096;
 /// Expired keys the sweeper removes per tick at most, so it never monopolises the writer.
 const SWEEP_PER_TICK: usize = 16 * 1024;
 
+/// Answered once the batch holding a write was applied to a shared L2, or failed.
+pub(super) type StoredReply = oneshot::Sender<Result<(), StoreError>>;
+
 pub(super) enum Message {
     Write {
         seq: u64,
         op: StoreOp,
         budget: OwnedSemaphorePermit,
+        /// `None`: write-behind (redb), nobody waits for it.
+        stored: Option<StoredReply>,
     },
     Invalidate {
         target: Target,
@@ -67,6 +75,13 @@ pub(super) struct Writer {
     pub(super) shared: Arc<Shared>,
     pub(super) store: Arc<dyn CacheStore>,
     pub(super) inbox: mpsc::UnboundedReceiver<Message>,
+}
+
+/// A write in the batch being applied: its pending record to clear, and who waits.
+struct Batched {
+    seq: u64,
+    key: Bytes,
+    stored: Option<StoredReply>,
 }
 
 /// When the last durable commit happened, and whether non-durable ones came after it.
@@ -102,13 +117,22 @@ impl Writer {
                 }
             }
             let mut ops = Vec::new();
-            let mut seqs = Vec::new();
+            let mut batched = Vec::new();
             for message in messages.drain(..) {
                 match message {
                     // The budget goes back as the write joins a batch: memory stays
                     // bounded by the budget plus one batch (MAX_BATCH writes).
-                    Message::Write { seq, op, budget } => {
-                        seqs.push((seq, op_key(&op).clone()));
+                    Message::Write {
+                        seq,
+                        op,
+                        budget,
+                        stored,
+                    } => {
+                        batched.push(Batched {
+                            seq,
+                            key: op_key(&op).clone(),
+                            stored,
+                        });
                         ops.push(op);
                         drop(budget);
                     }
@@ -117,7 +141,7 @@ impl Writer {
                             .controls_queued
                             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                         let ops = last_write_per_key(std::mem::take(&mut ops));
-                        self.commit(ops, std::mem::take(&mut seqs), &mut durability, false)
+                        self.commit(ops, std::mem::take(&mut batched), &mut durability, false)
                             .await;
                         if let Message::Close { reply } = other {
                             self.commit(Vec::new(), Vec::new(), &mut durability, true)
@@ -130,26 +154,23 @@ impl Writer {
                 }
             }
             let ops = last_write_per_key(ops);
-            self.commit(ops, seqs, &mut durability, false).await;
+            self.commit(ops, batched, &mut durability, false).await;
             self.shared.metrics.l2_queue_ops.set(self.shared.queued());
         }
     }
 
-    /// Lets writes accumulate for `BATCH_WINDOW` (unless a control message, which
-    /// someone waits for, is already here), then takes everything queued. Sleeping
-    /// rather than listening means senders do not wake the writer once per write.
+    /// Takes everything queued. While nobody waits for what is here (write-behind
+    /// writes only), it first lets writes accumulate for `BATCH_WINDOW`, unless a control
+    /// message arrives; sleeping rather than listening means senders do not wake the
+    /// writer once per write. Someone waits for every write to a shared store: those go
+    /// at once, and what queues while they are applied forms the next batch.
     async fn fill(&mut self, messages: &mut Vec<Message>) {
         if messages
             .iter()
-            .all(|message| matches!(message, Message::Write { .. }))
+            .all(|message| matches!(message, Message::Write { stored: None, .. }))
             && messages.len() < MAX_BATCH
         {
-            let window = if self.store.is_shared() {
-                SHARED_BATCH_WINDOW
-            } else {
-                BATCH_WINDOW
-            };
-            let deadline = tokio::time::Instant::now() + window;
+            let deadline = tokio::time::Instant::now() + BATCH_WINDOW;
             while tokio::time::Instant::now() < deadline
                 && self.shared.queued() < EARLY_COMMIT
                 && self
@@ -169,12 +190,13 @@ impl Writer {
         }
     }
 
-    /// Applies a batch, then forgets the pending records it covered. The commit is
-    /// durable when asked, or when the last durable one is `DURABLE_EVERY` old.
+    /// Applies a batch, then forgets the pending records it covered and answers whoever
+    /// waits for its writes. The commit is durable when asked, or when the last durable
+    /// one is `DURABLE_EVERY` old.
     async fn commit(
         &self,
         ops: Vec<StoreOp>,
-        seqs: Vec<(u64, Bytes)>,
+        batched: Vec<Batched>,
         durability: &mut FlushState,
         force: bool,
     ) {
@@ -182,14 +204,21 @@ impl Writer {
         if ops.is_empty() && !durable {
             return;
         }
-        let count = seqs.len();
-        match self.store.apply(ops, durable).await {
+        let count = batched.len();
+        let outcome = self.store.apply(ops, durable).await;
+        match &outcome {
             Ok(()) if durable => self.shared.metrics.l2_durable_commits.inc(),
             Ok(()) => {}
             Err(error) => {
-                // The writes stay in L1; L2 misses them until they are written again.
                 self.shared.metrics.l2_errors.inc();
                 tracing::error!(%error, count, "cache L2 batch failed");
+                if self.store.is_shared() {
+                    // Its writers get the error: L1 must not keep serving what no other
+                    // node can read.
+                    self.forget(&batched).await;
+                }
+                // Write-behind (redb): the writes stay in L1; L2 misses them until they
+                // are written again.
             }
         }
         if durable {
@@ -198,12 +227,28 @@ impl Writer {
         } else {
             durability.dirty = true;
         }
-        for (seq, key) in seqs {
-            self.shared.pending.clear(&key, seq);
+        for write in batched {
+            self.shared.pending.clear(&write.key, write.seq);
+            if let Some(stored) = write.stored {
+                let _ = stored.send(outcome.clone());
+            }
         }
         self.shared
             .queued_ops
             .fetch_sub(count as i64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Drops failed writes from L1 and from the pending records, each only if no newer
+    /// write to its key replaced it meanwhile. Under the key's lock, so a miss cannot
+    /// read the pending record after L1 forgot the write.
+    async fn forget(&self, batched: &[Batched]) {
+        for write in batched {
+            let _guard = self.shared.stripe(&write.key).lock().await;
+            self.shared
+                .l1
+                .remove_if(&write.key, |stored| stored.seq == write.seq);
+            self.shared.pending.clear(&write.key, write.seq);
+        }
     }
 
     async fn control(&self, message: Message) {
@@ -311,5 +356,263 @@ fn last_write_per_key(ops: Vec<StoreOp>) -> Vec<StoreOp> {
 fn op_key(op: &StoreOp) -> &Bytes {
     match op {
         StoreOp::Put { key, .. } | StoreOp::Delete { key } => key,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+    use bytes::Bytes;
+    use tokio::sync::mpsc;
+
+    use super::super::entry::Entry;
+    use super::super::glob::Pattern;
+    use super::super::store::{CacheStore, StoreError, StoreOp};
+    use super::super::{Cache, CacheError, CacheMetrics, Limits};
+    use super::op_key;
+
+    /// An L2 whose `apply` reports each batch's keys and waits for the test to decide
+    /// its outcome, so a test holds a batch "in flight" as long as it likes.
+    struct GatedStore {
+        shared: bool,
+        entries: std::sync::Mutex<HashMap<Bytes, Entry>>,
+        applying: mpsc::UnboundedSender<Vec<Bytes>>,
+        outcomes: tokio::sync::Mutex<mpsc::UnboundedReceiver<Result<(), StoreError>>>,
+    }
+
+    /// The test's side of a `GatedStore`.
+    struct Gate {
+        applying: mpsc::UnboundedReceiver<Vec<Bytes>>,
+        outcomes: mpsc::UnboundedSender<Result<(), StoreError>>,
+    }
+
+    impl Gate {
+        /// The keys of the next batch the writer applies.
+        async fn next_batch(&mut self) -> Vec<Bytes> {
+            tokio::time::timeout(Duration::from_secs(10), self.applying.recv())
+                .await
+                .expect("a batch within 10 s")
+                .expect("the writer runs")
+        }
+
+        fn answer(&self, outcome: Result<(), StoreError>) {
+            self.outcomes.send(outcome).unwrap();
+        }
+    }
+
+    fn gated(shared: bool) -> (Cache, Gate) {
+        let (applying_sender, applying) = mpsc::unbounded_channel();
+        let (outcomes, outcomes_receiver) = mpsc::unbounded_channel();
+        let store = GatedStore {
+            shared,
+            entries: Default::default(),
+            applying: applying_sender,
+            outcomes: tokio::sync::Mutex::new(outcomes_receiver),
+        };
+        let cache = Cache::new(
+            1 << 20,
+            Some(std::sync::Arc::new(store)),
+            Limits {
+                max_key_bytes: 1024,
+                max_value_bytes: 1024,
+            },
+            CacheMetrics::new(&prometheus::Registry::new()),
+        );
+        (cache, Gate { applying, outcomes })
+    }
+
+    #[async_trait]
+    impl CacheStore for GatedStore {
+        fn kind(&self) -> &'static str {
+            "gated"
+        }
+
+        fn is_shared(&self) -> bool {
+            self.shared
+        }
+
+        async fn get(&self, key: &[u8]) -> Result<Option<Entry>, StoreError> {
+            Ok(self.entries.lock().unwrap().get(key).cloned())
+        }
+
+        async fn apply(&self, batch: Vec<StoreOp>, _durable: bool) -> Result<(), StoreError> {
+            if batch.is_empty() {
+                return Ok(());
+            }
+            let _ = self
+                .applying
+                .send(batch.iter().map(|op| op_key(op).clone()).collect());
+            let outcome = self
+                .outcomes
+                .lock()
+                .await
+                .recv()
+                .await
+                .unwrap_or_else(|| Err(StoreError("the test is over".to_owned())));
+            if outcome.is_ok() {
+                let mut entries = self.entries.lock().unwrap();
+                for op in batch {
+                    match op {
+                        StoreOp::Put { key, entry } => entries.insert(key, entry),
+                        StoreOp::Delete { key } => entries.remove(&key),
+                    };
+                }
+            }
+            outcome
+        }
+
+        async fn keys_matching(
+            &self,
+            _pattern: &Pattern,
+            _now_ms: u64,
+            _limit: usize,
+        ) -> Result<Vec<Bytes>, StoreError> {
+            unreachable!("not used by these tests")
+        }
+
+        async fn delete_matching(&self, _pattern: &Pattern) -> Result<Vec<Bytes>, StoreError> {
+            unreachable!("not used by these tests")
+        }
+
+        async fn delete_tagged(&self, _tags: &[String]) -> Result<Vec<Bytes>, StoreError> {
+            unreachable!("not used by these tests")
+        }
+
+        async fn scan(
+            &self,
+            _after: Option<&[u8]>,
+            _count: usize,
+        ) -> Result<(Vec<Bytes>, bool), StoreError> {
+            unreachable!("not used by these tests")
+        }
+
+        async fn expired(&self, _now_ms: u64, _limit: usize) -> Result<Vec<Bytes>, StoreError> {
+            Ok(Vec::new())
+        }
+
+        async fn key_count(&self) -> Result<u64, StoreError> {
+            Ok(self.entries.lock().unwrap().len() as u64)
+        }
+
+        async fn clear(&self) -> Result<(), StoreError> {
+            unreachable!("not used by these tests")
+        }
+    }
+
+    fn entry(value: &'static str) -> Entry {
+        Entry::new(Bytes::from_static(value.as_bytes()))
+    }
+
+    async fn read(cache: &Cache, key: &[u8]) -> Option<Bytes> {
+        cache.get(key).await.unwrap().map(|entry| entry.value)
+    }
+
+    /// Until `key` reads `value` (from L1: the write was issued).
+    async fn issued(cache: &Cache, key: &[u8], value: &'static str) {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while read(cache, key).await.as_deref() != Some(value.as_bytes()) {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the write was issued within 10 s");
+    }
+
+    fn failure() -> Result<(), StoreError> {
+        Err(StoreError("redis: connection refused".to_owned()))
+    }
+
+    #[tokio::test]
+    async fn a_shared_store_answers_a_write_once_stored_and_forgets_a_failed_one() {
+        let (cache, mut gate) = gated(true);
+        let set = tokio::spawn({
+            let cache = cache.clone();
+            async move { cache.set(b"k", entry("one")).await }
+        });
+        assert_eq!(gate.next_batch().await, vec![Bytes::from_static(b"k")]);
+        assert!(!set.is_finished(), "answered before L2 stored it");
+        gate.answer(Ok(()));
+        set.await.unwrap().unwrap();
+
+        let failing = tokio::spawn({
+            let cache = cache.clone();
+            async move { cache.set(b"k", entry("two")).await }
+        });
+        gate.next_batch().await;
+        gate.answer(failure());
+        assert!(matches!(
+            failing.await.unwrap(),
+            Err(CacheError::Unavailable(_))
+        ));
+        // Forgotten from L1: the read goes to L2, which still has the stored value.
+        assert_eq!(read(&cache, b"k").await.as_deref(), Some(&b"one"[..]));
+    }
+
+    /// A failed write undoes only itself: a newer write to the same key, made while the
+    /// failing batch was in flight, stays in L1 and is stored by the next batch, which
+    /// takes every write that queued meanwhile (group commit).
+    #[tokio::test]
+    async fn a_failed_write_spares_a_newer_one_and_the_next_batch_takes_all_queued() {
+        let (cache, mut gate) = gated(true);
+        let failing = tokio::spawn({
+            let cache = cache.clone();
+            async move { cache.set(b"k", entry("old")).await }
+        });
+        assert_eq!(gate.next_batch().await, vec![Bytes::from_static(b"k")]);
+        let mut waiting = Vec::new();
+        for (key, value) in [(&b"k"[..], "new"), (b"a", "a"), (b"b", "b")] {
+            let writer = cache.clone();
+            waiting.push(tokio::spawn(
+                async move { writer.set(key, entry(value)).await },
+            ));
+            issued(&cache, key, value).await;
+        }
+        gate.answer(failure());
+        assert!(failing.await.unwrap().is_err());
+        assert_eq!(read(&cache, b"k").await.as_deref(), Some(&b"new"[..]));
+
+        let mut next = gate.next_batch().await;
+        next.sort();
+        assert_eq!(next, [&b"a"[..], b"b", b"k"]);
+        gate.answer(Ok(()));
+        for set in waiting {
+            set.await.unwrap().unwrap();
+        }
+        assert_eq!(read(&cache, b"k").await.as_deref(), Some(&b"new"[..]));
+    }
+
+    /// A pipelined handle issues writes without waiting; their answers come together.
+    #[tokio::test]
+    async fn a_pipelined_handle_leaves_the_wait_to_its_caller() {
+        let (cache, mut gate) = gated(true);
+        let pipeline = cache.pipelined();
+        pipeline.set(b"a", entry("a")).await.unwrap();
+        pipeline.set(b"b", entry("b")).await.unwrap();
+        let writes = pipeline.take_unconfirmed();
+        assert!(!writes.is_empty());
+        assert!(pipeline.take_unconfirmed().is_empty());
+        let confirmed = tokio::spawn(writes.confirmed());
+        let mut keys = gate.next_batch().await;
+        gate.answer(Ok(()));
+        // The writer may have taken the first write before the second was issued.
+        if keys.len() < 2 {
+            keys.extend(gate.next_batch().await);
+            gate.answer(Ok(()));
+        }
+        confirmed.await.unwrap().unwrap();
+    }
+
+    /// The embedded store stays write-behind: a write is answered while its batch has
+    /// not even been applied.
+    #[tokio::test]
+    async fn an_embedded_store_answers_writes_before_they_are_stored() {
+        let (cache, mut gate) = gated(false);
+        cache.set(b"k", entry("v")).await.unwrap();
+        assert!(cache.pipelined().take_unconfirmed().is_empty());
+        assert_eq!(gate.next_batch().await, vec![Bytes::from_static(b"k")]);
+        gate.answer(Ok(()));
     }
 }
