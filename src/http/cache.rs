@@ -240,9 +240,12 @@ async fn mset(
         entries.push((item.key, entry));
     }
     let stored = entries.len();
+    // One wait for Redis (with a shared L2) for all the items, not one per item.
+    let writes = cache.pipelined();
     for (key, entry) in entries {
-        cache.set(key.as_bytes(), entry).await?;
+        writes.set(key.as_bytes(), entry).await?;
     }
+    writes.take_unconfirmed().confirmed().await?;
     Ok(Json(json!({ "stored": stored })))
 }
 
@@ -271,9 +274,11 @@ async fn invalidate(
     let cache = &state.services()?.cache;
     let started = Instant::now();
     let mut invalidated = 0;
+    let deletes = cache.pipelined();
     for key in &request.keys {
-        invalidated += usize::from(cache.delete(key.as_bytes()).await?);
+        invalidated += usize::from(deletes.delete(key.as_bytes()).await?);
     }
+    deletes.take_unconfirmed().confirmed().await?;
     if let Some(pattern) = &request.pattern {
         invalidated += cache
             .invalidate(Target::Pattern(Pattern::new(pattern.as_bytes())))

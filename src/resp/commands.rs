@@ -97,7 +97,7 @@ fn arity(name: &[u8]) -> Reply {
     ))
 }
 
-fn store_error(error: CacheError) -> Reply {
+pub(super) fn store_error(error: CacheError) -> Reply {
     match error {
         CacheError::KeyTooLarge { .. }
         | CacheError::ValueTooLarge { .. }
@@ -153,9 +153,16 @@ fn upper(name: &[u8]) -> ([u8; 24], usize) {
     (buffer, if name.len() > 24 { 0 } else { length })
 }
 
-/// Runs one command.
+/// Whether a command only reads (or changes nothing in the cache).
+pub(super) fn is_read(name: &[u8]) -> bool {
+    let (buffer, length) = upper(name);
+    is_read_command(&buffer[..length])
+}
+
+/// Runs one command on `cache` (the connection's handle).
 pub(super) async fn execute(
     context: &RespContext,
+    cache: &Cache,
     session: &mut Session,
     args: &[Bytes],
 ) -> (Reply, Flow) {
@@ -164,7 +171,6 @@ pub(super) async fn execute(
     };
     let (buffer, length) = upper(name);
     let command = &buffer[..length];
-    let cache = &context.cache;
 
     if let Some(principal) = &session.principal
         && !context.auth.still_valid(principal)

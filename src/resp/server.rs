@@ -2,7 +2,14 @@
 //! write loop. Replies to pipelined commands are written in one batch per read, which
 //! is what makes pipelining fast; a client that stops reading its replies stops being
 //! read from once its pending output passes `OUTPUT_FLUSH`.
+//!
+//! With a shared L2 (Redis) a write is answered only once Redis stored it. The commands
+//! of one read do not wait for that one by one: each write is issued, and its reply
+//! waits (`Unsettled`) until the read's commands have run, so a pipeline of writes
+//! costs one round trip to Redis. A read settles the connection's writes before it
+//! first, so it never answers with a write of its own that Redis may still refuse.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -13,8 +20,9 @@ use prometheus::{IntCounter, IntGauge, Registry};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-use super::commands::{Flow, RespContext, Session, execute};
+use super::commands::{Flow, RespContext, Session, execute, is_read, store_error};
 use super::frame::{ParseLimits, Reply, RequestParser};
+use crate::cache::Unconfirmed;
 use crate::listener::Listener;
 
 /// Output beyond this is written before more commands run.
@@ -77,6 +85,31 @@ pub async fn serve_resp(
         .await;
 }
 
+/// A reply whose command's writes a shared L2 has not confirmed yet, and the protocol
+/// it is to be encoded in.
+struct Unsettled {
+    reply: Reply,
+    resp3: bool,
+    writes: Unconfirmed,
+}
+
+/// Encodes the waiting replies in order, each turned into the error if its writes were
+/// not stored.
+async fn settle(unsettled: &mut VecDeque<Unsettled>, output: &mut BytesMut) {
+    for Unsettled {
+        reply,
+        resp3,
+        writes,
+    } in unsettled.drain(..)
+    {
+        let reply = match writes.confirmed().await {
+            Ok(()) => reply,
+            Err(error) => store_error(error),
+        };
+        reply.encode(resp3, output);
+    }
+}
+
 async fn connection<IO>(
     mut stream: IO,
     peer: SocketAddr,
@@ -95,6 +128,8 @@ async fn connection<IO>(
         authenticated: !context.auth.is_enabled(),
         principal: None,
     };
+    let cache = context.cache.pipelined();
+    let mut unsettled = VecDeque::new();
     let mut parser = RequestParser::default();
     let mut input = BytesMut::with_capacity(READ_CHUNK);
     let mut output = BytesMut::with_capacity(READ_CHUNK);
@@ -106,6 +141,7 @@ async fn connection<IO>(
                 Err(error) => {
                     metrics.protocol_errors.inc();
                     tracing::debug!(%peer, %error, "closing RESP connection");
+                    settle(&mut unsettled, &mut output).await;
                     Reply::error(format!("ERR {error}")).encode(session.resp3, &mut output);
                     let _ = stream.write_all(&output).await;
                     return;
@@ -121,9 +157,22 @@ async fn connection<IO>(
                 .map(|range| frame.slice(range))
                 .collect();
             metrics.commands.inc();
-            let (reply, flow) = execute(context, &mut session, &args).await;
-            reply.encode(session.resp3, &mut output);
+            if !unsettled.is_empty() && is_read(&args[0]) {
+                settle(&mut unsettled, &mut output).await;
+            }
+            let (reply, flow) = execute(context, &cache, &mut session, &args).await;
+            let writes = cache.take_unconfirmed();
+            if writes.is_empty() && unsettled.is_empty() {
+                reply.encode(session.resp3, &mut output);
+            } else {
+                unsettled.push_back(Unsettled {
+                    reply,
+                    resp3: session.resp3,
+                    writes,
+                });
+            }
             if flow == Flow::Close {
+                settle(&mut unsettled, &mut output).await;
                 let _ = stream.write_all(&output).await;
                 return;
             }
@@ -134,6 +183,7 @@ async fn connection<IO>(
                 output.clear();
             }
         }
+        settle(&mut unsettled, &mut output).await;
         if !output.is_empty() {
             if stream.write_all(&output).await.is_err() {
                 return;
