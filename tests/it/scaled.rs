@@ -161,6 +161,10 @@ fn two_nodes_share_the_l2_and_invalidate_each_others_l1() {
 pub(crate) struct Proxy {
     pub(crate) addr: SocketAddr,
     up: watch::Sender<bool>,
+    /// Whether the listener is open.
+    listening: Arc<AtomicBool>,
+    /// Relayed connections not yet closed or reset.
+    relays: Arc<AtomicUsize>,
     _runtime: tokio::runtime::Runtime,
 }
 
@@ -172,6 +176,9 @@ impl Proxy {
             .unwrap();
         let addr = first.local_addr().unwrap();
         let (up, watching) = watch::channel(true);
+        let listening = Arc::new(AtomicBool::new(true));
+        let relays = Arc::new(AtomicUsize::new(0));
+        let (listening_state, live) = (listening.clone(), relays.clone());
         runtime.spawn(async move {
             let mut state = watching.clone();
             let mut listener = Some(first);
@@ -185,7 +192,10 @@ impl Proxy {
                         // Tokio sets SO_REUSEADDR, and reset connections leave no
                         // TIME_WAIT behind, so the port is free again at once.
                         match tokio::net::TcpListener::bind(addr).await {
-                            Ok(listener) => listener,
+                            Ok(listener) => {
+                                listening_state.store(true, Ordering::SeqCst);
+                                listener
+                            }
                             Err(_) => {
                                 tokio::time::sleep(Duration::from_millis(10)).await;
                                 continue;
@@ -197,33 +207,62 @@ impl Proxy {
                     tokio::select! {
                         accepted = current.accept() => {
                             if let Ok((inbound, _)) = accepted {
-                                tokio::spawn(relay(inbound, target.clone(), watching.clone()));
+                                live.fetch_add(1, Ordering::SeqCst);
+                                tokio::spawn(relay(
+                                    inbound,
+                                    target.clone(),
+                                    watching.clone(),
+                                    live.clone(),
+                                ));
                             }
                         }
                         _ = state.wait_for(|up| !*up) => break,
                     }
                 }
                 drop(current); // cut: refuse connections until restored
+                listening_state.store(false, Ordering::SeqCst);
             }
         });
         Proxy {
             addr,
             up,
+            listening,
+            relays,
             _runtime: runtime,
         }
     }
 
+    /// Restores, or cuts and returns once the cut is complete: nothing listens and
+    /// every relayed connection has been reset, so whatever a client sends next fails.
     pub(crate) fn set_up(&self, up: bool) {
         self.up.send_replace(up);
+        if !up {
+            eventually(DEADLINE, "the proxy cut every connection", || {
+                !self.listening.load(Ordering::SeqCst) && self.relays.load(Ordering::SeqCst) == 0
+            });
+        }
+    }
+}
+
+/// Counts a relayed connection down when its relay ends, after both sockets closed.
+struct Relayed(Arc<AtomicUsize>);
+
+impl Drop for Relayed {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
 /// Copies both ways until either side closes, or resets both when the proxy is cut.
 async fn relay(
-    mut inbound: tokio::net::TcpStream,
+    inbound: tokio::net::TcpStream,
     target: String,
     mut state: watch::Receiver<bool>,
+    live: Arc<AtomicUsize>,
 ) {
+    // Declared before the sockets, so dropped after them (parameters would outlive it).
+    let _relayed = Relayed(live);
+    let mut inbound = inbound;
     if !*state.borrow_and_update() {
         let _ = inbound.set_zero_linger();
         return;
@@ -319,6 +358,98 @@ fn redis_outage_keeps_l1_reads_refuses_writes_and_recovers() {
             .unwrap();
         stored.is_some_and(|bytes| bytes.ends_with(b"y"))
     });
+}
+
+/// The stored bytes of `key` in Redis under `prefix` (the entry's encoding ends with the
+/// value), read around keel.
+fn in_redis(url: &str, prefix: &str, key: &str) -> Option<Vec<u8>> {
+    let mut redis = redis::Client::open(url).unwrap().get_connection().unwrap();
+    redis::cmd("GET")
+        .arg(format!("{prefix}c:{key}"))
+        .query(&mut redis)
+        .unwrap()
+}
+
+/// With Redis as L2 a write is answered only once Redis stored it. Pipelined writes
+/// are answered in order, after Redis stored them. Right after a cut, before the
+/// breaker has seen enough failures to open, a RESP SET and a REST PUT get the error,
+/// not an acknowledgement, and the node does not serve the values Redis never got.
+/// Once Redis is back, writes succeed again.
+#[test]
+fn a_write_redis_did_not_store_is_answered_as_an_error_and_not_served() {
+    let Some(url) = redis_url() else { return };
+    let prefix = unique_prefix();
+    let _cleanup = Cleanup(url.clone(), prefix.clone());
+    let (target, db) = split_url(&url);
+    let proxy = Proxy::start(target);
+    let dir = scratch();
+    let via_proxy = format!("redis://{}{db}", proxy.addr);
+    let (keel, api) = Keel::start(
+        dir.path(),
+        &node_config(dir.path(), &via_proxy, &prefix, ""),
+    );
+    eventually(DEADLINE, "ready with Redis", || {
+        get(api, "/readyz").status == 200
+    });
+    let mut client = resp(keel.resp_addr());
+    let (ok, counter, read): (String, i64, String) = redis::pipe()
+        .cmd("SET")
+        .arg("resp")
+        .arg("old")
+        .cmd("INCR")
+        .arg("counter")
+        .cmd("GET")
+        .arg("resp")
+        .query(&mut client)
+        .unwrap();
+    assert_eq!((ok.as_str(), counter, read.as_str()), ("OK", 1, "old"));
+    assert_eq!(request(api, "PUT", "/v1/cache/rest", "old").status, 204);
+    for key in ["resp", "rest"] {
+        assert!(in_redis(&url, &prefix, key).is_some_and(|stored| stored.ends_with(b"old")));
+    }
+
+    proxy.set_up(false);
+    let error = redis::cmd("SET")
+        .arg("resp")
+        .arg("new")
+        .query::<()>(&mut client)
+        .unwrap_err();
+    assert!(error.to_string().contains("cache unavailable"), "{error}");
+    let refused = request(api, "PUT", "/v1/cache/rest", "new");
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    assert_eq!(refused.json()["code"], "cache_unavailable");
+    assert!(refused.json()["detail"].as_str().unwrap().contains("redis"));
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    // The node forgot both keys: neither the refused value nor the one it replaced is
+    // served from L1, and Redis cannot be asked.
+    for key in ["resp", "rest"] {
+        let read = get(api, &format!("/v1/cache/{key}"));
+        assert_eq!(read.status, 503, "{key}: {}", read.body);
+    }
+    let read = redis::cmd("GET")
+        .arg("resp")
+        .query::<Option<String>>(&mut client);
+    assert!(read.is_err(), "{read:?}");
+    for key in ["resp", "rest"] {
+        assert!(
+            in_redis(&url, &prefix, key).is_some_and(|stored| stored.ends_with(b"old")),
+            "{key}: Redis holds the value before the cut"
+        );
+    }
+
+    proxy.set_up(true);
+    eventually(DEADLINE, "REST writes succeed again", || {
+        request(api, "PUT", "/v1/cache/rest", "newer").status == 204
+    });
+    let () = redis::cmd("SET")
+        .arg("resp")
+        .arg("newer")
+        .query(&mut client)
+        .unwrap();
+    for key in ["resp", "rest"] {
+        assert_eq!(value(api, key).as_deref(), Some("newer"));
+        assert!(in_redis(&url, &prefix, key).is_some_and(|stored| stored.ends_with(b"newer")));
+    }
 }
 
 #[test]
