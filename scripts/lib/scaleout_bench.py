@@ -1,14 +1,16 @@
 """`scripts/bench scaleout`: keel scaled out on this one machine.
 
 Usage: scaleout_bench.py PATH_TO_KEEL PATH_TO_QUEUE_LOAD
+       scaleout_bench.py PATH_TO_KEEL --resp-only   (part 2 alone)
 
 1. The queue end to end (queue_load e2e, as `scripts/bench queue` runs it) with
    `queue.backend = "postgres"` on the PostgreSQL at 127.0.0.1:5432 (database keel_bench,
    a schema of this run's own, dropped after): one node, then three nodes sharing the
    schema with the enqueuers and workers spread over them.
-2. RESP GET/SET, `redis-benchmark -q -c 50 -n 100000 -t set,get -P 1`, against one keel
-   with `cache.l2 = "redis://..."` (a private redis-server on a free port, no
-   persistence) and against one with `cache.l2 = "redb"`.
+2. RESP GET/SET, `redis-benchmark -q -c 50 -n 100000 -t set,get -P 1` and `-P 16`,
+   against one keel with `cache.l2 = "redis://..."` (a private redis-server on a free
+   port, no persistence), one with `cache.l2 = "redb"`, and that redis-server itself,
+   the reference the keel figures are given as a share of.
 
 Prints markdown tables for BENCHMARKS.md. Never touches other schemas or servers.
 """
@@ -28,6 +30,7 @@ WORKERS = 8
 ENQUEUERS = 8
 RESERVE = 32
 REQUESTS = 100_000
+PIPELINES = (1, 16)
 PG_URL = "postgres://postgres@127.0.0.1:5432/keel_bench"
 
 
@@ -75,36 +78,44 @@ def queue_e2e(workdir, nodes):
         psql(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
 
 
-def resp_benchmark(workdir, name, l2):
-    """{"SET": ops/s, "GET": ops/s} from redis-benchmark against one keel with `l2`."""
-    keel, _, resp = start_keel(workdir, name, f'[cache]\nl2 = "{l2}"\n')
-    try:
-        command = ["redis-benchmark", "-h", "127.0.0.1", "-p", str(resp),
-                   "-q", "-c", "50", "-n", str(REQUESTS), "-t", "set,get", "-P", "1"]
-        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    finally:
-        stop(keel)
+def redis_benchmark(name, port, pipeline):
+    """{"SET": ops/s, "GET": ops/s} from redis-benchmark against `port`."""
+    command = ["redis-benchmark", "-h", "127.0.0.1", "-p", str(port),
+               "-q", "-c", "50", "-n", str(REQUESTS), "-t", "set,get", "-P", str(pipeline)]
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     rows = {}
     for test, rps in re.findall(r"(SET|GET): ([\d.]+) requests per second", out.replace("\r", "\n")):
         rows[test] = float(rps)
     if set(rows) != {"SET", "GET"}:
-        failures.append(f"redis-benchmark against {name}")
+        failures.append(f"redis-benchmark -P {pipeline} against {name}")
         sys.stderr.write(out)
     return rows
 
 
+def resp_benchmark(workdir, name, l2):
+    """{pipeline: {"SET": ops/s, "GET": ops/s}} against one keel with `l2`."""
+    keel, _, resp = start_keel(workdir, name, f'[cache]\nl2 = "{l2}"\n')
+    try:
+        return {pipeline: redis_benchmark(name, resp, pipeline) for pipeline in PIPELINES}
+    finally:
+        stop(keel)
+
+
 def main():
+    resp_only = sys.argv[2] == "--resp-only"
     workdir = tempfile.mkdtemp(prefix="keel-bench-scaleout-")
     redis_port = free_port()
     redis = subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
                               "--appendonly", "no", "--dir", workdir], stdout=subprocess.DEVNULL)
     try:
-        one = queue_e2e(workdir, 1)
-        three = queue_e2e(workdir, 3)
+        if not resp_only:
+            one = queue_e2e(workdir, 1)
+            three = queue_e2e(workdir, 3)
         if not wait_port(redis_port, proc=redis):
             raise SystemExit("redis-server did not start")
         redb = resp_benchmark(workdir, "redb", "redb")
         shared = resp_benchmark(workdir, "redis", f"redis://127.0.0.1:{redis_port}/0")
+        itself = {pipeline: redis_benchmark("redis-server", redis_port, pipeline) for pipeline in PIPELINES}
     finally:
         stop(redis)
         shutil.rmtree(workdir, ignore_errors=True)
@@ -112,17 +123,29 @@ def main():
     def rate(result):
         return None if result is None or not result.get("ok") else result["jobs_per_s"]
 
+    if not resp_only:
+        print()
+        print(f"| queue end to end, {JOBS:,} jobs ({ENQUEUERS} enqueuers × 100/request, {WORKERS} workers × "
+              f"reserve {RESERVE} + batch ack), `queue.backend = \"postgres\"` | jobs/s | seconds |")
+        print("|---|---|---|")
+        print(f"| 1 node | {fmt(rate(one))} | {figure(one, 'seconds', 2)} |")
+        print(f"| 3 nodes (enqueuers and workers spread over them) | {fmt(rate(three))} | "
+              f"{figure(three, 'seconds', 2)} |")
     print()
-    print(f"| queue end to end, {JOBS:,} jobs ({ENQUEUERS} enqueuers × 100/request, {WORKERS} workers × reserve "
-          f"{RESERVE} + batch ack), `queue.backend = \"postgres\"` | jobs/s | seconds |")
-    print("|---|---|---|")
-    print(f"| 1 node | {fmt(rate(one))} | {figure(one, 'seconds', 2)} |")
-    print(f"| 3 nodes (enqueuers and workers spread over them) | {fmt(rate(three))} | {figure(three, 'seconds', 2)} |")
-    print()
-    print(f"| `redis-benchmark -q -c 50 -n {REQUESTS} -t set,get -P 1`, one keel | SET ops/s | GET ops/s |")
-    print("|---|---|---|")
-    for label, rows in (("`cache.l2 = \"redb\"`", redb), ("`cache.l2 = \"redis://...\"`", shared)):
-        print(f"| {label} | {fmt(rows.get('SET'))} | {fmt(rows.get('GET'))} |")
+    columns = [(pipeline, test) for pipeline in PIPELINES for test in ("SET", "GET")]
+    print(f"| `redis-benchmark -q -c 50 -n {REQUESTS} -t set,get -P N`, ops/s (share of the Redis) | "
+          + " | ".join(f"{test} -P {pipeline}" for pipeline, test in columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
+
+    def cell(rows, pipeline, test):
+        value, reference = rows[pipeline].get(test), itself[pipeline].get(test)
+        if value is None or not reference or rows is itself:
+            return fmt(value)
+        return f"{fmt(value)} ({value / reference:.0%})"
+
+    for label, rows in (("keel, `cache.l2 = \"redb\"`", redb), ("keel, `cache.l2 = \"redis://...\"`", shared),
+                        ("the redis-server itself", itself)):
+        print(f"| {label} | " + " | ".join(cell(rows, pipeline, test) for pipeline, test in columns) + " |")
     if failures:
         raise SystemExit(f"scaleout bench: failed: {', '.join(failures)} (see above)")
 
