@@ -547,6 +547,11 @@ fn postgres_outage_answers_503_with_retry_after_and_recovers() {
     let (_keel, addr) = Keel::start(dir.path(), &config);
     execute(addr, "CREATE TABLE t (id integer)", json!([]));
     execute(addr, "INSERT INTO t VALUES (1)", json!([]));
+    assert_eq!(
+        get(addr, "/readyz").json()["dependencies"]["postgres"]["state"],
+        "ready"
+    );
+    assert_eq!(postgres_up(addr), Some(1));
 
     proxy.set_up(false);
     eventually("SQL answers 503 while PostgreSQL is unreachable", || {
@@ -568,6 +573,14 @@ fn postgres_outage_answers_503_with_retry_after_and_recovers() {
         json!({"sql": "INSERT INTO t VALUES (2)"}),
     );
     assert_eq!(write.status, 503, "{}", write.body);
+    // PostgreSQL is optional in /readyz, as Redis is: the node still serves the rest,
+    // so a load balancer must keep it.
+    eventually("/readyz names postgres degraded", || {
+        let ready = get(addr, "/readyz");
+        assert_eq!(ready.status, 200, "{}", ready.body);
+        ready.json()["dependencies"]["postgres"]["state"] == "degraded"
+    });
+    assert_eq!(postgres_up(addr), Some(0));
 
     proxy.set_up(true);
     eventually("SQL answers again once PostgreSQL is back", || {
@@ -583,6 +596,26 @@ fn postgres_outage_answers_503_with_retry_after_and_recovers() {
         query(addr, "SELECT count(*) FROM t", json!([]))["rows"],
         json!([[1]])
     );
+    eventually("/readyz names postgres ready", || {
+        get(addr, "/readyz").json()["dependencies"]["postgres"]["state"] == "ready"
+    });
+    assert_eq!(postgres_up(addr), Some(1));
+    let metrics = get(addr, "/metrics").body;
+    assert!(
+        metrics.lines().any(|line| line
+            .starts_with("keel_dependency_errors_total{dependency=\"postgres\"}")
+            && !line.ends_with(" 0")),
+        "{metrics}"
+    );
+}
+
+/// `keel_dependency_up{dependency="postgres"}`, when keel reports it.
+pub(crate) fn postgres_up(addr: SocketAddr) -> Option<u64> {
+    get(addr, "/metrics")
+        .body
+        .lines()
+        .find_map(|line| line.strip_prefix("keel_dependency_up{dependency=\"postgres\"} "))
+        .and_then(|value| value.parse().ok())
 }
 
 #[test]
