@@ -36,7 +36,10 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::analyze::Analysis;
 use super::value::{Param, Params};
-use super::{ResultSet, SqlBackend, SqlError, SqlLimits, SqlMetrics, Statement, Touched};
+use super::{
+    ResultSet, SortBy, SqlBackend, SqlError, SqlLimits, SqlMetrics, Statement, StatementStats,
+    StatsReport, Touched,
+};
 use crate::observe::Dependency;
 use crate::pg_pool::{PgPool, PgPoolError};
 
@@ -839,6 +842,115 @@ impl SqlBackend for PgSqlBackend {
     async fn backup(&self, _destination: std::path::PathBuf) -> Result<bool, SqlError> {
         Ok(false)
     }
+
+    async fn statement_stats(
+        &self,
+        sort: SortBy,
+        limit: usize,
+    ) -> Result<Option<StatsReport>, SqlError> {
+        self.on(&self.primary, async |client| {
+            pg_stat_statements(client, sort, limit).await
+        })
+        .await
+    }
+}
+
+/// Marks keel's own queries of the statistics, so they are not listed among them.
+const STATS_MARK: &str = "/* keel stats */";
+
+/// What keel itself sends around every statement (transactions, their timeout, the
+/// EXPLAIN that learns a statement's tables) and to read the statistics: left out of
+/// pg_stat_statements' figures, where it would otherwise fill the top of every list.
+const KEEL_PLUMBING: &[&str] = &[
+    "/* keel stats */%",
+    "BEGIN%",
+    "START TRANSACTION%",
+    "COMMIT%",
+    "ROLLBACK%",
+    "SAVEPOINT keel_%",
+    "RELEASE keel_%",
+    "SET LOCAL statement_timeout%",
+    "EXPLAIN (VERBOSE, FORMAT JSON)%",
+];
+
+/// The busiest statements of this database by `pg_stat_statements`, when the extension
+/// is installed in it and loaded (`shared_preload_libraries`); else `None`. Its
+/// statements are PostgreSQL's normalized texts (`$1` for constants), its figures the
+/// server's for this database: every node's and every other client's, since the last
+/// `pg_stat_statements_reset()`.
+async fn pg_stat_statements(
+    client: &deadpool_postgres::Object,
+    sort: SortBy,
+    limit: usize,
+) -> Result<Option<StatsReport>, SqlError> {
+    let installed = client
+        .query_opt(
+            &format!(
+                "{STATS_MARK} SELECT n.nspname::text FROM pg_extension e \
+                 JOIN pg_namespace n ON n.oid = e.extnamespace \
+                 WHERE e.extname = 'pg_stat_statements'"
+            ),
+            &[],
+        )
+        .await
+        .map_err(pg)?;
+    let Some(schema) = installed.map(|row| row.get::<_, String>(0)) else {
+        return Ok(None);
+    };
+    let order = match sort {
+        SortBy::Total => "total_ms",
+        SortBy::Mean => "mean_ms",
+        SortBy::Calls => "calls",
+    };
+    let rows = client
+        .query(
+            &format!(
+                "{STATS_MARK} SELECT query, calls, rows, total_ms, \
+                        total_ms / greatest(calls, 1) AS mean_ms, \
+                        min_ms, max_ms, count(*) OVER () \
+                 FROM (SELECT query, sum(calls)::int8 AS calls, sum(rows)::int8 AS rows, \
+                              sum(total_exec_time) AS total_ms, \
+                              min(min_exec_time) AS min_ms, max(max_exec_time) AS max_ms \
+                       FROM \"{}\".pg_stat_statements \
+                       WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                         AND NOT query ILIKE ANY ($1) \
+                       GROUP BY query) s \
+                 ORDER BY {order} DESC LIMIT $2",
+                schema.replace('"', "\"\"")
+            ),
+            &[&KEEL_PLUMBING, &(limit as i64)],
+        )
+        .await;
+    let rows = match rows {
+        Ok(rows) => rows,
+        // Installed but not loaded (55000), or not readable by keel's role: keel's own.
+        Err(error) if error.as_db_error().is_some() => {
+            tracing::debug!(%error, "pg_stat_statements is installed but unreadable");
+            return Ok(None);
+        }
+        Err(error) => return Err(pg(error)),
+    };
+    let tracked = rows.first().map_or(0, |row| row.get::<_, i64>(7) as usize);
+    let statements = rows
+        .iter()
+        .map(|row| StatementStats {
+            statement: row.get::<_, Option<String>>(0).unwrap_or_default(),
+            calls: row.get::<_, i64>(1) as u64,
+            rows: row.get::<_, i64>(2) as u64,
+            errors: None,
+            total_ms: row.get(3),
+            mean_ms: row.get(4),
+            min_ms: row.get(5),
+            max_ms: row.get(6),
+            p95_ms: None,
+            last_seen: None,
+        })
+        .collect();
+    Ok(Some(StatsReport {
+        source: "pg_stat_statements",
+        statements,
+        tracked,
+    }))
 }
 
 /// The API's parameters in PostgreSQL's form: `:name` and `?` become `$n`, `$n` stays.

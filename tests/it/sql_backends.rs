@@ -618,6 +618,25 @@ pub(crate) fn postgres_up(addr: SocketAddr) -> Option<u64> {
         .and_then(|value| value.parse().ok())
 }
 
+/// The shared test server does not preload pg_stat_statements (`pg_stat_statements.rs`
+/// runs a server that does): the statistics are keel's own, as on SQLite.
+#[test]
+fn postgres_statistics_are_keels_own_without_pg_stat_statements() {
+    let Some(db) = Db::postgres() else { return };
+    let dir = scratch();
+    let (_keel, addr) = db.start(dir.path(), "");
+    execute(addr, "CREATE TABLE s (id integer PRIMARY KEY)", json!([]));
+    for id in 1..=3 {
+        query(addr, "SELECT id FROM s WHERE id = ?", json!([id]));
+    }
+    let stats = get(addr, "/v1/sql/stats?sort=calls").json();
+    assert_eq!(stats["source"], "keel", "{stats}");
+    let top = &stats["statements"][0];
+    assert_eq!(top["statement"], "SELECT id FROM s WHERE id=?");
+    assert_eq!(top["calls"], 3);
+    assert_eq!(top["errors"], 0);
+}
+
 #[test]
 fn postgres_migrations_use_their_dialect_folder_and_apply_once_by_serve_or_migrate() {
     let Some(url) = postgres_url() else { return };
