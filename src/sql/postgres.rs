@@ -71,6 +71,34 @@ pub struct PgSqlBackend {
     _probes: DropGuard,
 }
 
+/// A pooled connection that recounts the pools' use when it goes back (also when its
+/// request is dropped mid-call), so the gauges never keep the count of a busy moment.
+struct Connection<'a> {
+    client: Option<deadpool_postgres::Object>,
+    backend: &'a PgSqlBackend,
+}
+
+impl std::ops::Deref for Connection<'_> {
+    type Target = deadpool_postgres::Object;
+
+    fn deref(&self) -> &Self::Target {
+        self.client.as_ref().expect("held until dropped")
+    }
+}
+
+impl std::ops::DerefMut for Connection<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.client.as_mut().expect("held until dropped")
+    }
+}
+
+impl Drop for Connection<'_> {
+    fn drop(&mut self) {
+        drop(self.client.take());
+        self.backend.count_pool_use();
+    }
+}
+
 /// Most statement texts whose tables are remembered.
 const TOUCHED_CACHE: usize = 1024;
 
@@ -244,12 +272,21 @@ impl PgSqlBackend {
     }
 
     /// A connection from `pool`, its wait and the pools' use recorded.
-    async fn connection(&self, pool: &PgPool) -> Result<deadpool_postgres::Object, SqlError> {
+    async fn connection(&self, pool: &PgPool) -> Result<Connection<'_>, SqlError> {
         let waited = Instant::now();
         let client = pool.get().await.map_err(pool_error);
         self.metrics
             .reader_wait_seconds
             .observe(waited.elapsed().as_secs_f64());
+        self.count_pool_use();
+        Ok(Connection {
+            client: Some(client?),
+            backend: self,
+        })
+    }
+
+    /// `keel_sql_readers_in_use` and `_idle`: the connections of both pools.
+    fn count_pool_use(&self) {
         let (mut in_use, mut idle) = (0, 0);
         for pool in self.pools() {
             let status = pool.pool().status();
@@ -258,7 +295,6 @@ impl PgSqlBackend {
         }
         self.metrics.readers_in_use.set(in_use);
         self.metrics.readers_idle.set(idle);
-        client
     }
 
     fn wrote(&self) {

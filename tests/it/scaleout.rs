@@ -22,7 +22,8 @@ use serde_json::{Value, json};
 use crate::queue::{TestSchema, postgres_url};
 use crate::scaled::{Cleanup, Proxy, eventually, redis_url, split_url, unique_prefix, value};
 use crate::support::{
-    DEADLINE, Keel, Reply, TestServer, base_config, get, parse_reply, request, scratch,
+    DEADLINE, Keel, POSTGRES_UP, Reply, TestServer, base_config, get, metric, parse_reply, request,
+    scratch,
 };
 
 /// Both servers' URLs, or `None` (skipped) when either is not configured.
@@ -668,9 +669,8 @@ fn outages_of_redis_and_postgres_lose_nothing_acknowledged() {
     // Each node names PostgreSQL degraded in /readyz, which stays 200 (the node still
     // serves its cache and gateway), and its gauge drops to 0.
     eventually(outage(), "postgres degraded on both nodes", || {
-        apis.iter().all(|&api| {
-            postgres_state(api) == "degraded" && crate::sql_backends::postgres_up(api) == Some(0)
-        })
+        apis.iter()
+            .all(|&api| postgres_state(api) == "degraded" && metric(api, POSTGRES_UP) == Some(0.0))
     });
     pause(outage().saturating_sub(postgres_cut.elapsed()));
     postgres_proxy.set_up(true);
@@ -697,7 +697,7 @@ fn outages_of_redis_and_postgres_lose_nothing_acknowledged() {
     let postgres_recovery = postgres_restored.elapsed();
     for &api in &apis {
         assert_eq!(postgres_state(api), "ready");
-        assert_eq!(crate::sql_backends::postgres_up(api), Some(1));
+        assert_eq!(metric(api, POSTGRES_UP), Some(1.0));
     }
 
     // A little more steady load after both, then stop enqueuing and let workers finish.

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::support::{DEADLINE, Keel, base_config, get, keel_output, scratch, server_runtime};
+use crate::support::{
+    DEADLINE, Keel, POSTGRES_UP, base_config, get, keel_output, metric, scratch, server_runtime,
+};
 use tokio::sync::watch;
 
 // The REST helpers are the SQLite suite's own.
@@ -249,6 +251,8 @@ fn statements_parameters_and_batches(db: Db) {
         query(addr, "SELECT count(*) FROM items", json!([]))["rows"],
         json!([[2]])
     );
+    // Answered requests hold no connection, and the gauge says so once they are back.
+    assert_eq!(metric(addr, "keel_sql_readers_in_use"), Some(0.0));
 }
 
 fn the_read_path_refuses_writes(db: Db) {
@@ -551,7 +555,7 @@ fn postgres_outage_answers_503_with_retry_after_and_recovers() {
         get(addr, "/readyz").json()["dependencies"]["postgres"]["state"],
         "ready"
     );
-    assert_eq!(postgres_up(addr), Some(1));
+    assert_eq!(metric(addr, POSTGRES_UP), Some(1.0));
 
     proxy.set_up(false);
     eventually("SQL answers 503 while PostgreSQL is unreachable", || {
@@ -580,7 +584,7 @@ fn postgres_outage_answers_503_with_retry_after_and_recovers() {
         assert_eq!(ready.status, 200, "{}", ready.body);
         ready.json()["dependencies"]["postgres"]["state"] == "degraded"
     });
-    assert_eq!(postgres_up(addr), Some(0));
+    assert_eq!(metric(addr, POSTGRES_UP), Some(0.0));
 
     proxy.set_up(true);
     eventually("SQL answers again once PostgreSQL is back", || {
@@ -599,23 +603,12 @@ fn postgres_outage_answers_503_with_retry_after_and_recovers() {
     eventually("/readyz names postgres ready", || {
         get(addr, "/readyz").json()["dependencies"]["postgres"]["state"] == "ready"
     });
-    assert_eq!(postgres_up(addr), Some(1));
-    let metrics = get(addr, "/metrics").body;
-    assert!(
-        metrics.lines().any(|line| line
-            .starts_with("keel_dependency_errors_total{dependency=\"postgres\"}")
-            && !line.ends_with(" 0")),
-        "{metrics}"
+    assert_eq!(metric(addr, POSTGRES_UP), Some(1.0));
+    let errors = metric(
+        addr,
+        "keel_dependency_errors_total{dependency=\"postgres\"}",
     );
-}
-
-/// `keel_dependency_up{dependency="postgres"}`, when keel reports it.
-pub(crate) fn postgres_up(addr: SocketAddr) -> Option<u64> {
-    get(addr, "/metrics")
-        .body
-        .lines()
-        .find_map(|line| line.strip_prefix("keel_dependency_up{dependency=\"postgres\"} "))
-        .and_then(|value| value.parse().ok())
+    assert!(errors.is_some_and(|errors| errors > 0.0), "{errors:?}");
 }
 
 /// The shared test server does not preload pg_stat_statements (`pg_stat_statements.rs`
