@@ -161,3 +161,51 @@ pub async fn open_queue_store(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::observe::BuildInfo;
+
+    fn names(toml: &str) -> [Option<&'static str>; 3] {
+        let config = crate::config::parse_str(Path::new("keel.toml"), toml).unwrap();
+        let dependencies = PostgresDependencies::new(
+            &config,
+            &Metrics::new(BuildInfo::CURRENT),
+            &Readiness::default(),
+        );
+        [
+            dependencies.sql.as_ref().map(Dependency::name),
+            dependencies.replica.as_ref().map(Dependency::name),
+            dependencies.queue.as_ref().map(Dependency::name),
+        ]
+    }
+
+    #[test]
+    fn one_dependency_per_postgresql_server() {
+        let db = "postgres://keel@db/keel";
+        assert_eq!(names(""), [None, None, None]);
+        assert_eq!(
+            names(&format!(
+                "[queue]\nbackend = \"postgres\"\nurl = \"{db}\"\n"
+            )),
+            [None, None, Some("postgres")]
+        );
+        // The queue on sql.url shares its server's breaker, whether named or implied.
+        let sql = format!("[sql]\nurl = \"{db}\"\nreplica = \"postgres://keel@replica/keel\"\n");
+        assert_eq!(
+            names(&format!("{sql}[queue]\nbackend = \"postgres\"\n")),
+            [Some("postgres"), Some("postgres_replica"), Some("postgres")]
+        );
+        assert_eq!(
+            names(&format!(
+                "{sql}[queue]\nbackend = \"postgres\"\nurl = \"postgres://keel@jobs/keel\"\n"
+            )),
+            [
+                Some("postgres"),
+                Some("postgres_replica"),
+                Some("postgres_queue")
+            ]
+        );
+    }
+}
