@@ -71,8 +71,10 @@ pub struct PgSqlBackend {
     _probes: DropGuard,
 }
 
-/// A pooled connection that recounts the pools' use when it goes back (also when its
-/// request is dropped mid-call), so the gauges never keep the count of a busy moment.
+/// A pooled connection, counted in `keel_sql_readers_in_use` while a statement holds it
+/// and no longer once it is back in the pool (also when its request was dropped
+/// mid-call). Counted here, not from the pool's status, which counts requests still
+/// waiting for a connection as users too.
 struct Connection<'a> {
     client: Option<deadpool_postgres::Object>,
     backend: &'a PgSqlBackend,
@@ -95,7 +97,8 @@ impl std::ops::DerefMut for Connection<'_> {
 impl Drop for Connection<'_> {
     fn drop(&mut self) {
         drop(self.client.take());
-        self.backend.count_pool_use();
+        self.backend.metrics.readers_in_use.dec();
+        self.backend.count_idle();
     }
 }
 
@@ -278,23 +281,20 @@ impl PgSqlBackend {
         self.metrics
             .reader_wait_seconds
             .observe(waited.elapsed().as_secs_f64());
-        self.count_pool_use();
+        let client = client?;
+        self.metrics.readers_in_use.inc();
+        self.count_idle();
         Ok(Connection {
-            client: Some(client?),
+            client: Some(client),
             backend: self,
         })
     }
 
-    /// `keel_sql_readers_in_use` and `_idle`: the connections of both pools.
-    fn count_pool_use(&self) {
-        let (mut in_use, mut idle) = (0, 0);
-        for pool in self.pools() {
-            let status = pool.pool().status();
-            in_use += status.size.saturating_sub(status.available) as i64;
-            idle += status.available as i64;
-        }
-        self.metrics.readers_in_use.set(in_use);
-        self.metrics.readers_idle.set(idle);
+    /// `keel_sql_readers_idle`: the pools' open connections that no statement holds.
+    fn count_idle(&self) {
+        let open: usize = self.pools().map(|pool| pool.pool().status().size).sum();
+        let idle = open as i64 - self.metrics.readers_in_use.get();
+        self.metrics.readers_idle.set(idle.max(0));
     }
 
     fn wrote(&self) {
