@@ -29,6 +29,7 @@ pub mod gateway;
 pub mod http;
 pub mod listener;
 pub mod observe;
+pub mod pg_pool;
 pub mod queue;
 pub mod ratelimit;
 pub mod redis_client;

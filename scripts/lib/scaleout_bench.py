@@ -11,8 +11,14 @@ Usage: scaleout_bench.py PATH_TO_KEEL PATH_TO_QUEUE_LOAD
    against one keel with `cache.l2 = "redis://..."` (a private redis-server on a free
    port, no persistence), one with `cache.l2 = "redb"`, and that redis-server itself,
    the reference the keel figures are given as a share of.
+3. The SQL data API's keel workloads of `scripts/bench sql` ((a) point select, (b) the
+   cached named query, (c) single-row INSERT; sql_bench.py's `keel_side`) on SQLite, one
+   node, then with `sql.url` on PostgreSQL (database keel_bench_sql_scaleout, its
+   `accounts` and `history` tables recreated) on one node and on three, wrk's
+   connections spread over the three; ratios to SQLite from this same run.
 
-Prints markdown tables for BENCHMARKS.md. Never touches other schemas or servers.
+Prints markdown tables for BENCHMARKS.md. Never touches other schemas, databases or
+servers.
 """
 import os
 import re
@@ -23,6 +29,7 @@ import tempfile
 import time
 
 from benchkit import free_port, ready, stop, wait_port
+import sql_bench
 from queue_bench import failures, figure, fmt, harness, KEEL, QUICK
 
 JOBS = 20_000 if QUICK else 100_000
@@ -32,6 +39,7 @@ RESERVE = 32
 REQUESTS = 100_000
 PIPELINES = (1, 16)
 PG_URL = "postgres://postgres@127.0.0.1:5432/keel_bench"
+SQL_PG_URL = "postgres://postgres@127.0.0.1:5432/keel_bench_sql_scaleout"
 
 
 def psql(sql):
@@ -116,6 +124,13 @@ def main():
         redb = resp_benchmark(workdir, "redb", "redb")
         shared = resp_benchmark(workdir, "redis", f"redis://127.0.0.1:{redis_port}/0")
         itself = {pipeline: redis_benchmark("redis-server", redis_port, pipeline) for pipeline in PIPELINES}
+        if not resp_only:
+            on_postgres = f'url = "{SQL_PG_URL}"'
+            sql = {
+                "sqlite": sql_bench.keel_side(workdir, "sql-sqlite"),
+                "pg1": sql_bench.keel_side(workdir, "sql-pg1", 1, on_postgres, sql_bench.PG_SCHEMA),
+                "pg3": sql_bench.keel_side(workdir, "sql-pg3", 3, on_postgres, sql_bench.PG_SCHEMA),
+            }
     finally:
         stop(redis)
         shutil.rmtree(workdir, ignore_errors=True)
@@ -146,8 +161,26 @@ def main():
     for label, rows in (("keel, `cache.l2 = \"redb\"`", redb), ("keel, `cache.l2 = \"redis://...\"`", shared),
                         ("the redis-server itself", itself)):
         print(f"| {label} | " + " | ".join(cell(rows, pipeline, test) for pipeline, test in columns) + " |")
-    if failures:
-        raise SystemExit(f"scaleout bench: failed: {', '.join(failures)} (see above)")
+    if not resp_only:
+        print()
+        print("SQL commands:")
+        for command in sql_bench.commands:
+            print(f"    {command}")
+        print()
+        print(f"| SQL data API, `scripts/bench sql`'s keel workloads, {sql_bench.SECONDS} s each; req/s (p50 / p99 ms; "
+              "3 nodes: the worst node's) | SQLite, 1 node | PostgreSQL, 1 node | PostgreSQL, 3 nodes | "
+              "PostgreSQL 1 node / SQLite | 3 nodes / SQLite |")
+        print("|---|---|---|---|---|---|")
+        for key, label in (("select", f"(a) point select, `POST /v1/sql/query`, {sql_bench.READERS} connections"),
+                           ("named", f"(b) the same as the cached named query, {sql_bench.READERS} connections"),
+                           ("insert", f"(c) single-row INSERT, `POST /v1/sql/execute`, {sql_bench.WRITERS} connections")):
+            runs = [sql[name].get(key) for name in ("sqlite", "pg1", "pg3")]
+            ratios = [sql_bench.ratio(run, runs[0], "rps", "rps") for run in runs[1:]]
+            print(f"| {label} | " + " | ".join(sql_bench.keel_cell(run) for run in runs) + " | "
+                  + " | ".join(fmt(value, 2) for value in ratios) + " |")
+    everything = failures + sql_bench.failures
+    if everything:
+        raise SystemExit(f"scaleout bench: failed: {', '.join(everything)} (see above)")
 
 
 main()

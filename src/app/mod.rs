@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 pub use backup::{BACKUP_FILES, Backup, BackupError, BackupReport};
 
 use crate::auth::Authenticator;
-use crate::backends::{self, BackendError};
+use crate::backends::{self, BackendError, PostgresDependencies};
 use crate::cache::loader::Namespaces;
 use crate::cache::warm::CacheWarm;
 use crate::cache::{Cache, CacheMetrics, Limits};
@@ -51,6 +51,7 @@ async fn start_queue(
     metrics: &Metrics,
     namespaces: &Namespaces,
     sql: &Sql,
+    postgres: &PostgresDependencies,
     shutdown: &CancellationToken,
 ) -> Result<Queue, AppError> {
     let queue_config = with_builtin_jobs(&config.queue, &config.sql);
@@ -63,6 +64,7 @@ async fn start_queue(
         clock.clone(),
         wakeups.clone(),
         queue_metrics.clone(),
+        postgres.queue.as_ref(),
     )
     .await?;
     let queue = Queue::new(
@@ -139,6 +141,7 @@ async fn open_sql(
     storage: &Storage,
     metrics: &Metrics,
     cache: &Cache,
+    postgres: &PostgresDependencies,
 ) -> Result<Sql, AppError> {
     let sql_config = config.sql.clone();
     let sql_metrics = SqlMetrics::new(metrics.registry());
@@ -168,7 +171,7 @@ async fn open_sql(
                 .map_err(|panic| AppError::Runtime(format!("opening SQL panicked: {panic}")))??;
             Arc::new(backend)
         }
-        None => Arc::new(open_postgres_sql(&sql_config, sql_metrics.clone()).await?),
+        None => Arc::new(open_postgres_sql(&sql_config, sql_metrics.clone(), postgres).await?),
     };
     let sql = Sql::new(backend, &config.sql, Some(cache.clone()), sql_metrics);
     tracing::info!(backend = sql.backend_kind(), readers = config.sql.readers, queries = ?sql.query_names(), "sql ready");
@@ -177,7 +180,15 @@ async fn open_sql(
 
 /// The PostgreSQL backend and the site's migrations on it: `migrations_dir/postgres/`
 /// when that folder exists (dialect-specific files), else `migrations_dir` itself.
-async fn open_postgres_sql(sql: &SqlConfig, metrics: SqlMetrics) -> Result<PgSqlBackend, AppError> {
+async fn open_postgres_sql(
+    sql: &SqlConfig,
+    metrics: SqlMetrics,
+    postgres: &PostgresDependencies,
+) -> Result<PgSqlBackend, AppError> {
+    let primary = postgres
+        .sql
+        .clone()
+        .ok_or_else(|| AppError::Runtime("sql: no postgres dependency".to_owned()))?;
     let backend = PgSqlBackend::open(
         PgSettings {
             url: sql.url.expose().to_owned(),
@@ -187,6 +198,8 @@ async fn open_postgres_sql(sql: &SqlConfig, metrics: SqlMetrics) -> Result<PgSql
             read_your_writes: sql.read_your_writes.0,
         },
         metrics,
+        primary,
+        postgres.replica.clone(),
     )
     .await
     .map_err(|error| {
@@ -287,6 +300,7 @@ pub async fn run(config: Config, launch: Launch) -> Result<(), AppError> {
     let redis_dependency = (config.cache.l2.starts_with("redis://")
         || config.ratelimit.shared.is_some())
     .then(|| Dependency::new("redis", true, &metrics, &readiness));
+    let postgres = PostgresDependencies::new(&config, &metrics, &readiness);
     let (config_tx, config_rx) = watch::channel(Arc::new(config.clone()));
     let shutdown = CancellationToken::new();
 
@@ -402,7 +416,7 @@ pub async fn run(config: Config, launch: Launch) -> Result<(), AppError> {
     if let Err(error) = cache.trust_l1_if_l2_is_empty().await {
         tracing::warn!(%error, "cannot count L2 keys; every L1 miss will read L2");
     }
-    let sql = match open_sql(&config, &storage, &metrics, &cache).await {
+    let sql = match open_sql(&config, &storage, &metrics, &cache, &postgres).await {
         Ok(sql) => sql,
         Err(error) => {
             readiness.set("storage", DependencyState::Failed(error.to_string()));
@@ -428,7 +442,17 @@ pub async fn run(config: Config, launch: Launch) -> Result<(), AppError> {
         .collect::<HashMap<_, _>>();
     let namespaces = Namespaces::new(cache.clone(), &config.cache, query_loaders, cache_metrics);
     tracing::info!(l1_max_bytes = config.cache.l1_max_bytes.0, namespaces = ?namespaces.names(), "cache ready");
-    let queue = match start_queue(&config, &storage, &metrics, &namespaces, &sql, &shutdown).await {
+    let queue = match start_queue(
+        &config,
+        &storage,
+        &metrics,
+        &namespaces,
+        &sql,
+        &postgres,
+        &shutdown,
+    )
+    .await
+    {
         Ok(queue) => queue,
         Err(error) => {
             readiness.set("storage", DependencyState::Failed(error.to_string()));

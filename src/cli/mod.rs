@@ -326,6 +326,8 @@ fn migrate_postgres(
                 read_your_writes: sql.read_your_writes.0,
             },
             SqlMetrics::new(&prometheus::Registry::new()),
+            crate::observe::Dependency::detached("postgres"),
+            None,
         )
         .await
         .map_err(|e| format!("sql.url: {e}"))?;

@@ -371,13 +371,15 @@ impl Config {
     pub fn queue_postgres_url(&self) -> Option<(&'static str, &Secret)> {
         match &self.queue.url {
             Some(url) if !url.expose().is_empty() => Some(("queue.url", url)),
-            _ if self.sql.url.expose().starts_with("postgres://")
-                || self.sql.url.expose().starts_with("postgresql://") =>
-            {
-                Some(("sql.url", &self.sql.url))
-            }
-            _ => None,
+            _ => self.sql_postgres_url().map(|url| ("sql.url", url)),
         }
+    }
+
+    /// `sql.url` when the SQL data is in PostgreSQL.
+    pub fn sql_postgres_url(&self) -> Option<&Secret> {
+        let url = self.sql.url.expose();
+        (url.starts_with("postgres://") || url.starts_with("postgresql://"))
+            .then_some(&self.sql.url)
     }
 }
 

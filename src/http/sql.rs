@@ -135,10 +135,10 @@ async fn stats(
             ));
         }
     };
-    let statements = sql.stats(sort, query.limit.unwrap_or(100).min(10_000));
-    Ok(Json(
-        json!({ "statements": statements, "tracked": sql.tracked_statements() }),
-    ))
+    let report = sql
+        .stats(sort, query.limit.unwrap_or(100).min(10_000))
+        .await;
+    Ok(Json(json!(report)))
 }
 
 async fn reset_stats(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {

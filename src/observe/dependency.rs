@@ -54,6 +54,9 @@ struct Breaker {
     /// reports, or until `PROBE_LOST` says it never will (a caller dropped mid-call).
     probing: Option<Instant>,
     last_error: String,
+    /// When a call last reported, either way: an owner's timer need not probe a
+    /// dependency that traffic is reporting on anyway.
+    last_report: Option<Instant>,
 }
 
 impl Dependency {
@@ -83,9 +86,21 @@ impl Dependency {
                     open_until: None,
                     probing: None,
                     last_error: String::new(),
+                    last_report: None,
                 }),
             }),
         }
+    }
+
+    /// One that reports to nothing keel serves (its own metrics and readiness): for
+    /// `keel migrate` and tests, which open a backend without a running keel.
+    pub fn detached(name: &'static str) -> Dependency {
+        Dependency::new(
+            name,
+            true,
+            &Metrics::new(super::BuildInfo::CURRENT),
+            &Readiness::default(),
+        )
     }
 
     pub fn name(&self) -> &'static str {
@@ -142,9 +157,17 @@ impl Dependency {
         self.breaker().open_until.is_none()
     }
 
+    /// Whether some call reported success or failure within `period`.
+    pub fn reported_within(&self, period: Duration) -> bool {
+        self.breaker()
+            .last_report
+            .is_some_and(|at| at.elapsed() < period)
+    }
+
     pub fn success(&self) {
         let mut breaker = self.breaker();
         let was_down = breaker.open_until.is_some() || self.inner.up.get() == 0;
+        breaker.last_report = Some(Instant::now());
         breaker.consecutive_failures = 0;
         breaker.open_until = None;
         breaker.probing = None;
@@ -163,6 +186,7 @@ impl Dependency {
         let mut breaker = self.breaker();
         breaker.consecutive_failures += 1;
         breaker.last_error = error.to_string();
+        breaker.last_report = Some(Instant::now());
         let opens =
             breaker.open_until.is_none() && breaker.consecutive_failures >= FAILURES_TO_OPEN;
         if opens || breaker.probing.is_some() {

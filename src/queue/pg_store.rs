@@ -44,6 +44,8 @@ use super::store::{
     decode_cursor, encode_cursor, truncate,
 };
 use super::{Clock, QueueError, QueueMetrics, RetentionPolicies, Wakeups, random_u64};
+use crate::observe::Dependency;
+use crate::pg_pool::{PgPool, PgPoolError};
 
 /// Most rows one maintenance step (due work, retention, drain) touches, as in redb.
 const STEP_ROWS: usize = 2_000;
@@ -57,12 +59,14 @@ const RECONNECT_MAX: Duration = Duration::from_secs(5);
 /// Unacknowledged data (or keepalive probes) for this long means the server is gone.
 const DEAD_PEER_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// Where the store lives: from `queue.url`, `queue.schema` and `queue.pool_size`.
+/// Where the store lives: from `queue.url`, `queue.schema` and `queue.pool_size`, and
+/// the dependency its calls report to (`postgres`).
 #[derive(Clone)]
 pub struct PgSettings {
     pub url: String,
     pub schema: String,
     pub pool_size: usize,
+    pub dependency: Dependency,
 }
 
 /// True for names usable unquoted as a schema and inside the NOTIFY channel name
@@ -77,15 +81,15 @@ pub fn valid_schema(schema: &str) -> bool {
 }
 
 pub struct PgQueueStore {
-    pool: Pool,
+    pool: Arc<PgPool>,
     sql: Arc<Statements>,
     channel: String,
     clock: Arc<dyn Clock>,
     wakeups: Arc<Wakeups>,
     metrics: QueueMetrics,
     policies: RetentionPolicies,
-    /// Stops the LISTEN task when the store goes away.
-    _listener: DropGuard,
+    /// Stops the LISTEN task and the pool's probe when the store goes away.
+    _tasks: DropGuard,
 }
 
 /// A PostgreSQL error as the queue reports it: a lost or refused connection is
@@ -377,20 +381,26 @@ impl PgQueueStore {
             .recycle_timeout(Some(CONNECT_TIMEOUT))
             .build()
             .map_err(|e| QueueError::Storage(format!("cannot build the PostgreSQL pool: {e}")))?;
+        let pool = Arc::new(PgPool::new(pool, settings.dependency));
         let sql = Arc::new(Statements::new(&settings.schema));
         {
             let mut client = pool.get().await.map_err(pool_error)?;
-            let txn = client.transaction().await.map_err(pg)?;
-            // Two nodes starting together would race on CREATE ... IF NOT EXISTS (it
-            // is not atomic against a concurrent create); one lock orders them.
-            txn.execute(
-                "SELECT pg_advisory_xact_lock(hashtextextended('keel_queue_schema', 0))",
-                &[],
-            )
-            .await
-            .map_err(pg)?;
-            txn.batch_execute(&sql.ddl).await.map_err(pg)?;
-            txn.commit().await.map_err(pg)?;
+            let created = async {
+                let txn = client.transaction().await.map_err(pg)?;
+                // Two nodes starting together would race on CREATE ... IF NOT EXISTS (it
+                // is not atomic against a concurrent create); one lock orders them.
+                txn.execute(
+                    "SELECT pg_advisory_xact_lock(hashtextextended('keel_queue_schema', 0))",
+                    &[],
+                )
+                .await
+                .map_err(pg)?;
+                txn.batch_execute(&sql.ddl).await.map_err(pg)?;
+                txn.commit().await.map_err(pg)
+            }
+            .await;
+            pool.report(&created, unreachable);
+            created?;
         }
         let channel = format!("keel_queue_{}", settings.schema);
         let stop = CancellationToken::new();
@@ -401,6 +411,7 @@ impl PgQueueStore {
             clock.clone(),
             stop.clone(),
         ));
+        tokio::spawn(pool.clone().probe(stop.clone()));
         Ok(PgQueueStore {
             pool,
             sql,
@@ -409,12 +420,21 @@ impl PgQueueStore {
             wakeups,
             metrics,
             policies,
-            _listener: stop.drop_guard(),
+            _tasks: stop.drop_guard(),
         })
     }
 
+    /// A pooled connection; refused at once while PostgreSQL's breaker is open. Whoever
+    /// gets one reports what the call on it said (`reported`).
     async fn client(&self) -> Result<deadpool_postgres::Object, QueueError> {
         self.pool.get().await.map_err(pool_error)
+    }
+
+    /// Tells PostgreSQL's dependency whether a call on a connection from `client`
+    /// reached it; the outcome passes through.
+    fn reported<T>(&self, outcome: Result<T, QueueError>) -> Result<T, QueueError> {
+        self.pool.report(&outcome, unreachable);
+        outcome
     }
 
     async fn begin<'c>(
@@ -463,11 +483,16 @@ impl PgQueueStore {
     }
 }
 
-fn pool_error(error: deadpool_postgres::PoolError) -> QueueError {
+fn pool_error(error: PgPoolError) -> QueueError {
     match error {
-        deadpool_postgres::PoolError::Backend(error) => pg(error),
+        PgPoolError::Pool(deadpool_postgres::PoolError::Backend(error)) => pg(error),
         other => QueueError::Unavailable(format!("PostgreSQL: {other}")),
     }
+}
+
+/// The errors that say PostgreSQL could not be reached (its dependency's failures).
+fn unreachable(error: &QueueError) -> bool {
+    matches!(error, QueueError::Unavailable(_))
 }
 
 /// Runs one operation in one transaction: begin, the body, commit, then the effects.
@@ -477,10 +502,15 @@ macro_rules! in_tx {
         let store = $store;
         let started = Instant::now();
         let mut client = store.client().await?;
-        #[allow(unused_mut)]
-        let mut $tx = store.begin(&mut client).await?;
-        let outcome = $body?;
-        let effects = $tx.commit().await?;
+        let committed = async {
+            #[allow(unused_mut)]
+            let mut $tx = store.begin(&mut client).await?;
+            let outcome = $body?;
+            let effects = $tx.commit().await?;
+            Ok::<_, QueueError>((outcome, effects))
+        }
+        .await;
+        let (outcome, effects) = store.reported(committed)?;
         store.after_commit(effects, started);
         Ok::<_, QueueError>(outcome)
     }};
@@ -1083,8 +1113,13 @@ impl QueueStore for PgQueueStore {
 
     async fn get(&self, id: u64) -> Result<Option<Job>, QueueError> {
         let client = self.client().await?;
-        let statement = client.prepare_cached(&self.sql.get).await.map_err(pg)?;
-        let rows = client.query(&statement, &[&int(id)]).await.map_err(pg)?;
+        let rows = self.reported(
+            async {
+                let statement = client.prepare_cached(&self.sql.get).await.map_err(pg)?;
+                client.query(&statement, &[&int(id)]).await.map_err(pg)
+            }
+            .await,
+        )?;
         rows.first().map(job_of).transpose()
     }
 
@@ -1110,14 +1145,19 @@ impl QueueStore for PgQueueStore {
             None => (-1, -1),
         };
         let client = self.client().await?;
-        let statement = client.prepare_cached(&self.sql.list).await.map_err(pg)?;
-        let rows = client
-            .query(
-                &statement,
-                &[&queue, &state_code(state), &order, &id, &(limit as i64)],
-            )
-            .await
-            .map_err(pg)?;
+        let rows = self.reported(
+            async {
+                let statement = client.prepare_cached(&self.sql.list).await.map_err(pg)?;
+                client
+                    .query(
+                        &statement,
+                        &[&queue, &state_code(state), &order, &id, &(limit as i64)],
+                    )
+                    .await
+                    .map_err(pg)
+            }
+            .await,
+        )?;
         let jobs = rows.iter().map(job_of).collect::<Result<Vec<_>, _>>()?;
         let next = match jobs.last() {
             Some(last) if jobs.len() == limit => Some(encode_cursor(order_of(last), last.id)),
@@ -1128,51 +1168,55 @@ impl QueueStore for PgQueueStore {
 
     async fn stats(&self) -> Result<Vec<QueueCounts>, QueueError> {
         let mut client = self.client().await?;
-        // One snapshot for the queues, their counts and their oldest jobs.
-        let txn = client
-            .build_transaction()
-            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await
-            .map_err(pg)?;
-        let mut counts: HashMap<String, QueueCounts> = HashMap::new();
-        for row in txn
-            .query(self.sql.counts_all.as_str(), &[])
-            .await
-            .map_err(pg)?
-        {
-            let (queue, state, n): (String, i16, i64) = (row.get(0), row.get(1), row.get(2));
-            let Some(state) = u8::try_from(state).ok().and_then(JobState::from_code) else {
-                continue;
-            };
-            counts
-                .entry(queue.clone())
-                .or_insert_with(|| QueueCounts::empty(&queue))
-                .set(state, uint(n));
-        }
-        let mut all = Vec::new();
-        for row in txn
-            .query(self.sql.queues_all.as_str(), &[])
-            .await
-            .map_err(pg)?
-        {
-            let (name, paused): (String, bool) = (row.get(0), row.get(1));
-            let mut figures = counts
-                .remove(&name)
-                .unwrap_or_else(|| QueueCounts::empty(&name));
-            figures.paused = paused;
-            if figures.waiting > 0 {
-                let oldest = txn
-                    .query(self.sql.oldest_waiting.as_str(), &[&name])
-                    .await
-                    .map_err(pg)?;
-                figures.oldest_waiting_since = oldest.first().map(|row| uint(row.get(0)));
+        let counted = async {
+            // One snapshot for the queues, their counts and their oldest jobs.
+            let txn = client
+                .build_transaction()
+                .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .await
+                .map_err(pg)?;
+            let mut counts: HashMap<String, QueueCounts> = HashMap::new();
+            for row in txn
+                .query(self.sql.counts_all.as_str(), &[])
+                .await
+                .map_err(pg)?
+            {
+                let (queue, state, n): (String, i16, i64) = (row.get(0), row.get(1), row.get(2));
+                let Some(state) = u8::try_from(state).ok().and_then(JobState::from_code) else {
+                    continue;
+                };
+                counts
+                    .entry(queue.clone())
+                    .or_insert_with(|| QueueCounts::empty(&queue))
+                    .set(state, uint(n));
             }
-            all.push(figures);
+            let mut all = Vec::new();
+            for row in txn
+                .query(self.sql.queues_all.as_str(), &[])
+                .await
+                .map_err(pg)?
+            {
+                let (name, paused): (String, bool) = (row.get(0), row.get(1));
+                let mut figures = counts
+                    .remove(&name)
+                    .unwrap_or_else(|| QueueCounts::empty(&name));
+                figures.paused = paused;
+                if figures.waiting > 0 {
+                    let oldest = txn
+                        .query(self.sql.oldest_waiting.as_str(), &[&name])
+                        .await
+                        .map_err(pg)?;
+                    figures.oldest_waiting_since = oldest.first().map(|row| uint(row.get(0)));
+                }
+                all.push(figures);
+            }
+            txn.commit().await.map_err(pg)?;
+            Ok(all)
         }
-        txn.commit().await.map_err(pg)?;
-        Ok(all)
+        .await;
+        self.reported(counted)
     }
 
     async fn set_paused(&self, queue: &str, paused: bool) -> Result<(), QueueError> {
@@ -1230,10 +1274,12 @@ impl QueueStore for PgQueueStore {
 
     async fn schedules(&self) -> Result<Vec<Schedule>, QueueError> {
         let client = self.client().await?;
-        let rows = client
-            .query(self.sql.schedules_all.as_str(), &[])
-            .await
-            .map_err(pg)?;
+        let rows = self.reported(
+            client
+                .query(self.sql.schedules_all.as_str(), &[])
+                .await
+                .map_err(pg),
+        )?;
         rows.iter().map(schedule_of).collect()
     }
 

@@ -227,15 +227,10 @@ impl SqliteBackend {
 /// parameters: the statement is prepared and explained as a generic plan
 /// (`plan_cache_mode = force_generic_plan`), so no value is guessed.
 pub(crate) async fn analyze_postgres(
-    backend: &super::postgres::PgSqlBackend,
+    client: &mut deadpool_postgres::Object,
     sql: String,
 ) -> Result<Analysis, SqlError> {
     use super::postgres::pg;
-    let mut client = backend
-        .primary()
-        .get()
-        .await
-        .map_err(|error| SqlError::Unavailable(format!("PostgreSQL: {error}")))?;
     let txn = client
         .build_transaction()
         .read_only(true)

@@ -31,7 +31,7 @@ pub use analyze::Analysis;
 pub use metrics::SqlMetrics;
 pub use postgres::{PgSettings, PgSqlBackend};
 pub use sqlite::{Settings, SqliteBackend};
-pub use stats::{SlowQuery, SortBy, StatementStats, normalize};
+pub use stats::{SlowQuery, SortBy, StatementStats, StatsReport, normalize};
 pub use value::{Params, params_from_json};
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -220,6 +220,17 @@ pub trait SqlBackend: Send + Sync + 'static {
     /// A consistent copy into `destination`; `None` when the database is external
     /// (PostgreSQL is backed up with its own tools).
     async fn backup(&self, destination: std::path::PathBuf) -> Result<bool, SqlError>;
+
+    /// The busiest statements by the database's own statistics, where it keeps them
+    /// (PostgreSQL's `pg_stat_statements`); `None` when keel's own figures are the
+    /// source.
+    async fn statement_stats(
+        &self,
+        _sort: SortBy,
+        _limit: usize,
+    ) -> Result<Option<StatsReport>, SqlError> {
+        Ok(None)
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -588,13 +599,23 @@ impl Sql {
         Ok((body, false))
     }
 
-    pub fn stats(&self, sort: SortBy, limit: usize) -> Vec<StatementStats> {
-        self.inner.stats.top(sort, limit)
-    }
-
-    /// Distinct statements the statistics track now (at most `sql.stats_max_statements`).
-    pub fn tracked_statements(&self) -> usize {
-        self.inner.stats.tracked()
+    /// The busiest statements: the database's own figures when it keeps them
+    /// (pg_stat_statements), else keel's, which are also the fallback when the
+    /// database's cannot be read (PostgreSQL away).
+    pub async fn stats(&self, sort: SortBy, limit: usize) -> StatsReport {
+        match self.inner.backend.statement_stats(sort, limit).await {
+            Ok(Some(report)) => return report,
+            Ok(None) => {}
+            Err(error) => {
+                tracing::debug!(%error, "sql: the database's statement statistics are unreadable; reporting keel's own");
+            }
+        }
+        StatsReport {
+            source: "keel",
+            statements: self.inner.stats.top(sort, limit),
+            // At most `sql.stats_max_statements`.
+            tracked: self.inner.stats.tracked(),
+        }
     }
 
     pub fn slow_queries(&self) -> Vec<SlowQuery> {

@@ -21,7 +21,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::error::Error as StdError;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -32,10 +32,16 @@ use rusqlite::types::Value as SqliteValue;
 use serde_json::{Map, Value, json};
 use tokio_postgres::NoTls;
 use tokio_postgres::types::{FromSql, IsNull, Kind, ToSql, Type, to_sql_checked};
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::analyze::Analysis;
 use super::value::{Param, Params};
-use super::{ResultSet, SqlBackend, SqlError, SqlLimits, SqlMetrics, Statement, Touched};
+use super::{
+    ResultSet, SortBy, SqlBackend, SqlError, SqlLimits, SqlMetrics, Statement, StatementStats,
+    StatsReport, Touched,
+};
+use crate::observe::Dependency;
+use crate::pg_pool::{PgPool, PgPoolError};
 
 /// How the pool reaches PostgreSQL.
 #[derive(Debug, Clone)]
@@ -50,8 +56,9 @@ pub struct PgSettings {
 }
 
 pub struct PgSqlBackend {
-    primary: Pool,
-    replica: Option<Pool>,
+    /// Reports to the `postgres` dependency, the replica's to `postgres_replica`.
+    primary: Arc<PgPool>,
+    replica: Option<Arc<PgPool>>,
     settings: PgSettings,
     /// `keel_sql_readers_*` count pooled connections here, of both pools.
     metrics: SqlMetrics,
@@ -60,6 +67,39 @@ pub struct PgSqlBackend {
     /// What each statement text touches, learned from EXPLAIN once; cleared when the
     /// schema changes through keel.
     touched: Mutex<HashMap<String, Touched>>,
+    /// Stops the pools' probes when the backend goes away.
+    _probes: DropGuard,
+}
+
+/// A pooled connection, counted in `keel_sql_readers_in_use` while a statement holds it
+/// and no longer once it is back in the pool (also when its request was dropped
+/// mid-call). Counted here, not from the pool's status, which counts requests still
+/// waiting for a connection as users too.
+struct Connection<'a> {
+    client: Option<deadpool_postgres::Object>,
+    backend: &'a PgSqlBackend,
+}
+
+impl std::ops::Deref for Connection<'_> {
+    type Target = deadpool_postgres::Object;
+
+    fn deref(&self) -> &Self::Target {
+        self.client.as_ref().expect("held until dropped")
+    }
+}
+
+impl std::ops::DerefMut for Connection<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.client.as_mut().expect("held until dropped")
+    }
+}
+
+impl Drop for Connection<'_> {
+    fn drop(&mut self) {
+        drop(self.client.take());
+        self.backend.metrics.readers_in_use.dec();
+        self.backend.count_idle();
+    }
 }
 
 /// Most statement texts whose tables are remembered.
@@ -128,10 +168,19 @@ pub(crate) fn pg(error: tokio_postgres::Error) -> SqlError {
     }
 }
 
-fn pool_error(error: deadpool_postgres::PoolError) -> SqlError {
+fn pool_error(error: PgPoolError) -> SqlError {
     match error {
-        deadpool_postgres::PoolError::Backend(error) => pg(error),
+        PgPoolError::Pool(deadpool_postgres::PoolError::Backend(error)) => pg(error),
         other => SqlError::Unavailable(format!("PostgreSQL: {other}")),
+    }
+}
+
+/// The errors that say PostgreSQL could not be reached (its dependency's failures).
+fn unreachable(error: &SqlError) -> bool {
+    match error {
+        SqlError::Unavailable(_) => true,
+        SqlError::Batch { source, .. } => unreachable(source),
+        _ => false,
     }
 }
 
@@ -146,11 +195,29 @@ fn with_limits(error: tokio_postgres::Error, limits: &SqlLimits) -> SqlError {
 impl PgSqlBackend {
     /// Builds the pools and checks that the primary (and the replica) answer, so a
     /// keel pointed at an unreachable PostgreSQL stops at start instead of serving 503s.
-    pub async fn open(settings: PgSettings, metrics: SqlMetrics) -> Result<PgSqlBackend, SqlError> {
-        let primary = pool(&settings.url, "sql.url", &settings)?;
-        let replica = match &settings.replica {
-            Some(url) => Some(pool(url, "sql.replica", &settings)?),
-            None => None,
+    /// Every call on the primary reports to `primary`, on the replica to `replica`
+    /// (required with `sql.replica`).
+    pub async fn open(
+        settings: PgSettings,
+        metrics: SqlMetrics,
+        primary: Dependency,
+        replica: Option<Dependency>,
+    ) -> Result<PgSqlBackend, SqlError> {
+        let primary = Arc::new(PgPool::new(
+            pool(&settings.url, "sql.url", &settings)?,
+            primary,
+        ));
+        let replica = match (&settings.replica, replica) {
+            (Some(url), Some(dependency)) => Some(Arc::new(PgPool::new(
+                pool(url, "sql.replica", &settings)?,
+                dependency,
+            ))),
+            (Some(_), None) => {
+                return Err(SqlError::Internal(
+                    "sql.replica needs its dependency".to_owned(),
+                ));
+            }
+            (None, _) => None,
         };
         for (key, pool) in std::iter::once(("sql.url", &primary))
             .chain(replica.as_ref().map(|pool| ("sql.replica", pool)))
@@ -159,10 +226,13 @@ impl PgSqlBackend {
                 .get()
                 .await
                 .map_err(|error| SqlError::Unavailable(format!("{key}: {}", pool_error(error))))?;
-            client
-                .simple_query("SELECT 1")
-                .await
-                .map_err(|error| SqlError::Unavailable(format!("{key}: {}", pg(error))))?;
+            let answered = client.simple_query("SELECT 1").await;
+            pool.report(&answered, |_| true);
+            answered.map_err(|error| SqlError::Unavailable(format!("{key}: {}", pg(error))))?;
+        }
+        let stop = CancellationToken::new();
+        for pool in std::iter::once(&primary).chain(replica.as_ref()) {
+            tokio::spawn(pool.clone().probe(stop.clone()));
         }
         Ok(PgSqlBackend {
             primary,
@@ -171,15 +241,16 @@ impl PgSqlBackend {
             metrics,
             last_write: Mutex::new(None),
             touched: Mutex::new(HashMap::new()),
+            _probes: stop.drop_guard(),
         })
     }
 
-    pub fn primary(&self) -> &Pool {
-        &self.primary
+    fn pools(&self) -> impl Iterator<Item = &Arc<PgPool>> {
+        std::iter::once(&self.primary).chain(self.replica.as_ref())
     }
 
     /// The replica unless this node wrote within `sql.read_your_writes`.
-    fn read_pool(&self) -> &Pool {
+    fn read_pool(&self) -> &PgPool {
         match &self.replica {
             Some(replica) => {
                 let last = *self.last_write.lock().expect("last write lock");
@@ -190,22 +261,40 @@ impl PgSqlBackend {
         }
     }
 
+    /// Runs `call` on a connection from `pool` and tells the pool's dependency whether
+    /// PostgreSQL answered.
+    async fn on<T>(
+        &self,
+        pool: &PgPool,
+        call: impl AsyncFnOnce(&mut deadpool_postgres::Object) -> Result<T, SqlError>,
+    ) -> Result<T, SqlError> {
+        let mut client = self.connection(pool).await?;
+        let outcome = call(&mut client).await;
+        pool.report(&outcome, unreachable);
+        outcome
+    }
+
     /// A connection from `pool`, its wait and the pools' use recorded.
-    async fn connection(&self, pool: &Pool) -> Result<deadpool_postgres::Object, SqlError> {
+    async fn connection(&self, pool: &PgPool) -> Result<Connection<'_>, SqlError> {
         let waited = Instant::now();
         let client = pool.get().await.map_err(pool_error);
         self.metrics
             .reader_wait_seconds
             .observe(waited.elapsed().as_secs_f64());
-        let (mut in_use, mut idle) = (0, 0);
-        for pool in std::iter::once(&self.primary).chain(self.replica.as_ref()) {
-            let status = pool.status();
-            in_use += status.size.saturating_sub(status.available) as i64;
-            idle += status.available as i64;
-        }
-        self.metrics.readers_in_use.set(in_use);
-        self.metrics.readers_idle.set(idle);
-        client
+        let client = client?;
+        self.metrics.readers_in_use.inc();
+        self.count_idle();
+        Ok(Connection {
+            client: Some(client),
+            backend: self,
+        })
+    }
+
+    /// `keel_sql_readers_idle`: the pools' open connections that no statement holds.
+    fn count_idle(&self) {
+        let open: usize = self.pools().map(|pool| pool.pool().status().size).sum();
+        let idle = open as i64 - self.metrics.readers_in_use.get();
+        self.metrics.readers_idle.set(idle.max(0));
     }
 
     fn wrote(&self) {
@@ -237,50 +326,52 @@ impl PgSqlBackend {
         limits: SqlLimits,
         batch: bool,
     ) -> Result<(Vec<ResultSet>, Touched), SqlError> {
-        let mut client = self.connection(&self.primary).await?;
-        let txn = client.transaction().await.map_err(pg)?;
-        set_timeout(&txn, &limits).await?;
-        let mut results = Vec::with_capacity(statements.len());
-        let mut touched = Touched::default();
-        for (index, statement) in statements.iter().enumerate() {
-            let outcome = async {
-                refuse_session_changes(&statement.sql)?;
-                let (text, values) = translate(&statement.sql, &statement.params)?;
-                let key = format!("w:{}", statement.sql);
-                let learned = match self.remembered(&key) {
-                    Some(known) => known,
-                    None => {
-                        let learned = written_by(&txn, &text, &values).await?;
-                        self.remember(&key, &learned);
-                        learned
+        self.on(&self.primary, async |client| {
+            let txn = client.transaction().await.map_err(pg)?;
+            set_timeout(&txn, &limits).await?;
+            let mut results = Vec::with_capacity(statements.len());
+            let mut touched = Touched::default();
+            for (index, statement) in statements.iter().enumerate() {
+                let outcome = async {
+                    refuse_session_changes(&statement.sql)?;
+                    let (text, values) = translate(&statement.sql, &statement.params)?;
+                    let key = format!("w:{}", statement.sql);
+                    let learned = match self.remembered(&key) {
+                        Some(known) => known,
+                        None => {
+                            let learned = written_by(&txn, &text, &values).await?;
+                            self.remember(&key, &learned);
+                            learned
+                        }
+                    };
+                    let result = run(&txn, &text, &values, &limits, true).await?;
+                    Ok::<_, SqlError>((result, learned))
+                }
+                .await;
+                match outcome {
+                    Ok((result, learned)) => {
+                        touched.tables_written.extend(learned.tables_written);
+                        touched.changes_schema |= learned.changes_schema;
+                        results.push(result);
                     }
-                };
-                let result = run(&txn, &text, &values, &limits, true).await?;
-                Ok::<_, SqlError>((result, learned))
-            }
-            .await;
-            match outcome {
-                Ok((result, learned)) => {
-                    touched.tables_written.extend(learned.tables_written);
-                    touched.changes_schema |= learned.changes_schema;
-                    results.push(result);
+                    Err(error) if batch => {
+                        return Err(SqlError::Batch {
+                            index,
+                            committed: 0,
+                            source: Box::new(error),
+                        });
+                    }
+                    Err(error) => return Err(error),
                 }
-                Err(error) if batch => {
-                    return Err(SqlError::Batch {
-                        index,
-                        committed: 0,
-                        source: Box::new(error),
-                    });
-                }
-                Err(error) => return Err(error),
             }
-        }
-        txn.commit().await.map_err(pg)?;
-        self.wrote();
-        if touched.changes_schema {
-            self.touched.lock().expect("touched lock").clear();
-        }
-        Ok((results, touched))
+            txn.commit().await.map_err(pg)?;
+            self.wrote();
+            if touched.changes_schema {
+                self.touched.lock().expect("touched lock").clear();
+            }
+            Ok((results, touched))
+        })
+        .await
     }
 }
 
@@ -578,11 +669,7 @@ impl PgSqlBackend {
         migrations: &[crate::storage::Migration],
     ) -> Result<usize, PgMigrationError> {
         let database = PgMigrationError::Database;
-        let mut client = self
-            .primary
-            .get()
-            .await
-            .map_err(|e| database(pool_error(e)))?;
+        let mut client = self.connection(&self.primary).await.map_err(database)?;
         client
             .batch_execute(
                 "SELECT pg_advisory_lock(hashtextextended('keel_sql_migrations', 0)); \
@@ -675,11 +762,7 @@ impl PgSqlBackend {
     ) -> Result<Vec<(u32, String, crate::storage::MigrationState)>, PgMigrationError> {
         use crate::storage::MigrationState;
         let database = PgMigrationError::Database;
-        let client = self
-            .primary
-            .get()
-            .await
-            .map_err(|e| database(pool_error(e)))?;
+        let client = self.connection(&self.primary).await.map_err(database)?;
         let exists: bool = client
             .query_one("SELECT to_regclass('keel_migrations') IS NOT NULL", &[])
             .await
@@ -733,28 +816,30 @@ impl SqlBackend for PgSqlBackend {
     ) -> Result<(ResultSet, Touched), SqlError> {
         refuse_session_changes(&statement.sql)?;
         let (text, values) = translate(&statement.sql, &statement.params)?;
-        let mut client = self.connection(self.read_pool()).await?;
-        let txn = client
-            .build_transaction()
-            .read_only(true)
-            .start()
-            .await
-            .map_err(pg)?;
-        set_timeout(&txn, &limits).await?;
-        let key = format!("r:{}", statement.sql);
-        let touched = match (want_tables, self.remembered(&key)) {
-            (false, _) => Touched::default(),
-            (true, Some(known)) => known,
-            (true, None) => {
-                let learned = read_by(&txn, &text, &values).await?;
-                self.remember(&key, &learned);
-                learned
-            }
-        };
-        let result = run(&txn, &text, &values, &limits, false).await?;
-        // Rolled back, not committed: nothing a read did (a SET) outlives it.
-        txn.rollback().await.map_err(pg)?;
-        Ok((result, touched))
+        self.on(self.read_pool(), async |client| {
+            let txn = client
+                .build_transaction()
+                .read_only(true)
+                .start()
+                .await
+                .map_err(pg)?;
+            set_timeout(&txn, &limits).await?;
+            let key = format!("r:{}", statement.sql);
+            let touched = match (want_tables, self.remembered(&key)) {
+                (false, _) => Touched::default(),
+                (true, Some(known)) => known,
+                (true, None) => {
+                    let learned = read_by(&txn, &text, &values).await?;
+                    self.remember(&key, &learned);
+                    learned
+                }
+            };
+            let result = run(&txn, &text, &values, &limits, false).await?;
+            // Rolled back, not committed: nothing a read did (a SET) outlives it.
+            txn.rollback().await.map_err(pg)?;
+            Ok((result, touched))
+        })
+        .await
     }
 
     async fn run_write(
@@ -775,19 +860,133 @@ impl SqlBackend for PgSqlBackend {
     }
 
     async fn analyze(&self, sql: String) -> Result<Analysis, SqlError> {
-        super::analyze::analyze_postgres(self, sql).await
+        self.on(&self.primary, async |client| {
+            super::analyze::analyze_postgres(client, sql).await
+        })
+        .await
     }
 
     /// ANALYZE refreshes the planner's statistics; VACUUM is autovacuum's job.
     async fn maintenance(&self) -> Result<Value, SqlError> {
-        let client = self.primary.get().await.map_err(pool_error)?;
-        client.batch_execute("ANALYZE").await.map_err(pg)?;
-        Ok(json!({ "analyze": true }))
+        self.on(&self.primary, async |client| {
+            client.batch_execute("ANALYZE").await.map_err(pg)?;
+            Ok(json!({ "analyze": true }))
+        })
+        .await
     }
 
     async fn backup(&self, _destination: std::path::PathBuf) -> Result<bool, SqlError> {
         Ok(false)
     }
+
+    async fn statement_stats(
+        &self,
+        sort: SortBy,
+        limit: usize,
+    ) -> Result<Option<StatsReport>, SqlError> {
+        self.on(&self.primary, async |client| {
+            pg_stat_statements(client, sort, limit).await
+        })
+        .await
+    }
+}
+
+/// Marks keel's own queries of the statistics, so they are not listed among them.
+const STATS_MARK: &str = "/* keel stats */";
+
+/// What keel itself sends around every statement (transactions, their timeout, the
+/// EXPLAIN that learns a statement's tables) and to read the statistics: left out of
+/// pg_stat_statements' figures, where it would otherwise fill the top of every list.
+const KEEL_PLUMBING: &[&str] = &[
+    "/* keel stats */%",
+    "BEGIN%",
+    "START TRANSACTION%",
+    "COMMIT%",
+    "ROLLBACK%",
+    "SAVEPOINT keel_%",
+    "RELEASE keel_%",
+    "SET LOCAL statement_timeout%",
+    "EXPLAIN (VERBOSE, FORMAT JSON)%",
+];
+
+/// The busiest statements of this database by `pg_stat_statements`, when the extension
+/// is installed in it and loaded (`shared_preload_libraries`); else `None`. Its
+/// statements are PostgreSQL's normalized texts (`$1` for constants), its figures the
+/// server's for this database: every node's and every other client's, since the last
+/// `pg_stat_statements_reset()`.
+async fn pg_stat_statements(
+    client: &deadpool_postgres::Object,
+    sort: SortBy,
+    limit: usize,
+) -> Result<Option<StatsReport>, SqlError> {
+    let installed = client
+        .query_opt(
+            &format!(
+                "{STATS_MARK} SELECT n.nspname::text FROM pg_extension e \
+                 JOIN pg_namespace n ON n.oid = e.extnamespace \
+                 WHERE e.extname = 'pg_stat_statements'"
+            ),
+            &[],
+        )
+        .await
+        .map_err(pg)?;
+    let Some(schema) = installed.map(|row| row.get::<_, String>(0)) else {
+        return Ok(None);
+    };
+    let order = match sort {
+        SortBy::Total => "total_ms",
+        SortBy::Mean => "mean_ms",
+        SortBy::Calls => "calls",
+    };
+    let rows = client
+        .query(
+            &format!(
+                "{STATS_MARK} SELECT query, calls, rows, total_ms, \
+                        total_ms / greatest(calls, 1) AS mean_ms, \
+                        min_ms, max_ms, count(*) OVER () \
+                 FROM (SELECT query, sum(calls)::int8 AS calls, sum(rows)::int8 AS rows, \
+                              sum(total_exec_time) AS total_ms, \
+                              min(min_exec_time) AS min_ms, max(max_exec_time) AS max_ms \
+                       FROM \"{}\".pg_stat_statements \
+                       WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                         AND NOT query ILIKE ANY ($1) \
+                       GROUP BY query) s \
+                 ORDER BY {order} DESC LIMIT $2",
+                schema.replace('"', "\"\"")
+            ),
+            &[&KEEL_PLUMBING, &(limit as i64)],
+        )
+        .await;
+    let rows = match rows {
+        Ok(rows) => rows,
+        // Installed but not loaded (55000), or not readable by keel's role: keel's own.
+        Err(error) if error.as_db_error().is_some() => {
+            tracing::debug!(%error, "pg_stat_statements is installed but unreadable");
+            return Ok(None);
+        }
+        Err(error) => return Err(pg(error)),
+    };
+    let tracked = rows.first().map_or(0, |row| row.get::<_, i64>(7) as usize);
+    let statements = rows
+        .iter()
+        .map(|row| StatementStats {
+            statement: row.get::<_, Option<String>>(0).unwrap_or_default(),
+            calls: row.get::<_, i64>(1) as u64,
+            rows: row.get::<_, i64>(2) as u64,
+            errors: None,
+            total_ms: row.get(3),
+            mean_ms: row.get(4),
+            min_ms: row.get(5),
+            max_ms: row.get(6),
+            p95_ms: None,
+            last_seen: None,
+        })
+        .collect();
+    Ok(Some(StatsReport {
+        source: "pg_stat_statements",
+        statements,
+        tracked,
+    }))
 }
 
 /// The API's parameters in PostgreSQL's form: `:name` and `?` become `$n`, `$n` stays.

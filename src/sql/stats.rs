@@ -1,4 +1,5 @@
-//! Statement statistics like pg_stat_statements, and the slow-query log.
+//! Statement statistics like pg_stat_statements (which `/v1/sql/stats` reports instead
+//! when PostgreSQL has it), and the slow-query log.
 //!
 //! Statements are grouped by their normalized text: literals and parameters become `?`,
 //! comments go, whitespace collapses and keywords keep their case. The table holds at
@@ -141,19 +142,30 @@ fn collapse_lists(mut text: String) -> String {
     text
 }
 
+/// One statement's figures. `errors`, `p95_ms` and `last_seen` are keel's own: null
+/// when the source (pg_stat_statements) does not keep them.
 #[derive(Debug, Clone, Serialize)]
 pub struct StatementStats {
     pub statement: String,
     pub calls: u64,
     pub rows: u64,
-    pub errors: u64,
+    pub errors: Option<u64>,
     pub total_ms: f64,
     pub mean_ms: f64,
     pub min_ms: f64,
     pub max_ms: f64,
-    pub p95_ms: f64,
+    pub p95_ms: Option<f64>,
     /// Unix milliseconds.
-    pub last_seen: u64,
+    pub last_seen: Option<u64>,
+}
+
+/// `GET /v1/sql/stats`: the top statements, how many are tracked, and whose figures
+/// they are (`keel`: this node's own; `pg_stat_statements`: the database server's).
+#[derive(Debug, Clone, Serialize)]
+pub struct StatsReport {
+    pub source: &'static str,
+    pub statements: Vec<StatementStats>,
+    pub tracked: usize,
 }
 
 struct Entry {
@@ -278,13 +290,13 @@ impl Stats {
                     statement: statement.clone(),
                     calls: entry.calls,
                     rows: entry.rows,
-                    errors: entry.errors,
+                    errors: Some(entry.errors),
                     total_ms: millis(entry.total),
                     mean_ms: millis(entry.total) / entry.calls.max(1) as f64,
                     min_ms: millis(entry.min),
                     max_ms: millis(entry.max),
-                    p95_ms: millis(p95),
-                    last_seen: entry.last_seen,
+                    p95_ms: Some(millis(p95)),
+                    last_seen: Some(entry.last_seen),
                 }
             })
             .collect();
@@ -379,7 +391,7 @@ mod tests {
         assert_eq!(top.min_ms, 1.0);
         assert_eq!(top.max_ms, 60.0);
         assert_eq!(top.total_ms, 270.0);
-        assert_eq!(top.p95_ms, 20.0);
+        assert_eq!(top.p95_ms, Some(20.0));
         assert_eq!(stats.slow().len(), 1);
         stats.reset();
         assert_eq!(stats.tracked(), 0);

@@ -13,6 +13,7 @@ mod dashboard;
 mod demo;
 mod gateway;
 mod lifecycle;
+mod pg_stat_statements;
 mod queue;
 mod queue_crash;
 mod resp;

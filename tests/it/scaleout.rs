@@ -22,7 +22,8 @@ use serde_json::{Value, json};
 use crate::queue::{TestSchema, postgres_url};
 use crate::scaled::{Cleanup, Proxy, eventually, redis_url, split_url, unique_prefix, value};
 use crate::support::{
-    DEADLINE, Keel, Reply, TestServer, base_config, get, parse_reply, request, scratch,
+    DEADLINE, Keel, POSTGRES_UP, Reply, TestServer, base_config, get, metric, parse_reply, request,
+    scratch,
 };
 
 /// Both servers' URLs, or `None` (skipped) when either is not configured.
@@ -663,8 +664,15 @@ fn outages_of_redis_and_postgres_lose_nothing_acknowledged() {
     let redis_recovery = redis_restored.elapsed();
 
     // --- PostgreSQL away ---------------------------------------------------------------
+    let postgres_cut = Instant::now();
     postgres_proxy.set_up(false);
-    pause(outage());
+    // Each node names PostgreSQL degraded in /readyz, which stays 200 (the node still
+    // serves its cache and gateway), and its gauge drops to 0.
+    eventually(outage(), "postgres degraded on both nodes", || {
+        apis.iter()
+            .all(|&api| postgres_state(api) == "degraded" && metric(api, POSTGRES_UP) == Some(0.0))
+    });
+    pause(outage().saturating_sub(postgres_cut.elapsed()));
     postgres_proxy.set_up(true);
     let postgres_restored = Instant::now();
     eventually(
@@ -687,6 +695,10 @@ fn outages_of_redis_and_postgres_lose_nothing_acknowledged() {
         },
     );
     let postgres_recovery = postgres_restored.elapsed();
+    for &api in &apis {
+        assert_eq!(postgres_state(api), "ready");
+        assert_eq!(metric(api, POSTGRES_UP), Some(1.0));
+    }
 
     // A little more steady load after both, then stop enqueuing and let workers finish.
     pause(Duration::from_secs(1));
@@ -842,6 +854,16 @@ fn outages_of_redis_and_postgres_lose_nothing_acknowledged() {
         observed.hung
     );
     assert!(lost.is_empty(), "acknowledged cache writes lost: {lost:?}");
+}
+
+/// PostgreSQL's state in a node's `/readyz`, which must answer 200 whatever it is.
+fn postgres_state(api: SocketAddr) -> String {
+    let ready = exchange(api, "GET", "/readyz", "", CLIENT_LIMIT).expect("/readyz answers");
+    assert_eq!(ready.status, 200, "{}", ready.body);
+    ready.json()["dependencies"]["postgres"]["state"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
 }
 
 /// Lets the load run on for `duration` (the outage itself, not synchronisation).

@@ -346,6 +346,7 @@ fn statistics_after_a_known_workload() {
     }
     query(addr, "SELECT v FROM s WHERE id > ?", json!([0]));
     let stats = get(addr, "/v1/sql/stats?sort=calls").json();
+    assert_eq!(stats["source"], "keel");
     let top = &stats["statements"][0];
     assert_eq!(top["statement"], "SELECT v FROM s WHERE id=?");
     assert_eq!(top["calls"], 5);

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::support::{DEADLINE, Keel, base_config, get, keel_output, scratch, server_runtime};
+use crate::support::{
+    DEADLINE, Keel, POSTGRES_UP, base_config, get, keel_output, metric, scratch, server_runtime,
+};
 use tokio::sync::watch;
 
 // The REST helpers are the SQLite suite's own.
@@ -249,6 +251,8 @@ fn statements_parameters_and_batches(db: Db) {
         query(addr, "SELECT count(*) FROM items", json!([]))["rows"],
         json!([[2]])
     );
+    // Answered requests hold no connection, and the gauge says so once they are back.
+    assert_eq!(metric(addr, "keel_sql_readers_in_use"), Some(0.0));
 }
 
 fn the_read_path_refuses_writes(db: Db) {
@@ -547,6 +551,11 @@ fn postgres_outage_answers_503_with_retry_after_and_recovers() {
     let (_keel, addr) = Keel::start(dir.path(), &config);
     execute(addr, "CREATE TABLE t (id integer)", json!([]));
     execute(addr, "INSERT INTO t VALUES (1)", json!([]));
+    assert_eq!(
+        get(addr, "/readyz").json()["dependencies"]["postgres"]["state"],
+        "ready"
+    );
+    assert_eq!(metric(addr, POSTGRES_UP), Some(1.0));
 
     proxy.set_up(false);
     eventually("SQL answers 503 while PostgreSQL is unreachable", || {
@@ -568,6 +577,14 @@ fn postgres_outage_answers_503_with_retry_after_and_recovers() {
         json!({"sql": "INSERT INTO t VALUES (2)"}),
     );
     assert_eq!(write.status, 503, "{}", write.body);
+    // PostgreSQL is optional in /readyz, as Redis is: the node still serves the rest,
+    // so a load balancer must keep it.
+    eventually("/readyz names postgres degraded", || {
+        let ready = get(addr, "/readyz");
+        assert_eq!(ready.status, 200, "{}", ready.body);
+        ready.json()["dependencies"]["postgres"]["state"] == "degraded"
+    });
+    assert_eq!(metric(addr, POSTGRES_UP), Some(0.0));
 
     proxy.set_up(true);
     eventually("SQL answers again once PostgreSQL is back", || {
@@ -583,6 +600,34 @@ fn postgres_outage_answers_503_with_retry_after_and_recovers() {
         query(addr, "SELECT count(*) FROM t", json!([]))["rows"],
         json!([[1]])
     );
+    eventually("/readyz names postgres ready", || {
+        get(addr, "/readyz").json()["dependencies"]["postgres"]["state"] == "ready"
+    });
+    assert_eq!(metric(addr, POSTGRES_UP), Some(1.0));
+    let errors = metric(
+        addr,
+        "keel_dependency_errors_total{dependency=\"postgres\"}",
+    );
+    assert!(errors.is_some_and(|errors| errors > 0.0), "{errors:?}");
+}
+
+/// The shared test server does not preload pg_stat_statements (`pg_stat_statements.rs`
+/// runs a server that does): the statistics are keel's own, as on SQLite.
+#[test]
+fn postgres_statistics_are_keels_own_without_pg_stat_statements() {
+    let Some(db) = Db::postgres() else { return };
+    let dir = scratch();
+    let (_keel, addr) = db.start(dir.path(), "");
+    execute(addr, "CREATE TABLE s (id integer PRIMARY KEY)", json!([]));
+    for id in 1..=3 {
+        query(addr, "SELECT id FROM s WHERE id = ?", json!([id]));
+    }
+    let stats = get(addr, "/v1/sql/stats?sort=calls").json();
+    assert_eq!(stats["source"], "keel", "{stats}");
+    let top = &stats["statements"][0];
+    assert_eq!(top["statement"], "SELECT id FROM s WHERE id=?");
+    assert_eq!(top["calls"], 3);
+    assert_eq!(top["errors"], 0);
 }
 
 #[test]

@@ -258,6 +258,17 @@ pub fn request_with_headers(
     read_reply(&mut stream)
 }
 
+/// The value of one series of keel's `/metrics`, named as exposed (`name{labels}`).
+pub fn metric(addr: SocketAddr, series: &str) -> Option<f64> {
+    get(addr, "/metrics")
+        .body
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// `keel_dependency_up{dependency="postgres"}`: 1 while keel reaches PostgreSQL.
+pub const POSTGRES_UP: &str = "keel_dependency_up{dependency=\"postgres\"}";
+
 pub fn get(addr: SocketAddr, path: &str) -> Reply {
     request(addr, "GET", path, "")
 }

@@ -82,7 +82,10 @@ export default {
         { label: "Max", numeric: true, value: (row) => format.ms(row.max_ms) },
         { label: "Total", numeric: true, value: (row) => format.ms(row.total_ms) },
       ], stats.statements, { empty: "No statements run yet." }),
-      el("p", { class: "hint", text: `${format.number(stats.tracked)} distinct statements tracked.` }));
+      el("p", { class: "hint", id: "sql-stats-source", text: `${format.number(stats.tracked)} distinct statements tracked; ${
+        stats.source === "pg_stat_statements"
+          ? "figures from PostgreSQL's pg_stat_statements: every client of this database, no errors or p95"
+          : "figures of this keel node"}.` }));
       replace(slow, table("Slow log", [
         { label: "When", value: (row) => format.time(row.at) },
         { label: "Statement", value: (row) => el("code", { class: "sql", text: row.statement }) },
