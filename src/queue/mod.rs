@@ -111,6 +111,9 @@ pub(crate) fn random_u64() -> u64 {
 }
 
 const READY_STRIPES: usize = 64;
+/// How often a long-polling reserve asks again while the store is unreachable (its
+/// breaker answers at once, so this only paces the loop).
+const STORE_RETRY: Duration = Duration::from_millis(250);
 
 /// How stores tell the handle that something changed, after they committed it.
 pub struct Wakeups {
@@ -417,6 +420,10 @@ impl Queue {
         }
         let deadline = tokio::time::Instant::now() + request.wait;
         loop {
+            // While the store is unreachable a worker gets nothing rather than an error:
+            // it keeps polling as it would on an empty queue, and picks work up again
+            // as soon as the store answers (enqueues, which must not pretend, do fail).
+            let mut store_away = false;
             let signal = self.inner.wakeups.stripe(queue);
             let notified = signal.notified();
             tokio::pin!(notified);
@@ -429,19 +436,27 @@ impl Queue {
                     lease_ms: request.lease_ms,
                     default_ms: settings.default_lease_ms,
                 };
-                let jobs = self.inner.store.reserve(queue, lease).await?;
-                if !jobs.is_empty() {
-                    self.observe_pickup(queue, &jobs);
-                    return Ok(jobs);
+                match self.inner.store.reserve(queue, lease).await {
+                    Ok(jobs) if !jobs.is_empty() => {
+                        self.observe_pickup(queue, &jobs);
+                        return Ok(jobs);
+                    }
+                    Ok(_) => {}
+                    Err(QueueError::Unavailable(error)) => {
+                        tracing::debug!(queue, %error, "reserve: store unavailable, answering no jobs");
+                        store_away = true;
+                    }
+                    Err(error) => return Err(error),
                 }
             }
             let now = tokio::time::Instant::now();
             if now >= deadline {
                 return Ok(Vec::new());
             }
-            let wake_at = match retry_in {
-                Some(retry_in) => deadline.min(now + retry_in),
-                None => deadline,
+            let wake_at = match (retry_in, store_away) {
+                (_, true) => deadline.min(now + STORE_RETRY),
+                (Some(retry_in), false) => deadline.min(now + retry_in),
+                (None, false) => deadline,
             };
             tokio::select! {
                 _ = notified => {}

@@ -854,6 +854,25 @@ fn outages_of_redis_and_postgres_lose_nothing_acknowledged() {
         observed.hung
     );
     assert!(lost.is_empty(), "acknowledged cache writes lost: {lost:?}");
+    // While PostgreSQL is away a worker's reserve gets no jobs, not an error; only
+    // enqueues and acks, which must not pretend, are refused.
+    let reserve_errors: Vec<_> = observed
+        .statuses
+        .iter()
+        .filter(|((kind, status), _)| *kind == "reserve" && *status != 200)
+        .collect();
+    assert!(
+        reserve_errors.is_empty(),
+        "reserve answered other than 200 with its jobs or none: {reserve_errors:?}"
+    );
+    assert!(
+        observed
+            .statuses
+            .iter()
+            .any(|((kind, status), _)| *kind == "enqueue" && *status == 503),
+        "enqueues were refused during the PostgreSQL cut: {:?}",
+        observed.statuses
+    );
 }
 
 /// PostgreSQL's state in a node's `/readyz`, which must answer 200 whatever it is.
