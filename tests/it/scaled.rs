@@ -282,22 +282,61 @@ async fn relay(
     }
 }
 
+/// One node whose Redis is reached through a [`Proxy`] the test can cut, ready with
+/// Redis; its keys are removed from Redis when it is dropped.
+struct NodeBehindProxy {
+    // Dropped in this order: the node stops before its proxy, data dir and keys go.
+    keel: Keel,
+    proxy: Proxy,
+    _dir: tempfile::TempDir,
+    _cleanup: Cleanup,
+    api: SocketAddr,
+    url: String,
+    prefix: String,
+}
+
+impl NodeBehindProxy {
+    fn start() -> Option<NodeBehindProxy> {
+        let url = redis_url()?;
+        let prefix = unique_prefix();
+        let cleanup = Cleanup(url.clone(), prefix.clone());
+        let (target, db) = split_url(&url);
+        let proxy = Proxy::start(target);
+        let dir = scratch();
+        let via_proxy = format!("redis://{}{db}", proxy.addr);
+        let (keel, api) = Keel::start(
+            dir.path(),
+            &node_config(dir.path(), &via_proxy, &prefix, ""),
+        );
+        eventually(DEADLINE, "ready with Redis", || {
+            get(api, "/readyz").status == 200
+        });
+        Some(NodeBehindProxy {
+            url,
+            prefix,
+            proxy,
+            keel,
+            api,
+            _dir: dir,
+            _cleanup: cleanup,
+        })
+    }
+}
+
 #[test]
 fn redis_outage_keeps_l1_reads_refuses_writes_and_recovers() {
-    let Some(url) = redis_url() else { return };
-    let prefix = unique_prefix();
-    let _cleanup = Cleanup(url.clone(), prefix.clone());
-    let (target, db) = split_url(&url);
-    let proxy = Proxy::start(target);
-    let dir = scratch();
-    let via_proxy = format!("redis://{}{db}", proxy.addr);
-    let (keel, api) = Keel::start(
-        dir.path(),
-        &node_config(dir.path(), &via_proxy, &prefix, ""),
-    );
-    eventually(DEADLINE, "ready with Redis", || {
-        get(api, "/readyz").status == 200
-    });
+    let Some(node) = NodeBehindProxy::start() else {
+        return;
+    };
+    let NodeBehindProxy {
+        url,
+        prefix,
+        proxy,
+        keel,
+        api,
+        ..
+    } = &node;
+    let api = *api;
     assert_eq!(request(api, "PUT", "/v1/cache/warm", "hot").status, 204);
     assert_eq!(value(api, "warm").as_deref(), Some("hot"));
 
@@ -377,20 +416,18 @@ fn in_redis(url: &str, prefix: &str, key: &str) -> Option<Vec<u8>> {
 /// Once Redis is back, writes succeed again.
 #[test]
 fn a_write_redis_did_not_store_is_answered_as_an_error_and_not_served() {
-    let Some(url) = redis_url() else { return };
-    let prefix = unique_prefix();
-    let _cleanup = Cleanup(url.clone(), prefix.clone());
-    let (target, db) = split_url(&url);
-    let proxy = Proxy::start(target);
-    let dir = scratch();
-    let via_proxy = format!("redis://{}{db}", proxy.addr);
-    let (keel, api) = Keel::start(
-        dir.path(),
-        &node_config(dir.path(), &via_proxy, &prefix, ""),
-    );
-    eventually(DEADLINE, "ready with Redis", || {
-        get(api, "/readyz").status == 200
-    });
+    let Some(node) = NodeBehindProxy::start() else {
+        return;
+    };
+    let NodeBehindProxy {
+        url,
+        prefix,
+        proxy,
+        keel,
+        api,
+        ..
+    } = &node;
+    let api = *api;
     let mut client = resp(keel.resp_addr());
     let (ok, counter, read): (String, i64, String) = redis::pipe()
         .cmd("SET")

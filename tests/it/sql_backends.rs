@@ -13,10 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::support::{
-    DEADLINE, Keel, POSTGRES_UP, base_config, get, keel_output, metric, scratch, server_runtime,
-};
-use tokio::sync::watch;
+use crate::support::{DEADLINE, Keel, POSTGRES_UP, base_config, get, keel_output, metric, scratch};
 
 // The REST helpers are the SQLite suite's own.
 use crate::sql::{execute, post, query};
@@ -471,55 +468,6 @@ fn postgres_reads_go_to_the_replica_except_right_after_a_write() {
     assert_eq!(who(), "primary");
 }
 
-/// A TCP proxy in front of PostgreSQL that the test can cut (every connection closed,
-/// new ones closed on arrival) and restore.
-struct Proxy {
-    addr: SocketAddr,
-    up: watch::Sender<bool>,
-    _runtime: tokio::runtime::Runtime,
-}
-
-impl Proxy {
-    fn start(target: String) -> Proxy {
-        let runtime = server_runtime();
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (up, watching) = watch::channel(true);
-        runtime.spawn(async move {
-            loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
-                    continue;
-                };
-                let mut state = watching.clone();
-                if !*state.borrow_and_update() {
-                    continue;
-                }
-                let target = target.clone();
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = state.wait_for(|up| !*up) => {}
-                    }
-                });
-            }
-        });
-        Proxy {
-            addr,
-            up,
-            _runtime: runtime,
-        }
-    }
-
-    fn set_up(&self, up: bool) {
-        self.up.send_replace(up);
-    }
-}
-
 /// Polls `check` until it holds: the outage and the recovery are noticed by the pool
 /// on its next use, not at a known instant.
 fn eventually(what: &str, mut check: impl FnMut() -> bool) {
@@ -537,7 +485,7 @@ fn postgres_outage_answers_503_with_retry_after_and_recovers() {
     // postgres://USER@HOST:PORT/DB...: the proxy takes HOST:PORT's place.
     let (scheme_user, rest) = url.split_once('@').expect("a URL with USER@");
     let (authority, path) = rest.split_once('/').expect("a URL with /DB");
-    let proxy = Proxy::start(authority.to_owned());
+    let proxy = crate::scaled::Proxy::start(authority.to_owned());
     let via_proxy = with_search_path(
         &format!("{scheme_user}@{}/{path}", proxy.addr),
         &schema.name,
