@@ -135,7 +135,7 @@ def wrk(name, script, urls, connections, workdir):
     request-weighted mean, p50/p99 the worst node's."""
     shares = [connections // len(urls) + (i < connections % len(urls)) for i in range(len(urls))]
     argvs = [["wrk", "-t2" if len(urls) == 1 else "-t1", f"-c{share}", f"-d{SECONDS}s", "--latency",
-              "-s", os.path.join(WRK_DIR, script), url] for url, share in zip(urls, shares)]
+              *(["-s", os.path.join(WRK_DIR, script)] if script else []), url] for url, share in zip(urls, shares)]
     for argv in argvs:
         commands.append(shown(argv, workdir))
         print(f"$ {commands[-1]}", flush=True)
@@ -321,6 +321,9 @@ def keel_side(workdir, name="keel", nodes=1, sql_extra="", schema=SCHEMA):
             print(f"  named-query cache during the run: {hits:,.0f} hits, {misses:,.0f} misses", flush=True)
         for port in ports:
             leaked_readers("named", port)
+        # The ceiling any request meets here: GET /healthz does no work, so (b) can at
+        # best approach it, and (b)/(a) cannot exceed floor/(a).
+        results["floor"] = wrk("floor", None, [f"{url}/healthz" for url in urls], READERS, workdir)
 
         results["insert"] = wrk("insert", "insert.lua", [f"{url}/v1/sql/execute" for url in urls], WRITERS, workdir)
         inserted = json.loads(api(first, "/v1/sql/query", {"sql": "SELECT count(*) FROM history"}))["rows"][0][0]
@@ -529,6 +532,10 @@ def main():
     print(f"| (c) single-row INSERT, POST /v1/sql/execute, {WRITERS} connections; peer `pgbench -f insert.sql` "
           f"(INSERT INTO pgbench_history) | {keel_cell(insert)} | {peer_cell(p_insert)} | {fmt(r_insert, 2)} | "
           f"{verdict(r_insert, 1.0)} |")
+    floor = keel.get("floor")
+    print(f"| HTTP ceiling: GET /healthz (no work), {READERS} connections, no script | {keel_cell(floor)} | — | — | "
+          f"/healthz ÷ (a) = {fmt(ratio(floor, select, 'rps', 'rps'), 2)}: the most (b)/(a) can be; "
+          f"(b) ÷ /healthz = {fmt(ratio(named, floor, 'rps', 'rps'), 2)} |")
     summary = {
         "ok": not failures, "quick": QUICK, "seconds": SECONDS, "keel_bin": KEEL, "keel": keel, "peer": peer,
         "ratios": {"select": r_select, "named": r_named, "named_over_select": named_over_select, "insert": r_insert},
