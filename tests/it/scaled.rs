@@ -442,7 +442,7 @@ fn a_write_redis_did_not_store_is_answered_as_an_error_and_not_served() {
     assert_eq!((ok.as_str(), counter, read.as_str()), ("OK", 1, "old"));
     assert_eq!(request(api, "PUT", "/v1/cache/rest", "old").status, 204);
     for key in ["resp", "rest"] {
-        assert!(in_redis(&url, &prefix, key).is_some_and(|stored| stored.ends_with(b"old")));
+        assert!(in_redis(url, prefix, key).is_some_and(|stored| stored.ends_with(b"old")));
     }
 
     proxy.set_up(false);
@@ -469,7 +469,7 @@ fn a_write_redis_did_not_store_is_answered_as_an_error_and_not_served() {
     assert!(read.is_err(), "{read:?}");
     for key in ["resp", "rest"] {
         assert!(
-            in_redis(&url, &prefix, key).is_some_and(|stored| stored.ends_with(b"old")),
+            in_redis(url, prefix, key).is_some_and(|stored| stored.ends_with(b"old")),
             "{key}: Redis holds the value before the cut"
         );
     }
@@ -485,7 +485,7 @@ fn a_write_redis_did_not_store_is_answered_as_an_error_and_not_served() {
         .unwrap();
     for key in ["resp", "rest"] {
         assert_eq!(value(api, key).as_deref(), Some("newer"));
-        assert!(in_redis(&url, &prefix, key).is_some_and(|stored| stored.ends_with(b"newer")));
+        assert!(in_redis(url, prefix, key).is_some_and(|stored| stored.ends_with(b"newer")));
     }
 }
 
