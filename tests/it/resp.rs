@@ -586,35 +586,43 @@ fn protocol_violations_get_an_error_and_a_closed_connection() {
     );
 }
 
-proptest::proptest! {
-    #![proptest_config(proptest::prelude::ProptestConfig { cases: 64, ..Default::default() })]
-    #[test]
-    fn random_bytes_never_kill_the_server(chunks in proptest::collection::vec(proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512), 1..8)) {
-        let addr = shared_keel();
-        let mut stream = TcpStream::connect(addr).unwrap();
-        stream.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-        for chunk in &chunks {
-            if stream.write_all(chunk).is_err() {
-                break;
-            }
-        }
-        let mut sink = [0u8; 4096];
-        while matches!(stream.read(&mut sink), Ok(n) if n > 0) {}
-        let mut con = client(addr);
-        proptest::prop_assert_eq!(redis::cmd("PING").query::<String>(&mut con).unwrap(), "PONG");
-    }
-}
+/// 64 random byte streams against one keel (starting one per case would dominate the
+/// run); after each, the server still answers PING on a new connection. The keel is
+/// this test's own, so it stops with the test (a `static` one outlived the run).
+#[test]
+fn random_bytes_never_kill_the_server() {
+    use proptest::collection::vec;
+    use proptest::prelude::any;
+    use proptest::test_runner::{Config, TestRunner};
 
-/// One keel for all proptest cases (starting one per case would dominate the run).
-fn shared_keel() -> SocketAddr {
-    use std::sync::OnceLock;
-    static KEEL: OnceLock<(SocketAddr, Keel, tempfile::TempDir)> = OnceLock::new();
-    KEEL.get_or_init(|| {
-        let dir = scratch();
-        let (keel, _) = Keel::start(dir.path(), &resp_config(dir.path(), ""));
-        (keel.resp_addr(), keel, dir)
-    })
-    .0
+    let dir = scratch();
+    let (keel, _) = Keel::start(dir.path(), &resp_config(dir.path(), ""));
+    let addr = keel.resp_addr();
+    let mut runner = TestRunner::new(Config {
+        cases: 64,
+        ..Config::default()
+    });
+    runner
+        .run(&vec(vec(any::<u8>(), 0..512), 1..8), |chunks| {
+            let mut stream = TcpStream::connect(addr).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_millis(50)))
+                .unwrap();
+            for chunk in &chunks {
+                if stream.write_all(chunk).is_err() {
+                    break;
+                }
+            }
+            let mut sink = [0u8; 4096];
+            while matches!(stream.read(&mut sink), Ok(n) if n > 0) {}
+            let mut con = client(addr);
+            proptest::prop_assert_eq!(
+                redis::cmd("PING").query::<String>(&mut con).unwrap(),
+                "PONG"
+            );
+            Ok(())
+        })
+        .unwrap();
 }
 
 fn have(tool: &str) -> bool {
