@@ -164,6 +164,28 @@ impl RedisCacheStore {
             .map_err(fail)
     }
 
+    /// One `SCAN cursor MATCH match_pattern COUNT PAGE`: the next cursor (0 when done)
+    /// and the full key names of this page.
+    async fn scan_page(
+        &self,
+        connection: &mut redis::aio::ConnectionManager,
+        cursor: u64,
+        match_pattern: &[u8],
+    ) -> Result<(u64, Vec<Vec<u8>>), StoreError> {
+        self.redis
+            .record(
+                redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(match_pattern)
+                    .arg("COUNT")
+                    .arg(PAGE)
+                    .query_async(connection)
+                    .await,
+            )
+            .map_err(fail)
+    }
+
     /// Every key under `match_pattern` (a Redis glob over full names), stripped of
     /// the entries prefix and kept when `keep` says so, up to `limit`.
     async fn scan_keys(
@@ -176,19 +198,9 @@ impl RedisCacheStore {
         let mut cursor: u64 = 0;
         let mut keys = Vec::new();
         loop {
-            let (next, page): (u64, Vec<Vec<u8>>) = self
-                .redis
-                .record(
-                    redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(match_pattern)
-                        .arg("COUNT")
-                        .arg(PAGE)
-                        .query_async(&mut connection)
-                        .await,
-                )
-                .map_err(fail)?;
+            let (next, page) = self
+                .scan_page(&mut connection, cursor, match_pattern)
+                .await?;
             for full in page {
                 if let Some(key) = full.strip_prefix(self.entries.as_slice())
                     && keep(key)
@@ -567,19 +579,7 @@ impl CacheStore for RedisCacheStore {
         let mut connection = self.redis.connection().await.map_err(fail)?;
         let mut cursor: u64 = 0;
         loop {
-            let (next, page): (u64, Vec<Vec<u8>>) = self
-                .redis
-                .record(
-                    redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(&match_all)
-                        .arg("COUNT")
-                        .arg(PAGE)
-                        .query_async(&mut connection)
-                        .await,
-                )
-                .map_err(fail)?;
+            let (next, page) = self.scan_page(&mut connection, cursor, &match_all).await?;
             if !page.is_empty() {
                 self.unlink(&page).await?;
             }
