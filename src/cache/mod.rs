@@ -119,6 +119,15 @@ pub enum Target {
     Tags(Vec<String>),
 }
 
+impl Target {
+    fn covers(&self, key: &[u8], entry: &Entry) -> bool {
+        match self {
+            Target::Pattern(pattern) => pattern.matches(key),
+            Target::Tags(tags) => entry.tags().iter().any(|tag| tags.contains(tag)),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_key_bytes: u64,
@@ -162,6 +171,12 @@ pub(crate) struct Shared {
     /// Control messages (invalidate, barrier, clear, close) queued: someone waits for
     /// each, so the writer cuts its batching window short.
     controls_queued: AtomicI64,
+    /// Invalidations already answered whose keys are still being deleted from the
+    /// layers (see `writer.rs`), with their sequence: until they are done, a key one of
+    /// them covers reads as absent, unless L1 holds a newer write to it.
+    hiding: std::sync::RwLock<Vec<(Target, u64)>>,
+    /// Whether `hiding` has anything, so reads skip its lock almost always.
+    hiding_any: AtomicBool,
 }
 
 impl Shared {
@@ -176,6 +191,36 @@ impl Shared {
 
     fn queued(&self) -> i64 {
         self.queued_ops.load(Ordering::Relaxed)
+    }
+
+    /// Whether an answered invalidation hides this version of the key (`seq` 0 for a
+    /// version read from L2, which is never newer than the invalidation).
+    fn hidden(&self, key: &[u8], entry: &Entry, seq: u64) -> bool {
+        self.hiding_any.load(Ordering::Acquire)
+            && self
+                .hiding
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .iter()
+                .any(|(target, at)| seq <= *at && target.covers(key, entry))
+    }
+
+    fn start_hiding(&self, target: Target, seq: u64) {
+        let mut hiding = self
+            .hiding
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        hiding.push((target, seq));
+        self.hiding_any.store(true, Ordering::Release);
+    }
+
+    fn stop_hiding(&self, seq: u64) {
+        let mut hiding = self
+            .hiding
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        hiding.retain(|(_, at)| *at != seq);
+        self.hiding_any.store(!hiding.is_empty(), Ordering::Release);
     }
 }
 
@@ -277,6 +322,8 @@ impl Cache {
             metrics,
             queued_ops: AtomicI64::new(0),
             controls_queued: AtomicI64::new(0),
+            hiding: std::sync::RwLock::new(Vec::new()),
+            hiding_any: AtomicBool::new(false),
         });
         if let Some(remote) = store
             .as_ref()
@@ -456,7 +503,8 @@ impl Cache {
         if let Some(stored) = shared.l1.peek(key)
             && !self.too_old(&stored, now)
         {
-            return Ok(Some(stored.entry).filter(|entry| !entry.is_expired(now)));
+            return Ok(Some(stored.entry)
+                .filter(|entry| !entry.is_expired(now) && !shared.hidden(key, entry, stored.seq)));
         }
         if let Some(pending) = shared.pending.get(key) {
             return Ok(pending.filter(|entry| !entry.is_expired(now)));
@@ -472,7 +520,7 @@ impl Cache {
             }
         };
         match found {
-            Some(entry) if !entry.is_expired(now) => {
+            Some(entry) if !entry.is_expired(now) && !shared.hidden(key, &entry, 0) => {
                 shared.metrics.l2_hits.inc();
                 shared.l1.insert(
                     Bytes::copy_from_slice(key),
@@ -511,6 +559,10 @@ impl Cache {
 
     fn live_l1(&self, key: &[u8], stored: Stored, now: u64) -> Option<Entry> {
         let shared = &self.inner.shared;
+        if shared.hidden(key, &stored.entry, stored.seq) {
+            shared.metrics.l1_misses.inc();
+            return None;
+        }
         if stored.entry.is_expired(now) {
             shared.metrics.l1_misses.inc();
             // Lazy expiry; only this version, in case a newer write just landed.
@@ -583,7 +635,8 @@ impl Cache {
         if let Some(stored) = shared.l1.peek(key)
             && !self.too_old(&stored, now)
         {
-            return Ok(Some(stored.entry).filter(|entry| !entry.is_expired(now)));
+            return Ok(Some(stored.entry)
+                .filter(|entry| !entry.is_expired(now) && !shared.hidden(key, entry, stored.seq)));
         }
         let Some(store) = &self.inner.store else {
             return Ok(None);
@@ -594,7 +647,10 @@ impl Cache {
         if let Some(pending) = shared.pending.get(key) {
             return Ok(pending.filter(|entry| !entry.is_expired(now)));
         }
-        Ok(store.get(key).await?.filter(|entry| !entry.is_expired(now)))
+        Ok(store
+            .get(key)
+            .await?
+            .filter(|entry| !entry.is_expired(now) && !shared.hidden(key, entry, 0)))
     }
 
     /// Waits for room in the L2 queue. Without an L2 there is nothing to wait for.
@@ -710,12 +766,8 @@ impl Cache {
 
     fn invalidate_l1_only(&self, target: &Target, seq: u64) -> usize {
         let removed = std::cell::Cell::new(0);
-        let matches = |key: &Bytes, stored: &Stored| match target {
-            Target::Pattern(pattern) => pattern.matches(key),
-            Target::Tags(tags) => stored.entry.tags().iter().any(|tag| tags.contains(tag)),
-        };
         self.inner.shared.l1.retain(|key, stored| {
-            let remove = stored.seq <= seq && matches(key, stored);
+            let remove = stored.seq <= seq && target.covers(key, &stored.entry);
             removed.set(removed.get() + usize::from(remove));
             !remove
         });

@@ -14,6 +14,7 @@ use redb::{
     Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
 };
 
+use super::Target;
 use super::entry::Entry;
 use super::glob::{Pattern, prefix_successor};
 use super::store::{CacheStore, StoreError, StoreOp};
@@ -144,6 +145,56 @@ impl RedbCacheStore {
     }
 }
 
+impl RedbCacheStore {
+    /// Every key in the entries table matching `pattern`, expired or not, reading only
+    /// its literal prefix's range.
+    fn matching_keys(
+        entries: &impl ReadableTable<&'static [u8], &'static [u8]>,
+        pattern: &Pattern,
+    ) -> Result<Vec<Bytes>, StoreError> {
+        let prefix = pattern.literal_prefix();
+        let end = prefix_successor(prefix);
+        let range = match &end {
+            Some(end) => entries.range::<&[u8]>(prefix..end.as_slice()),
+            None => entries.range::<&[u8]>(prefix..),
+        }
+        .map_err(fail)?;
+        let mut keys = Vec::new();
+        for item in range {
+            let (key, _) = item.map_err(fail)?;
+            if pattern.matches(key.value()) {
+                keys.push(Bytes::copy_from_slice(key.value()));
+            }
+        }
+        Ok(keys)
+    }
+
+    /// Every key carrying any of `tags`, once each, from the tag index alone.
+    fn tagged_keys(
+        tag_rows: &impl ReadableTable<(&'static str, &'static [u8]), ()>,
+        tags: &[String],
+    ) -> Result<Vec<Bytes>, StoreError> {
+        let empty: &[u8] = &[];
+        let mut keys = Vec::new();
+        for tag in tags {
+            // Every (tag, key) row sorts between (tag, "") and (tag + "\0", "").
+            let after = format!("{tag}\0");
+            for row in tag_rows
+                .range((tag.as_str(), empty)..(after.as_str(), empty))
+                .map_err(fail)?
+            {
+                let (row, _) = row.map_err(fail)?;
+                keys.push(Bytes::copy_from_slice(row.value().1));
+            }
+        }
+        if tags.len() > 1 {
+            keys.sort_unstable();
+            keys.dedup();
+        }
+        Ok(keys)
+    }
+}
+
 /// The three tables of one write transaction, kept consistent with each other.
 struct Tables<'txn> {
     entries: redb::Table<'txn, &'static [u8], &'static [u8]>,
@@ -250,31 +301,15 @@ impl CacheStore for RedbCacheStore {
         let db = self.db.clone();
         let pattern = pattern.clone();
         tokio::task::spawn_blocking(move || {
-            let prefix = pattern.literal_prefix().to_vec();
-            let end = prefix_successor(&prefix);
             Self::delete_blocking(&db, |entries| {
                 // Collect, then remove in key order: redb's extract_from_if measured
                 // several times slower than point removals along the range.
-                let keys: Vec<Vec<u8>> = {
-                    let range = match &end {
-                        Some(end) => entries.range::<&[u8]>(prefix.as_slice()..end.as_slice()),
-                        None => entries.range::<&[u8]>(prefix.as_slice()..),
-                    }
-                    .map_err(fail)?;
-                    let mut keys = Vec::new();
-                    for item in range {
-                        let (key, _) = item.map_err(fail)?;
-                        if pattern.matches(key.value()) {
-                            keys.push(key.value().to_vec());
-                        }
-                    }
-                    keys
-                };
+                let keys = Self::matching_keys(entries, &pattern)?;
                 let mut removed = Vec::with_capacity(keys.len());
                 for key in keys {
-                    if let Some(old) = entries.remove(key.as_slice()).map_err(fail)? {
+                    if let Some(old) = entries.remove(key.as_ref()).map_err(fail)? {
                         let old = indexed(old.value());
-                        removed.push((Bytes::from(key), old));
+                        removed.push((key, old));
                     }
                 }
                 Ok(removed)
@@ -293,28 +328,33 @@ impl CacheStore for RedbCacheStore {
             let mut deleted = Vec::new();
             {
                 let mut tables = Tables::open(&txn)?;
-                let empty: &[u8] = &[];
-                for tag in &tags {
-                    // Every (tag, key) row sorts between (tag, "") and (tag + "\0", "").
-                    let after = format!("{tag}\0");
-                    let mut keys = Vec::new();
-                    for row in tables
-                        .tags
-                        .range((tag.as_str(), empty)..(after.as_str(), empty))
-                        .map_err(fail)?
-                    {
-                        let (row, _) = row.map_err(fail)?;
-                        keys.push(row.value().1.to_vec());
-                    }
-                    for key in keys {
-                        if tables.delete(&key)? {
-                            deleted.push(Bytes::from(key));
-                        }
+                for key in Self::tagged_keys(&tables.tags, &tags)? {
+                    if tables.delete(&key)? {
+                        deleted.push(key);
                     }
                 }
             }
             txn.commit().map_err(fail)?;
             Ok(deleted)
+        })
+        .await
+        .map_err(fail)?
+    }
+
+    async fn covered_keys(&self, target: &Target) -> Result<Option<Vec<Bytes>>, StoreError> {
+        let db = self.db.clone();
+        let target = target.clone();
+        tokio::task::spawn_blocking(move || {
+            let txn = db.begin_read().map_err(fail)?;
+            let keys = match &target {
+                Target::Pattern(pattern) => {
+                    Self::matching_keys(&txn.open_table(ENTRIES).map_err(fail)?, pattern)?
+                }
+                Target::Tags(tags) => {
+                    Self::tagged_keys(&txn.open_table(TAGS).map_err(fail)?, tags)?
+                }
+            };
+            Ok(Some(keys))
         })
         .await
         .map_err(fail)?

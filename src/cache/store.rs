@@ -12,6 +12,7 @@
 use async_trait::async_trait;
 use bytes::Bytes;
 
+use super::Target;
 use super::entry::Entry;
 use super::glob::Pattern;
 
@@ -94,6 +95,16 @@ pub trait CacheStore: Send + Sync + 'static {
     /// Deletes every key carrying any of `tags` in one atomic step and returns them,
     /// reading only those tags' index rows.
     async fn delete_tagged(&self, tags: &[String]) -> Result<Vec<Bytes>, StoreError>;
+
+    /// The keys an invalidation of `target` covers (expired ones included), read
+    /// without changing anything, or `None` when the store deletes them itself
+    /// (`delete_matching`, `delete_tagged`). A write-behind store lists them: its writer
+    /// then answers the invalidation once L1 and the pending records hide the keys, and
+    /// deletes them from the store as its next batch. A shared store must have deleted
+    /// them before anyone is answered, so it keeps the default.
+    async fn covered_keys(&self, _target: &Target) -> Result<Option<Vec<Bytes>>, StoreError> {
+        Ok(None)
+    }
 
     /// Up to `count` keys after `after` in key order (expired ones included), and
     /// whether more follow.

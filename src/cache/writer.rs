@@ -19,7 +19,11 @@
 //! durable commit.
 //!
 //! Invalidations, barriers and clears travel through the same queue, so they apply
-//! after every write queued before them.
+//! after every write queued before them. With redb, an invalidation lists the keys it
+//! covers and is answered at once: until the writer has deleted them from L2 (its next
+//! batch, as write-behind as any write) and evicted them from L1, reads treat every
+//! version older than the invalidation as absent (`Shared::hidden`). A shared L2
+//! deletes them before the answer.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -82,6 +86,13 @@ struct Batched {
     seq: u64,
     key: Bytes,
     stored: Option<StoredReply>,
+}
+
+/// An invalidation's outcome: how many keys it covered, and those still to delete from
+/// a write-behind L2.
+struct Invalidated {
+    count: usize,
+    hidden: Vec<Bytes>,
 }
 
 /// When the last durable commit happened, and whether non-durable ones came after it.
@@ -149,7 +160,7 @@ impl Writer {
                             let _ = reply.send(());
                             return;
                         }
-                        self.control(other).await;
+                        self.control(other, &mut durability).await;
                     }
                 }
             }
@@ -251,10 +262,18 @@ impl Writer {
         }
     }
 
-    async fn control(&self, message: Message) {
+    async fn control(&self, message: Message, durability: &mut FlushState) {
         match message {
             Message::Invalidate { target, seq, reply } => {
-                let _ = reply.send(self.invalidate(target, seq).await);
+                match self.invalidate(target, seq).await {
+                    Ok(Invalidated { count, hidden }) => {
+                        let _ = reply.send(Ok(count));
+                        self.delete_hidden(hidden, seq, durability).await;
+                    }
+                    Err(error) => {
+                        let _ = reply.send(Err(error));
+                    }
+                }
             }
             Message::Barrier { reply } => {
                 let _ = reply.send(());
@@ -268,10 +287,25 @@ impl Writer {
         }
     }
 
-    /// Deletes matching keys from L2 in one transaction, then each from L1 unless L1
-    /// holds a write newer than the invalidation.
-    async fn invalidate(&self, target: Target, seq: u64) -> Result<usize, StoreError> {
+    /// Takes what `target` covers out of both layers; writes newer than `seq` survive.
+    /// A write-behind L2 lists the keys, which are hidden from then on and deleted after
+    /// the answer (`hidden`); otherwise L2 deletes them first, in one step.
+    async fn invalidate(&self, target: Target, seq: u64) -> Result<Invalidated, StoreError> {
         let started = Instant::now();
+        if !self.store.is_shared()
+            && let Some(keys) = self.store.covered_keys(&target).await?
+        {
+            self.shared.start_hiding(target, seq);
+            tracing::debug!(
+                keys = keys.len(),
+                list_ms = started.elapsed().as_millis() as u64,
+                "invalidated; deletes follow"
+            );
+            return Ok(Invalidated {
+                count: keys.len(),
+                hidden: keys,
+            });
+        }
         let keys = match &target {
             Target::Pattern(pattern) => self.store.delete_matching(pattern).await?,
             Target::Tags(tags) => self.store.delete_tagged(tags).await?,
@@ -284,7 +318,10 @@ impl Writer {
             l1_ms = (started.elapsed() - l2_done).as_millis() as u64,
             "invalidated"
         );
-        Ok(keys.len())
+        Ok(Invalidated {
+            count: keys.len(),
+            hidden: Vec::new(),
+        })
     }
 
     async fn evict_l1(&self, keys: &[Bytes], seq: u64) {
@@ -294,6 +331,20 @@ impl Writer {
             let _guard = self.shared.stripe(key).lock().await;
             self.shared.l1.remove_if(key, |stored| stored.seq <= seq);
         }
+    }
+
+    /// Deletes an answered invalidation's keys from L2 in batches and evicts them
+    /// from L1, then stops hiding them.
+    async fn delete_hidden(&self, keys: Vec<Bytes>, seq: u64, durability: &mut FlushState) {
+        for chunk in keys.chunks(MAX_BATCH) {
+            let ops = chunk
+                .iter()
+                .map(|key| StoreOp::Delete { key: key.clone() })
+                .collect();
+            self.commit(ops, Vec::new(), durability, false).await;
+        }
+        self.evict_l1(&keys, seq).await;
+        self.shared.stop_hiding(seq);
     }
 
     /// Removes expired keys from L2 in bounded steps; readers never wait for it.
@@ -371,7 +422,7 @@ mod tests {
     use super::super::entry::Entry;
     use super::super::glob::Pattern;
     use super::super::store::{CacheStore, StoreError, StoreOp};
-    use super::super::{Cache, CacheError, CacheMetrics, Limits};
+    use super::super::{Cache, CacheError, CacheMetrics, Limits, Target};
     use super::op_key;
 
     /// An L2 whose `apply` reports each batch's keys and waits for the test to decide
@@ -481,6 +532,17 @@ mod tests {
             unreachable!("not used by these tests")
         }
 
+        async fn covered_keys(&self, target: &Target) -> Result<Option<Vec<Bytes>>, StoreError> {
+            let entries = self.entries.lock().unwrap();
+            let mut keys: Vec<Bytes> = entries
+                .iter()
+                .filter(|(key, entry)| target.covers(key, entry))
+                .map(|(key, _)| key.clone())
+                .collect();
+            keys.sort();
+            Ok(Some(keys))
+        }
+
         async fn scan(
             &self,
             _after: Option<&[u8]>,
@@ -519,6 +581,25 @@ mod tests {
         })
         .await
         .expect("the write was issued within 10 s");
+    }
+
+    fn tagged(value: &'static str, tag: &str) -> Entry {
+        Entry {
+            tags: Some(vec![tag.to_owned()].into()),
+            ..entry(value)
+        }
+    }
+
+    /// Answers batches until every one of `keys` was in one.
+    async fn store_all(gate: &mut Gate, keys: &[&[u8]]) {
+        let mut seen = Vec::new();
+        while !keys
+            .iter()
+            .all(|key| seen.iter().any(|seen: &Bytes| seen == key))
+        {
+            seen.extend(gate.next_batch().await);
+            gate.answer(Ok(()));
+        }
     }
 
     fn failure() -> Result<(), StoreError> {
@@ -603,6 +684,45 @@ mod tests {
             gate.answer(Ok(()));
         }
         confirmed.await.unwrap().unwrap();
+    }
+
+    /// With the embedded store an invalidation is answered before its deletes reach
+    /// L2. Meanwhile the old versions read as absent from both layers, and a write made
+    /// after the invalidation survives it.
+    #[tokio::test]
+    async fn an_embedded_store_answers_an_invalidation_first_and_hides_its_keys_meanwhile() {
+        let (cache, mut gate) = gated(false);
+        cache.set(b"t:1", tagged("old", "t")).await.unwrap();
+        cache.set(b"t:2", tagged("old", "t")).await.unwrap();
+        cache.set(b"u", entry("kept")).await.unwrap();
+        store_all(&mut gate, &[b"t:1", b"t:2", b"u"]).await;
+
+        let invalidated = cache.invalidate(Target::Tags(vec!["t".to_owned()]));
+        let invalidated = tokio::time::timeout(Duration::from_secs(10), invalidated)
+            .await
+            .expect("answered while its deletes wait in the gate");
+        assert_eq!(invalidated.unwrap(), 2);
+        assert_eq!(
+            gate.next_batch().await,
+            [&b"t:1"[..], b"t:2"],
+            "the deletes are the next batch"
+        );
+        // L1 and L2 both still hold the old versions.
+        assert_eq!(read(&cache, b"t:1").await, None);
+        assert_eq!(read(&cache, b"t:2").await, None);
+        assert_eq!(read(&cache, b"u").await.as_deref(), Some(&b"kept"[..]));
+        cache.set(b"t:1", tagged("new", "t")).await.unwrap();
+        assert_eq!(read(&cache, b"t:1").await.as_deref(), Some(&b"new"[..]));
+
+        gate.answer(Ok(()));
+        store_all(&mut gate, &[b"t:1"]).await;
+        assert_eq!(
+            cache.key_count().await.unwrap(),
+            2,
+            "L2 holds t:1 (new) and u"
+        );
+        assert_eq!(read(&cache, b"t:1").await.as_deref(), Some(&b"new"[..]));
+        assert_eq!(read(&cache, b"t:2").await, None);
     }
 
     /// The embedded store stays write-behind: a write is answered while its batch has
