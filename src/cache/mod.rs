@@ -171,11 +171,12 @@ pub(crate) struct Shared {
     /// Control messages (invalidate, barrier, clear, close) queued: someone waits for
     /// each, so the writer cuts its batching window short.
     controls_queued: AtomicI64,
-    /// Invalidations already answered whose keys are still being deleted from the
-    /// layers (see `writer.rs`), with their sequence: until they are done, a key one of
-    /// them covers reads as absent, unless L1 holds a newer write to it.
-    hiding: std::sync::RwLock<Vec<(Target, u64)>>,
-    /// Whether `hiding` has anything, so reads skip its lock almost always.
+    /// The invalidation already answered whose keys the writer is still deleting from
+    /// the layers (see `writer.rs`), with its sequence: until it is done, a key it
+    /// covers reads as absent, unless L1 holds a newer write to it. One at most: the
+    /// writer finishes each before it takes the next message.
+    hiding: std::sync::RwLock<Option<(Target, u64)>>,
+    /// Whether `hiding` holds one, so reads skip its lock almost always.
     hiding_any: AtomicBool,
 }
 
@@ -201,26 +202,17 @@ impl Shared {
                 .hiding
                 .read()
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .iter()
-                .any(|(target, at)| seq <= *at && target.covers(key, entry))
+                .as_ref()
+                .is_some_and(|(target, at)| seq <= *at && target.covers(key, entry))
     }
 
-    fn start_hiding(&self, target: Target, seq: u64) {
-        let mut hiding = self
+    fn set_hiding(&self, hiding: Option<(Target, u64)>) {
+        let any = hiding.is_some();
+        *self
             .hiding
             .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        hiding.push((target, seq));
-        self.hiding_any.store(true, Ordering::Release);
-    }
-
-    fn stop_hiding(&self, seq: u64) {
-        let mut hiding = self
-            .hiding
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        hiding.retain(|(_, at)| *at != seq);
-        self.hiding_any.store(!hiding.is_empty(), Ordering::Release);
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = hiding;
+        self.hiding_any.store(any, Ordering::Release);
     }
 }
 
@@ -322,7 +314,7 @@ impl Cache {
             metrics,
             queued_ops: AtomicI64::new(0),
             controls_queued: AtomicI64::new(0),
-            hiding: std::sync::RwLock::new(Vec::new()),
+            hiding: std::sync::RwLock::new(None),
             hiding_any: AtomicBool::new(false),
         });
         if let Some(remote) = store

@@ -292,10 +292,8 @@ impl Writer {
     /// the answer (`hidden`); otherwise L2 deletes them first, in one step.
     async fn invalidate(&self, target: Target, seq: u64) -> Result<Invalidated, StoreError> {
         let started = Instant::now();
-        if !self.store.is_shared()
-            && let Some(keys) = self.store.covered_keys(&target).await?
-        {
-            self.shared.start_hiding(target, seq);
+        if let Some(keys) = self.store.covered_keys(&target).await? {
+            self.shared.set_hiding(Some((target, seq)));
             tracing::debug!(
                 keys = keys.len(),
                 list_ms = started.elapsed().as_millis() as u64,
@@ -344,7 +342,7 @@ impl Writer {
             self.commit(ops, Vec::new(), durability, false).await;
         }
         self.evict_l1(&keys, seq).await;
-        self.shared.stop_hiding(seq);
+        self.shared.set_hiding(None);
     }
 
     /// Removes expired keys from L2 in bounded steps; readers never wait for it.
@@ -533,6 +531,9 @@ mod tests {
         }
 
         async fn covered_keys(&self, target: &Target) -> Result<Option<Vec<Bytes>>, StoreError> {
+            if self.shared {
+                return Ok(None);
+            }
             let entries = self.entries.lock().unwrap();
             let mut keys: Vec<Bytes> = entries
                 .iter()
@@ -602,6 +603,16 @@ mod tests {
         }
     }
 
+    /// A `set` on a task of its own, so the test can hold its batch in the gate.
+    fn spawn_set(
+        cache: &Cache,
+        key: &'static [u8],
+        value: &'static str,
+    ) -> tokio::task::JoinHandle<Result<(), CacheError>> {
+        let cache = cache.clone();
+        tokio::spawn(async move { cache.set(key, entry(value)).await })
+    }
+
     fn failure() -> Result<(), StoreError> {
         Err(StoreError("redis: connection refused".to_owned()))
     }
@@ -609,19 +620,13 @@ mod tests {
     #[tokio::test]
     async fn a_shared_store_answers_a_write_once_stored_and_forgets_a_failed_one() {
         let (cache, mut gate) = gated(true);
-        let set = tokio::spawn({
-            let cache = cache.clone();
-            async move { cache.set(b"k", entry("one")).await }
-        });
+        let set = spawn_set(&cache, b"k", "one");
         assert_eq!(gate.next_batch().await, vec![Bytes::from_static(b"k")]);
         assert!(!set.is_finished(), "answered before L2 stored it");
         gate.answer(Ok(()));
         set.await.unwrap().unwrap();
 
-        let failing = tokio::spawn({
-            let cache = cache.clone();
-            async move { cache.set(b"k", entry("two")).await }
-        });
+        let failing = spawn_set(&cache, b"k", "two");
         gate.next_batch().await;
         gate.answer(failure());
         assert!(matches!(
@@ -638,17 +643,11 @@ mod tests {
     #[tokio::test]
     async fn a_failed_write_spares_a_newer_one_and_the_next_batch_takes_all_queued() {
         let (cache, mut gate) = gated(true);
-        let failing = tokio::spawn({
-            let cache = cache.clone();
-            async move { cache.set(b"k", entry("old")).await }
-        });
+        let failing = spawn_set(&cache, b"k", "old");
         assert_eq!(gate.next_batch().await, vec![Bytes::from_static(b"k")]);
         let mut waiting = Vec::new();
         for (key, value) in [(&b"k"[..], "new"), (b"a", "a"), (b"b", "b")] {
-            let writer = cache.clone();
-            waiting.push(tokio::spawn(
-                async move { writer.set(key, entry(value)).await },
-            ));
+            waiting.push(spawn_set(&cache, key, value));
             issued(&cache, key, value).await;
         }
         gate.answer(failure());
