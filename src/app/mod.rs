@@ -523,23 +523,23 @@ pub async fn run(config: Config, launch: Launch) -> Result<(), AppError> {
         let tls = !certificates.is_empty();
         tracing::info!(addr = %listener.local_addr(), tls, routes = config.gateway.routes.len(), "{name} listener bound");
         certificates_to_reload.extend(listener.certificates());
-        let router = match (tls, https_port) {
+        let service = match (tls, https_port) {
             (true, _) => {
                 https_port = Some(listener.local_addr().port());
                 endpoints.gateway_tls = Some(listener.local_addr());
-                gateway.router()
+                tower::util::Either::Left(gateway.service())
             }
             (false, Some(port)) if gateway_config.redirect_http => {
-                crate::gateway::redirect_router(port)
+                tower::util::Either::Right(crate::gateway::redirect_router(port))
             }
-            (false, _) => gateway.router(),
+            (false, _) => tower::util::Either::Left(gateway.service()),
         };
         if !tls {
             endpoints.gateway = Some(listener.local_addr());
         }
         servers.spawn(serve_http(
             listener,
-            router,
+            service,
             gateway_options,
             shutdown.clone(),
         ));

@@ -14,6 +14,7 @@ pub struct GatewayMetrics {
     pub request_seconds: HistogramVec,
     pub upstream_requests: IntCounterVec,
     pub upstream_healthy: IntGaugeVec,
+    pub upstream_idle: IntGaugeVec,
     pub rejected: IntCounterVec,
     pub cache_results: IntCounterVec,
     pub bytes: IntCounterVec,
@@ -59,6 +60,14 @@ impl GatewayMetrics {
                 &["upstream", "server"],
             )
             .expect("valid metric"),
+            upstream_idle: IntGaugeVec::new(
+                Opts::new(
+                    "keel_gateway_upstream_idle_connections",
+                    "Keep-alive connections to the server waiting for a request (at most 256 each).",
+                ),
+                &["upstream", "server"],
+            )
+            .expect("valid metric"),
             rejected: IntCounterVec::new(
                 Opts::new(
                     "keel_gateway_rejected_total",
@@ -84,13 +93,14 @@ impl GatewayMetrics {
             )
             .expect("valid metric"),
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 7] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 8] = [
             Box::new(metrics.bytes.clone()),
             Box::new(metrics.cache_results.clone()),
             Box::new(metrics.requests.clone()),
             Box::new(metrics.request_seconds.clone()),
             Box::new(metrics.upstream_requests.clone()),
             Box::new(metrics.upstream_healthy.clone()),
+            Box::new(metrics.upstream_idle.clone()),
             Box::new(metrics.rejected.clone()),
         ];
         for collector in collectors {

@@ -5,6 +5,7 @@
 
 pub mod cache_policy;
 pub mod compress;
+mod connections;
 mod metrics;
 mod proxy;
 mod response_cache;
@@ -16,9 +17,6 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use axum::Router;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use ipnet::IpNet;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -32,14 +30,10 @@ pub use metrics::GatewayMetrics;
 pub use route::{Route, RouteTable};
 pub use upstream::{Pool, ServerStatus};
 
-/// The HTTP client to upstream servers: keep-alive pooling per server.
-type UpstreamClient = Client<HttpConnector, axum::body::Body>;
-
 /// One generation of the gateway's configuration, in use until the next reload.
 pub struct Table {
     pub routes: RouteTable,
     pub pools: BTreeMap<String, Arc<Pool>>,
-    clients: BTreeMap<String, UpstreamClient>,
     trusted_proxies: Vec<IpNet>,
     /// Stops this generation's health checks when it is replaced.
     retired: CancellationToken,
@@ -55,11 +49,12 @@ impl Table {
         let pools: BTreeMap<String, Arc<Pool>> = config
             .upstreams
             .iter()
-            .map(|(name, upstream)| (name.clone(), Arc::new(Pool::from_config(name, upstream))))
-            .collect();
-        let clients = pools
-            .iter()
-            .map(|(name, pool)| (name.clone(), client_for(pool)))
+            .map(|(name, upstream)| {
+                (
+                    name.clone(),
+                    Arc::new(Pool::from_config(name, upstream, metrics)),
+                )
+            })
             .collect();
         let routes = config
             .routes
@@ -97,28 +92,10 @@ impl Table {
         Table {
             routes: RouteTable::new(routes),
             pools,
-            clients,
             trusted_proxies: config.trusted_proxies.clone(),
             retired: CancellationToken::new(),
         }
     }
-
-    fn client(&self, pool: &str) -> &UpstreamClient {
-        self.clients.get(pool).expect("every pool has a client")
-    }
-}
-
-fn client_for(pool: &Pool) -> UpstreamClient {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(pool.connect_timeout));
-    connector.set_nodelay(true);
-    connector.set_keepalive(Some(Duration::from_secs(60)));
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(pool.idle_timeout)
-        .pool_max_idle_per_host(256)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(connector)
 }
 
 /// The gateway's handle. Cheap to clone.
@@ -223,11 +200,24 @@ impl Gateway {
         );
     }
 
-    /// The router the gateway listener serves: every request goes to the proxy.
-    pub fn router(&self) -> Router {
-        Router::new()
-            .fallback(proxy::handle)
-            .with_state(self.clone())
+    /// The service the gateway listener serves: every request goes to the proxy, with
+    /// no router in between (the route table is the gateway's own).
+    pub fn service(
+        &self,
+    ) -> impl tower::Service<
+        axum::extract::Request,
+        Response = axum::response::Response,
+        Error = std::convert::Infallible,
+        Future = impl Send + 'static,
+    > + Clone
+    + Send
+    + Sync
+    + 'static {
+        let gateway = self.clone();
+        tower::service_fn(move |request| {
+            let gateway = gateway.clone();
+            async move { Ok(proxy::handle(gateway, request).await) }
+        })
     }
 
     pub fn upstreams(&self) -> Vec<UpstreamStatus> {
@@ -292,7 +282,6 @@ impl Gateway {
                 continue;
             };
             let pool = pool.clone();
-            let client = table.client(&pool.name).clone();
             let stop = table.retired.clone();
             let shutdown = self.inner.shutdown.clone();
             let metrics = self.inner.metrics.clone();
@@ -307,22 +296,26 @@ impl Gateway {
                     }
                     let mut probes = tokio::task::JoinSet::new();
                     for (index, server) in pool.servers.iter().enumerate() {
-                        let client = client.clone();
-                        let uri = format!("http://{}{}", server.address, health.path);
+                        let connections = server.connections.clone();
+                        let host = server.address.clone();
+                        let path = health.path.clone();
                         let timeout = health
                             .interval
                             .0
                             .min(pool.response_timeout)
                             .max(Duration::from_millis(100));
                         let probe = async move {
-                            let request = hyper::Request::get(uri)
+                            let ok = match hyper::Request::get(path)
+                                .header(hyper::header::HOST, host)
                                 .header(hyper::header::USER_AGENT, "keel-health-check")
                                 .body(axum::body::Body::empty())
-                                .expect("a valid request");
-                            let ok = matches!(
-                                tokio::time::timeout(timeout, client.request(request)).await,
-                                Ok(Ok(response)) if response.status().as_u16() == health.expect_status
-                            );
+                            {
+                                Ok(request) => matches!(
+                                    tokio::time::timeout(timeout, probe_status(&connections, request)).await,
+                                    Ok(Some(status)) if status == health.expect_status
+                                ),
+                                Err(_) => false,
+                            };
                             (index, ok)
                         };
                         probes.spawn(probe);
@@ -339,6 +332,18 @@ impl Gateway {
             });
         }
     }
+}
+
+/// The status of one health-check exchange, its body read so the connection is reused.
+async fn probe_status(
+    connections: &Arc<connections::Connections>,
+    request: hyper::Request<axum::body::Body>,
+) -> Option<u16> {
+    use http_body_util::BodyExt;
+    let response = connections.send(request).await.ok()?;
+    let status = response.status().as_u16();
+    response.into_body().collect().await.ok()?;
+    Some(status)
 }
 
 /// The plain listener when `redirect_http` is on: every request gets a 308 to the same
@@ -375,7 +380,7 @@ pub fn redirect_router(https_port: u16) -> Router {
 /// the route compresses, the client accepts it and the response is worth it.
 fn compress_for(
     route: &Route,
-    request_headers: &axum::http::HeaderMap,
+    accept_encoding: Option<&hyper::header::HeaderValue>,
     response: axum::response::Response,
 ) -> axum::response::Response {
     if !route.config.compress {
@@ -389,10 +394,7 @@ fn compress_for(
     if !compress::should_compress(&policy, response.status(), response.headers(), known) {
         return response;
     }
-    let coding = compress::negotiate(
-        request_headers.get(hyper::header::ACCEPT_ENCODING),
-        &policy.enabled,
-    );
+    let coding = compress::negotiate(accept_encoding, &policy.enabled);
     let (mut parts, body) = response.into_parts();
     compress::apply_headers(&mut parts.headers, coding);
     if coding == compress::Coding::Identity {

@@ -12,11 +12,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{ConnectInfo, Request};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
 
+use super::connections::{PooledBody, SendError};
 use super::metrics::RouteMetrics;
 use super::route::Route;
 use super::{Gateway, Table};
@@ -64,27 +65,27 @@ pub(super) fn refuse(
 /// Request smuggling guards: both framings at once, repeated or malformed lengths, and
 /// transfer codings other than a final `chunked`.
 fn framing_problem(headers: &HeaderMap) -> Option<&'static str> {
-    let lengths: Vec<&HeaderValue> = headers.get_all(header::CONTENT_LENGTH).iter().collect();
-    let codings: Vec<&HeaderValue> = headers.get_all(header::TRANSFER_ENCODING).iter().collect();
-    if !lengths.is_empty() && !codings.is_empty() {
+    let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
+    let mut codings = headers.get_all(header::TRANSFER_ENCODING).iter().peekable();
+    let first_length = lengths.next();
+    if first_length.is_some() && codings.peek().is_some() {
         return Some("both Content-Length and Transfer-Encoding");
     }
-    if lengths.len() > 1 {
+    if lengths.next().is_some() {
         return Some("more than one Content-Length");
     }
-    if let Some(length) = lengths.first()
+    if let Some(length) = first_length
         && (length.is_empty() || !length.as_bytes().iter().all(u8::is_ascii_digit))
     {
         return Some("a malformed Content-Length");
     }
-    if !codings.is_empty() {
-        let joined: Vec<String> = codings
-            .iter()
-            .flat_map(|value| value.to_str().unwrap_or("\u{0}").split(','))
-            .map(|coding| coding.trim().to_ascii_lowercase())
-            .collect();
-        if joined.len() != 1 || joined[0] != "chunked" {
-            return Some("a transfer coding other than chunked");
+    let mut seen = 0;
+    for value in codings {
+        for coding in value.to_str().unwrap_or("\u{0}").split(',') {
+            seen += 1;
+            if seen > 1 || !coding.trim().eq_ignore_ascii_case("chunked") {
+                return Some("a transfer coding other than chunked");
+            }
         }
     }
     None
@@ -92,6 +93,12 @@ fn framing_problem(headers: &HeaderMap) -> Option<&'static str> {
 
 /// Removes hop-by-hop headers, including those the Connection header names.
 pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if !headers.contains_key(header::CONNECTION) {
+        for name in &HOP_BY_HOP {
+            headers.remove(name);
+        }
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -116,15 +123,17 @@ fn is_trusted(table: &Table, address: IpAddr) -> bool {
 /// Removes keel's own dashboard session from `Cookie` headers, so an upstream app never
 /// sees (and can never replay) an operator's session.
 fn strip_session_cookie(headers: &mut HeaderMap) {
-    let prefix = format!("{}=", crate::auth::SESSION_COOKIE);
-    if !headers.get_all(header::COOKIE).iter().any(|value| {
+    let name = crate::auth::SESSION_COOKIE.as_bytes();
+    let carries_session = headers.get_all(header::COOKIE).iter().any(|value| {
         value
             .as_bytes()
-            .windows(prefix.len())
-            .any(|w| w == prefix.as_bytes())
-    }) {
+            .windows(name.len() + 1)
+            .any(|w| w.starts_with(name) && w[name.len()] == b'=')
+    });
+    if !carries_session {
         return;
     }
+    let prefix = format!("{}=", crate::auth::SESSION_COOKIE);
     let kept: Vec<String> = headers
         .get_all(header::COOKIE)
         .iter()
@@ -197,7 +206,7 @@ fn request_host(request: &Request) -> String {
     without_port.to_ascii_lowercase()
 }
 
-pub(super) async fn handle(State(gateway): State<Gateway>, request: Request) -> Response {
+pub(super) async fn handle(gateway: Gateway, request: Request) -> Response {
     let started = Instant::now();
     let table = gateway.table();
     let mut limited = None;
@@ -316,8 +325,8 @@ async fn proxy(
         );
     }
     let host = request_host(&request);
-    let path = request.uri().path().to_owned();
-    let Some(route) = table.routes.find(&host, &path) else {
+    let path = request.uri().path();
+    let Some(route) = table.routes.find(&host, path) else {
         metrics.rejected.with_label_values(&["no_route"]).inc();
         return (
             unrouted(),
@@ -358,38 +367,8 @@ async fn proxy(
         .get::<ConnectionTls>()
         .is_some_and(|tls| tls.0);
     let client = client_address(table, peer, request.headers());
-
-    let (parts, body) = request.into_parts();
-    let mut headers = parts.headers.clone();
-    strip_hop_by_hop(&mut headers);
-    strip_session_cookie(&mut headers);
-    let trusted_peer = is_trusted(table, peer);
-    // From an untrusted peer the forwarded headers are replaced, not extended: an
-    // upstream that trusts the leftmost address cannot be fooled (Caddy, Traefik).
-    let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(previous) if trusted_peer => format!("{previous}, {peer}"),
-        _ => peer.to_string(),
-    };
-    headers.insert(
-        X_FORWARDED_FOR,
-        HeaderValue::from_str(&forwarded_for).expect("addresses are valid header text"),
-    );
-    if !trusted_peer || !headers.contains_key(&X_FORWARDED_PROTO) {
-        headers.insert(
-            X_FORWARDED_PROTO,
-            HeaderValue::from_static(if tls { "https" } else { "http" }),
-        );
-    }
-    if (!trusted_peer || !headers.contains_key(&X_FORWARDED_HOST))
-        && let Ok(value) = HeaderValue::from_str(&host)
-    {
-        headers.insert(X_FORWARDED_HOST, value);
-    }
-    let id = request_id(&headers);
-    headers.insert(X_REQUEST_ID, id.clone());
-    append_via(&mut headers);
     if let Some(limiter) = &route.limiter {
-        let key = limiter.key_for(client, &parts.headers, &route.name);
+        let key = limiter.key_for(client, request.headers(), &route.name);
         let failures_only = route
             .config
             .rate_limit
@@ -421,16 +400,58 @@ async fn proxy(
         });
     }
 
+    let (mut parts, body) = request.into_parts();
+    // A body-less request can be sent again as it is; one with a body cannot.
+    let empty_body =
+        declared_length.unwrap_or(0) == 0 && !parts.headers.contains_key(header::TRANSFER_ENCODING);
+    let accept_encoding = if route.config.compress {
+        parts.headers.get(header::ACCEPT_ENCODING).cloned()
+    } else {
+        None
+    };
+    // The response cache reads the client's own headers (Vary, validators); a
+    // pass-through route forwards them without keeping a copy.
+    let mut headers = if route.cache.is_some() {
+        parts.headers.clone()
+    } else {
+        std::mem::take(&mut parts.headers)
+    };
+    strip_hop_by_hop(&mut headers);
+    strip_session_cookie(&mut headers);
+    let trusted_peer = is_trusted(table, peer);
+    // From an untrusted peer the forwarded headers are replaced, not extended: an
+    // upstream that trusts the leftmost address cannot be fooled (Caddy, Traefik).
+    let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(previous) if trusted_peer => format!("{previous}, {peer}"),
+        _ => peer.to_string(),
+    };
+    headers.insert(
+        X_FORWARDED_FOR,
+        HeaderValue::from_str(&forwarded_for).expect("addresses are valid header text"),
+    );
+    if !trusted_peer || !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(
+            X_FORWARDED_PROTO,
+            HeaderValue::from_static(if tls { "https" } else { "http" }),
+        );
+    }
+    if (!trusted_peer || !headers.contains_key(&X_FORWARDED_HOST))
+        && let Ok(value) = HeaderValue::from_str(&host)
+    {
+        headers.insert(X_FORWARDED_HOST, value);
+    }
+    let id = request_id(&headers);
+    headers.insert(X_REQUEST_ID, id.clone());
+    append_via(&mut headers);
+
     let path_and_query = parts
         .uri
         .path_and_query()
         .map_or("/", |target| target.as_str());
     let upstream_target = route.upstream_path(path_and_query);
-    // A body-less request can be sent again as it is; one with a body cannot.
-    let empty_body =
-        declared_length.unwrap_or(0) == 0 && !parts.headers.contains_key(header::TRANSFER_ENCODING);
     let outgoing = Outgoing {
         method: parts.method.clone(),
+        authority: parts.uri.authority().map(|authority| authority.to_string()),
         headers,
         target: upstream_target,
         body: (!empty_body).then(|| {
@@ -448,19 +469,24 @@ async fn proxy(
             .await;
         return (route_name, response);
     }
-    let response = match send_upstream(gateway, table, route, outgoing).await {
+    let response = match send_upstream(gateway, route, outgoing).await {
         Ok(response) => downstream(response, &id),
         Err(refusal) => refusal,
     };
     (
         route_name,
-        super::compress_for(route, &parts.headers, response),
+        super::compress_for(route, accept_encoding.as_ref(), response),
     )
 }
+
+/// An upstream's answer; its body holds the connection until it has been read.
+pub(super) type UpstreamResponse = hyper::Response<PooledBody>;
 
 /// A request on its way to an upstream server.
 pub(super) struct Outgoing {
     pub method: Method,
+    /// The client's authority when it came in the URI (HTTP/2), for the Host header.
+    pub authority: Option<String>,
     pub headers: HeaderMap,
     /// Path and query as the upstream sees them.
     pub target: String,
@@ -473,10 +499,9 @@ pub(super) struct Outgoing {
 /// body. `Err` is the gateway's own answer (502, 503, 504, 413).
 pub(super) async fn send_upstream(
     gateway: &Gateway,
-    table: &Table,
     route: &Route,
     mut outgoing: Outgoing,
-) -> Result<hyper::Response<hyper::body::Incoming>, Response> {
+) -> Result<UpstreamResponse, Response> {
     let metrics = &gateway.inner.metrics;
     let idempotent = matches!(
         outgoing.method,
@@ -486,7 +511,14 @@ pub(super) async fn send_upstream(
     let limit = route.max_body_bytes;
     let pool = &route.pool;
     pool.earn_retry();
-    let upstream_client = table.client(&pool.name);
+    // HTTP/2 clients name the host in the URI, not in a Host header; the upstream
+    // speaks HTTP/1.1 and needs one.
+    if !outgoing.headers.contains_key(header::HOST)
+        && let Some(authority) = &outgoing.authority
+        && let Ok(host) = HeaderValue::from_str(authority)
+    {
+        outgoing.headers.insert(header::HOST, host);
+    }
     let mut tried: Vec<usize> = Vec::new();
     loop {
         let Some((index, lease)) = pool.pick(&tried) else {
@@ -499,10 +531,10 @@ pub(super) async fn send_upstream(
             ));
         };
         tried.push(index);
-        let server = lease.server.address.clone();
+        let server = lease.server;
         let mut builder = hyper::Request::builder()
             .method(outgoing.method.clone())
-            .uri(format!("http://{server}{}", outgoing.target))
+            .uri(outgoing.target.as_str())
             .version(hyper::Version::HTTP_11);
         if let Some(request_headers) = builder.headers_mut() {
             // Kept for another attempt only when one can follow.
@@ -512,6 +544,11 @@ pub(super) async fn send_upstream(
             } else {
                 outgoing.headers.clone()
             };
+            if !request_headers.contains_key(header::HOST)
+                && let Ok(host) = HeaderValue::from_str(&server.address)
+            {
+                request_headers.insert(header::HOST, host);
+            }
         }
         let body = outgoing.body.take().unwrap_or_else(Body::empty);
         let request = builder.body(body).map_err(|error| {
@@ -524,32 +561,23 @@ pub(super) async fn send_upstream(
         })?;
         let upstream_name = pool.name.as_str();
         let sent =
-            tokio::time::timeout(pool.response_timeout, upstream_client.request(request)).await;
+            tokio::time::timeout(pool.response_timeout, server.connections.send(request)).await;
         match sent {
             Ok(Ok(response)) => {
                 let server_fault = matches!(response.status().as_u16(), 502..=504);
                 if server_fault {
+                    server.outcomes.failed.inc();
                     lease.failed();
                 } else {
+                    server.outcomes.ok.inc();
                     lease.succeeded();
                 }
-                metrics
-                    .upstream_requests
-                    .with_label_values(&[
-                        upstream_name,
-                        server.as_str(),
-                        if server_fault { "failed" } else { "ok" },
-                    ])
-                    .inc();
                 return Ok(response);
             }
             Ok(Err(error)) => {
                 lease.failed();
                 let connect = error.is_connect();
-                metrics
-                    .upstream_requests
-                    .with_label_values(&[upstream_name, server.as_str(), "failed"])
-                    .inc();
+                server.outcomes.failed.inc();
                 if body_over_limit(&error) {
                     return Err(refuse(
                         StatusCode::PAYLOAD_TOO_LARGE,
@@ -558,7 +586,7 @@ pub(super) async fn send_upstream(
                         true,
                     ));
                 }
-                tracing::debug!(%error, server, connect, "upstream request failed");
+                tracing::debug!(%error, server = server.address, connect, "upstream request failed");
                 // A failed connect never reached the server: always worth another. Any
                 // other failure may have; only idempotent, body-less requests are sent
                 // again, and only within the pool's retry budget.
@@ -575,10 +603,7 @@ pub(super) async fn send_upstream(
             }
             Err(_) => {
                 lease.failed();
-                metrics
-                    .upstream_requests
-                    .with_label_values(&[upstream_name, server.as_str(), "timeout"])
-                    .inc();
+                server.outcomes.timeout.inc();
                 if idempotent
                     && empty_body
                     && tried.len() < pool.servers.len()
@@ -600,7 +625,7 @@ pub(super) async fn send_upstream(
     }
 }
 
-fn body_over_limit(error: &hyper_util::client::legacy::Error) -> bool {
+fn body_over_limit(error: &SendError) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
     while let Some(cause) = source {
         if cause.is::<http_body_util::LengthLimitError>() {
@@ -612,21 +637,18 @@ fn body_over_limit(error: &hyper_util::client::legacy::Error) -> bool {
 }
 
 pub(super) fn append_via(headers: &mut HeaderMap) {
-    let via = match headers.get(header::VIA).and_then(|v| v.to_str().ok()) {
-        Some(previous) => format!("{previous}, {VIA_VALUE}"),
-        None => VIA_VALUE.to_owned(),
+    let Some(previous) = headers.get(header::VIA).and_then(|v| v.to_str().ok()) else {
+        headers.insert(header::VIA, HeaderValue::from_static(VIA_VALUE));
+        return;
     };
-    if let Ok(value) = HeaderValue::from_str(&via) {
+    if let Ok(value) = HeaderValue::from_str(&format!("{previous}, {VIA_VALUE}")) {
         headers.insert(header::VIA, value);
     }
 }
 
 /// The upstream's response as the client gets it: hop-by-hop headers dropped, Via and
 /// the request id added, the body streamed.
-pub(super) fn downstream(
-    response: hyper::Response<hyper::body::Incoming>,
-    id: &HeaderValue,
-) -> Response {
+pub(super) fn downstream(response: UpstreamResponse, id: &HeaderValue) -> Response {
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     append_via(&mut parts.headers);

@@ -205,11 +205,12 @@ impl RouteCache {
         if let RequestMode::Bypass(reason) = mode {
             result("bypass");
             tracing::trace!(reason, "gateway cache bypassed");
-            let response = match send_upstream(gateway, table, route, outgoing).await {
+            let response = match send_upstream(gateway, route, outgoing).await {
                 Ok(response) => downstream(response, id),
                 Err(refusal) => refusal,
             };
-            let mut response = super::compress_for(route, &parts.headers, response);
+            let mut response =
+                super::compress_for(route, parts.headers.get(header::ACCEPT_ENCODING), response);
             response
                 .headers_mut()
                 .insert(X_CACHE, HeaderValue::from_static("BYPASS"));
@@ -248,7 +249,6 @@ impl RouteCache {
         match self
             .fetch(
                 gateway,
-                table,
                 route,
                 &primary,
                 &variant,
@@ -271,7 +271,11 @@ impl RouteCache {
             }
             Fetched::Passed(response) => {
                 result("miss");
-                let mut response = super::compress_for(route, &parts.headers, response);
+                let mut response = super::compress_for(
+                    route,
+                    parts.headers.get(header::ACCEPT_ENCODING),
+                    response,
+                );
                 response
                     .headers_mut()
                     .insert(X_CACHE, HeaderValue::from_static("MISS"));
@@ -314,6 +318,7 @@ impl RouteCache {
         }
         Outgoing {
             method: Method::GET,
+            authority: outgoing.authority.clone(),
             headers,
             target: outgoing.target.clone(),
             body: None,
@@ -324,7 +329,6 @@ impl RouteCache {
     async fn fetch(
         &self,
         gateway: &Gateway,
-        table: &Arc<Table>,
         route: &Route,
         primary: &str,
         variant: &str,
@@ -352,7 +356,7 @@ impl RouteCache {
                 return Fetched::Stored(fresh, true);
             }
             // The leader could not store it: ask the upstream on our own.
-            return match send_upstream(gateway, table, route, outgoing).await {
+            return match send_upstream(gateway, route, outgoing).await {
                 Ok(response) => Fetched::Passed(downstream(response, id)),
                 Err(refusal) => Fetched::Failed(refusal),
             };
@@ -365,9 +369,7 @@ impl RouteCache {
             finished: false,
         };
         let filled = self
-            .fill(
-                gateway, table, route, primary, variant, outgoing, stored, id,
-            )
+            .fill(gateway, route, primary, variant, outgoing, stored, id)
             .await;
         let shared = match &filled {
             Fetched::Stored(fresh, _) => Some(fresh.clone()),
@@ -381,7 +383,6 @@ impl RouteCache {
     async fn fill(
         &self,
         gateway: &Gateway,
-        table: &Arc<Table>,
         route: &Route,
         primary: &str,
         variant: &str,
@@ -392,7 +393,7 @@ impl RouteCache {
         let request_headers = outgoing.headers.clone();
         let request = Self::fill_request(&outgoing, stored);
         drop(outgoing);
-        let response = match send_upstream(gateway, table, route, request).await {
+        let response = match send_upstream(gateway, route, request).await {
             Ok(response) => response,
             Err(refusal) => return Fetched::Failed(refusal),
         };
@@ -484,6 +485,7 @@ impl RouteCache {
         );
         let outgoing = Outgoing {
             method: Method::GET,
+            authority: outgoing.authority.clone(),
             headers: outgoing.headers.clone(),
             target: outgoing.target.clone(),
             body: None,
@@ -502,7 +504,6 @@ impl RouteCache {
             let _ = cache
                 .fetch(
                     &gateway,
-                    &table,
                     route,
                     &primary,
                     &variant,

@@ -143,15 +143,18 @@ impl RouteTable {
 mod tests {
     use super::*;
     use crate::config::UpstreamConfig;
+    use crate::gateway::GatewayMetrics;
 
     fn test_metrics() -> Arc<super::super::metrics::RouteMetrics> {
         super::super::GatewayMetrics::new(&prometheus::Registry::new()).for_route("test")
     }
 
     fn table(specs: &[(Option<&str>, &str)]) -> RouteTable {
+        let metrics = GatewayMetrics::new(&prometheus::Registry::new());
         let pool = Arc::new(Pool::from_config(
             "app",
             &toml::from_str::<UpstreamConfig>("servers = [\"127.0.0.1:1\"]").unwrap(),
+            &metrics,
         ));
         let routes = specs
             .iter()
@@ -197,9 +200,11 @@ mod tests {
 
     #[test]
     fn strip_and_rewrite_prefixes() {
+        let metrics = GatewayMetrics::new(&prometheus::Registry::new());
         let pool = Arc::new(Pool::from_config(
             "app",
             &toml::from_str::<UpstreamConfig>("servers = [\"127.0.0.1:1\"]").unwrap(),
+            &metrics,
         ));
         let mut config: RouteConfig =
             toml::from_str("upstream = \"app\"\npath_prefix = \"/api\"").unwrap();

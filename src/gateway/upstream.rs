@@ -4,12 +4,14 @@
 //! (closed → open after `max_fails` consecutive failures → one half-open probe after
 //! `open_for` → closed on success).
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
 
+use super::connections::Connections;
+use super::metrics::GatewayMetrics;
 use crate::config::{Balance, HealthCheckConfig, UpstreamConfig, parse_server};
 
 const RETRY_BUDGET_PER_REQUEST: f64 = 0.1;
@@ -37,6 +39,17 @@ pub struct Server {
     probing: AtomicBool,
     requests: AtomicU64,
     failed: AtomicU64,
+    /// Keep-alive connections to it.
+    pub(super) connections: Arc<Connections>,
+    /// `keel_gateway_upstream_requests_total` by outcome, resolved once.
+    pub(super) outcomes: Outcomes,
+}
+
+/// One server's request counters by outcome.
+pub(super) struct Outcomes {
+    pub ok: prometheus::IntCounter,
+    pub failed: prometheus::IntCounter,
+    pub timeout: prometheus::IntCounter,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -53,8 +66,31 @@ pub struct ServerStatus {
 }
 
 impl Server {
-    fn new(address: String, weight: u32) -> Server {
+    fn new(
+        pool: &str,
+        address: String,
+        weight: u32,
+        config: &UpstreamConfig,
+        metrics: &GatewayMetrics,
+    ) -> Server {
+        let labels = [pool, address.as_str()];
+        let outcome = |outcome: &str| {
+            metrics
+                .upstream_requests
+                .with_label_values(&[pool, address.as_str(), outcome])
+        };
         Server {
+            connections: Arc::new(Connections::new(
+                address.clone(),
+                config.connect_timeout.0,
+                config.idle_timeout.0,
+                metrics.upstream_idle.with_label_values(&labels),
+            )),
+            outcomes: Outcomes {
+                ok: outcome("ok"),
+                failed: outcome("failed"),
+                timeout: outcome("timeout"),
+            },
             address,
             weight,
             active: AtomicU64::new(0),
@@ -165,12 +201,12 @@ pub struct Pool {
 }
 
 impl Pool {
-    pub fn from_config(name: &str, config: &UpstreamConfig) -> Pool {
+    pub fn from_config(name: &str, config: &UpstreamConfig, metrics: &GatewayMetrics) -> Pool {
         let servers: Vec<Server> = config
             .servers
             .iter()
             .filter_map(|entry| parse_server(entry).ok())
-            .map(|(address, weight)| Server::new(address, weight))
+            .map(|(address, weight)| Server::new(name, address, weight, config, metrics))
             .collect();
         Pool {
             name: name.to_owned(),
@@ -330,7 +366,8 @@ mod tests {
             max_fails: 2,
             open_for: crate::config::Span(Duration::from_secs(60)),
         };
-        Pool::from_config("app", &config)
+        let metrics = GatewayMetrics::new(&prometheus::Registry::new());
+        Pool::from_config("app", &config, &metrics)
     }
 
     #[test]

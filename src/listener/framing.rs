@@ -70,6 +70,15 @@ struct Tracker {
 impl Tracker {
     fn feed(&mut self, mut bytes: &[u8]) {
         while !bytes.is_empty() {
+            // The usual case, a whole head in one read, is looked at where it lies.
+            if !self.first
+                && matches!(&self.state, State::Head(buffer) if buffer.is_empty())
+                && let Some(end) = find(bytes, b"\r\n\r\n")
+            {
+                self.state = self.after_head(&bytes[..end]);
+                bytes = &bytes[end + 4..];
+                continue;
+            }
             match &mut self.state {
                 State::Off => return,
                 State::Head(_) | State::Trailers(_) => {

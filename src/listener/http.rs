@@ -1,11 +1,13 @@
-//! Serving an axum router on a `Listener`, over HTTP/1.1 and HTTP/2 (by ALPN under TLS,
-//! by preface in clear text), with graceful shutdown.
+//! Serving an axum router (or any service of axum requests) on a `Listener`, over
+//! HTTP/1.1 and HTTP/2 (by ALPN under TLS, by preface in clear text), with graceful
+//! shutdown.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use axum::Router;
-use axum::extract::ConnectInfo;
+use axum::extract::{ConnectInfo, Request};
+use axum::response::Response;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::service::TowerToHyperService;
@@ -34,12 +36,19 @@ pub struct HttpOptions {
 
 /// Serves `router` until `shutdown`; then each connection finishes the requests in
 /// flight (HTTP/1 stops keep-alive, HTTP/2 sends GOAWAY), up to the drain timeout.
-pub async fn serve_http(
+pub async fn serve_http<S>(
     listener: Listener,
-    router: Router,
+    router: S,
     options: HttpOptions,
     shutdown: CancellationToken,
-) {
+) where
+    S: tower::Service<Request, Response = Response, Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
     let drain = options.drain_timeout;
     let connection_shutdown = shutdown.clone();
     listener
@@ -55,13 +64,20 @@ pub async fn serve_http(
         .await;
 }
 
-async fn serve_connection(
+async fn serve_connection<S>(
     stream: Stream,
     peer: SocketAddr,
-    router: Router,
+    router: S,
     options: HttpOptions,
     shutdown: CancellationToken,
-) {
+) where
+    S: tower::Service<Request, Response = Response, Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
     let tls = ConnectionTls(matches!(stream, Stream::Tls(_)));
     let (stream, heads) = if options.inspect_framing {
         let (stream, heads) = Inspected::new(stream);

@@ -794,7 +794,8 @@ fn nginx_as_the_upstream() {
         "worker_processes 1;\npid {root}/nginx.pid;\nerror_log {root}/error.log;\nevents {{ worker_connections 64; }}\n\
          http {{ access_log off; client_body_temp_path {root}/tmp; proxy_temp_path {root}/tmp; fastcgi_temp_path {root}/tmp; \
          uwsgi_temp_path {root}/tmp; scgi_temp_path {root}/tmp;\n  server {{ listen 127.0.0.1:{port}; root {root}/html; \
-         default_type application/json; location = /healthz {{ return 200 ok; }} }} }}\n",
+         default_type application/json; location = /healthz {{ return 200 ok; }} \
+         location = /early {{ client_max_body_size 0; return 200 early; }} }} }}\n",
         root = root.display()
     );
     std::fs::create_dir_all(root.join("tmp")).unwrap();
@@ -828,7 +829,9 @@ fn nginx_as_the_upstream() {
         + &format!(
             "[listeners.gateway]\nbind = \"127.0.0.1:0\"\n[gateway.upstreams.nginx]\nservers = [\"127.0.0.1:{port}\"]\n\
              health = {{ path = \"/healthz\", interval = \"200ms\" }}\n\
-             [[gateway.routes]]\npath_prefix = \"/\"\nupstream = \"nginx\"\ncompress = true\ncache = {{ ttl = \"10s\" }}\n"
+             [[gateway.routes]]\npath_prefix = \"/\"\nupstream = \"nginx\"\ncompress = true\ncache = {{ ttl = \"10s\" }}\n\
+             [gateway.upstreams.unchecked]\nservers = [\"127.0.0.1:{port}\"]\n\
+             [[gateway.routes]]\npath_prefix = \"/early\"\nupstream = \"unchecked\"\n"
         );
     let (_keel, _api, gw) = start(dir.path(), &config);
     let first = get(gw, "/hello.json");
@@ -844,8 +847,56 @@ fn nginx_as_the_upstream() {
         );
     }
     let missing = get(gw, "/missing.json").status;
+    let (early, upload_ended) = answer_while_uploading(gw, "/early", 64 << 20);
+    let after = get(gw, "/hello.json").status;
     stop_nginx(&mut child);
     assert_eq!(missing, 404);
+    assert!(
+        early.starts_with("HTTP/1.1 200") && early.ends_with("early"),
+        "{early}"
+    );
+    assert!(
+        upload_ended,
+        "the rest of the upload was neither read nor refused: the client hangs"
+    );
+    assert_eq!(after, 200, "the upstream connections are still usable");
+}
+
+/// POSTs `size` bytes to `path` from another thread and returns what comes back by the
+/// time the answer's body ends in `early` (an upstream such as NGINX's `return`
+/// answers before it has read the upload), and whether the upload then ended, by
+/// being read or by the connection closing, within the deadline.
+fn answer_while_uploading(gw: SocketAddr, path: &str, size: usize) -> (String, bool) {
+    let mut stream = TcpStream::connect(gw).unwrap();
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let head = format!("POST {path} HTTP/1.1\r\nhost: up\r\ncontent-length: {size}\r\n\r\n");
+    let (ended, upload_ended) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let sent = (|| {
+            writer.write_all(head.as_bytes())?;
+            let zeros = vec![0u8; 64 << 10];
+            for _ in 0..size / zeros.len() {
+                writer.write_all(&zeros)?;
+            }
+            Ok::<_, std::io::Error>(())
+        })();
+        let _ = ended.send(sent.is_ok());
+    });
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while !answer.ends_with(b"early") {
+        let Ok(read) = stream.read(&mut buffer) else {
+            break;
+        };
+        if read == 0 {
+            break;
+        }
+        answer.extend_from_slice(&buffer[..read]);
+    }
+    let finished = upload_ended.recv_timeout(DEADLINE).is_ok();
+    drop(stream);
+    (String::from_utf8_lossy(&answer).into_owned(), finished)
 }
 
 fn which(program: &str) -> Result<std::path::PathBuf, ()> {
@@ -923,4 +974,102 @@ fn routes_are_listed_in_matching_order_with_settings_and_counters() {
         "a route without a cache gets no cache series: {limited}"
     );
     assert_eq!(route("api")["rewrite"], "", "strip_prefix");
+}
+
+/// keel's peak resident memory so far (VmHWM), in bytes.
+fn peak_rss(keel: &Keel) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", keel.pid())).unwrap();
+    let line = status
+        .lines()
+        .find(|line| line.starts_with("VmHWM:"))
+        .unwrap();
+    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kib * 1024
+}
+
+#[test]
+fn bodies_stream_both_ways_without_sitting_in_memory() {
+    use futures_util::StreamExt;
+    const SIZE: usize = 256 << 20;
+    const CHUNK: usize = 64 << 10;
+    // The upstream counts an upload as it arrives and makes a download as it is read.
+    let app = axum::Router::new()
+        .route(
+            "/up",
+            axum::routing::post(|body: axum::body::Body| async move {
+                let mut stream = body.into_data_stream();
+                let mut total = 0usize;
+                while let Some(Ok(chunk)) = stream.next().await {
+                    total += chunk.len();
+                }
+                total.to_string()
+            }),
+        )
+        .route(
+            "/down",
+            axum::routing::get(|| async {
+                let chunks = futures_util::stream::iter(
+                    (0..SIZE / CHUNK)
+                        .map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![7u8; CHUNK]))),
+                );
+                axum::body::Body::from_stream(chunks)
+            }),
+        );
+    let upstream = crate::support::TestServer::start(app);
+    let dir = scratch();
+    let config = base_config(dir.path())
+        + &format!(
+            "[listeners.gateway]\nbind = \"127.0.0.1:0\"\n\
+             [gateway.upstreams.big]\nservers = [\"{}\"]\n\
+             [[gateway.routes]]\nname = \"big\"\npath_prefix = \"/\"\nupstream = \"big\"\nmax_body_bytes = \"1GiB\"\n",
+            upstream.addr
+        );
+    let (keel, _api, gw) = start(dir.path(), &config);
+    let before = peak_rss(&keel);
+
+    let mut stream = TcpStream::connect(gw).unwrap();
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    write!(
+        stream,
+        "POST /up HTTP/1.1\r\nhost: big\r\ncontent-length: {SIZE}\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let zeros = vec![0u8; CHUNK];
+    for _ in 0..SIZE / CHUNK {
+        stream.write_all(&zeros).unwrap();
+    }
+    let reply = crate::support::read_reply(&mut stream);
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.body, SIZE.to_string(), "the upstream got every byte");
+
+    // The download is counted as it arrives, never kept.
+    let mut stream = TcpStream::connect(gw).unwrap();
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    write!(
+        stream,
+        "GET /down HTTP/1.1\r\nhost: big\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut received = 0usize;
+    let mut buffer = vec![0u8; CHUNK];
+    let mut tail = Vec::new();
+    loop {
+        let read = stream.read(&mut buffer).unwrap();
+        if read == 0 {
+            break;
+        }
+        received += read;
+        tail.extend_from_slice(&buffer[..read]);
+        let keep = tail.len().saturating_sub(8);
+        tail.drain(..keep);
+    }
+    assert!(
+        received > SIZE && tail.ends_with(b"0\r\n\r\n"),
+        "the body came through whole and ended ({received} bytes with head and framing)"
+    );
+    let grown = peak_rss(&keel).saturating_sub(before);
+    assert!(
+        grown < (64 << 20),
+        "keel's peak memory grew by {grown} bytes while 256 MiB passed each way"
+    );
 }
