@@ -250,7 +250,7 @@ def metric_sum(port, name):
     return total
 
 
-def start_keel(workdir, upstream_port, tls):
+def start_keel(workdir, upstream_port, tls, threads):
     """keel with keel.toml; returns (process, gateway port, TLS port or None, api port, log path)
     or raises RuntimeError when it does not become ready."""
     port, tls_port, api_port = free_port(), free_port(), free_port()
@@ -258,7 +258,7 @@ def start_keel(workdir, upstream_port, tls):
     if tls:
         tls_text = (f'tls_bind = "127.0.0.1:{tls_port}"\n'
                     f'certificates = [{{ cert = "{workdir}/cert.pem", key = "{workdir}/key.pem" }}]')
-    name = "keel-tls" if tls else "keel"
+    name = f"keel-{threads}" + ("-tls" if tls else "")
     config = f"{workdir}/{name}.toml"
     with open(config, "w") as out:
         out.write(fill("keel.toml", PORT=port, UPSTREAM_PORT=upstream_port, TLS=tls_text))
@@ -266,6 +266,8 @@ def start_keel(workdir, upstream_port, tls):
     log = open(log_path, "w")
     argv = [KEEL, "serve", "--config", config, "--data-dir", f"{workdir}/{name}-data",
             "--set", f"listeners.api.bind=127.0.0.1:{api_port}", "--set", "listeners.resp.bind="]
+    if threads != "auto":
+        argv += ["--set", f"runtime.worker_threads={threads}"]
     commands.append(shown(argv, workdir) + "   # from scripts/lib/gateway/keel.toml"
                     + (", with tls_bind and certificates" if tls else ""))
     print(f"$ {commands[-1]}", flush=True)
@@ -283,15 +285,15 @@ def start_keel(workdir, upstream_port, tls):
     return keel, port, tls_port if tls else None, api_port, log_path
 
 
-def keel_side(workdir, upstream_port):
+def keel_side(workdir, upstream_port, threads):
     results = {}
     try:
-        keel, port, tls_port, api_port, log_path = start_keel(workdir, upstream_port, tls=True)
+        keel, port, tls_port, api_port, log_path = start_keel(workdir, upstream_port, True, threads)
     except RuntimeError as error:
         print(f"  keel with a TLS listener: {error}", file=sys.stderr)
         print("  trying again without tls_bind", flush=True)
         try:
-            keel, port, tls_port, api_port, log_path = start_keel(workdir, upstream_port, tls=False)
+            keel, port, tls_port, api_port, log_path = start_keel(workdir, upstream_port, False, threads)
         except RuntimeError as error:
             failures.append(f"keel: {error}")
             return results
@@ -441,7 +443,8 @@ def stale(binary):
 
 
 def table(keel, nginx, workers):
-    print(f"| workload, {CONNECTIONS} connections | keel req/s | keel p50 / p99 ms | "
+    threads = "0 (auto)" if workers == "auto" else workers
+    print(f"| workload, {CONNECTIONS} connections | keel (worker_threads {threads}) req/s | keel p50 / p99 ms | "
           f"NGINX (worker_processes {workers}) req/s | NGINX p50 / p99 ms | keel/NGINX req/s | p99 keel/NGINX |")
     print("|---|---|---|---|---|---|---|")
     ratios = {}
@@ -482,9 +485,11 @@ def main():
         print("  the upstream alone, for scale:", flush=True)
         baseline = wrk("upstream", f"http://127.0.0.1:{upstream_port}/data.json", workdir, upstream_port)
 
-        print("keel:", flush=True)
-        keel = keel_side(workdir, upstream_port)
+        # Each keel beside the NGINX with as many workers: runtime.worker_threads is
+        # keel's worker_processes.
         for workers in ("1", "auto"):
+            print(f"keel, runtime.worker_threads = {'0 (auto)' if workers == 'auto' else workers}:", flush=True)
+            keel[workers] = keel_side(workdir, upstream_port, workers)
             print(f"NGINX {version}, worker_processes {workers}:", flush=True)
             nginx[workers] = nginx_side(workdir, upstream_port, workers, version)
         stop(upstream)
@@ -511,8 +516,9 @@ def main():
               f"in this tree (`cargo build --release`, or KEEL_BIN=PATH).**")
         print()
     cores = os.cpu_count()
-    print(f"keel {KEEL} (one process, a thread per core: {cores} cores; fresh data dir, RESP off) against "
-          f"NGINX {version} from the distribution (worker_processes 1, then auto = {cores}), both in front "
+    print(f"keel {KEEL} (fresh data dir, RESP off) with `runtime.worker_threads = 1`, then 0 (a thread per core: "
+          f"{cores} cores), each against NGINX {version} from the distribution with as many workers "
+          f"(worker_processes 1, then auto = {cores}), both in front "
           f"of the same upstream: a second nginx (one worker, `return 200` of 1 KiB JSON, access log off); "
           f"same machine ({cores} cores shared by wrk, the proxy and the upstream), same run, one after the "
           f"other. `wrk -t1 -c{CONNECTIONS} -d{SECONDS}s --latency`, keep-alive HTTP/1.1 both to the proxy "
@@ -527,19 +533,21 @@ def main():
     print()
     ratios = {}
     for workers in ("1", "auto"):
-        ratios[workers] = table(keel, nginx.get(workers, {}), workers)
+        ratios[workers] = table(keel.get(workers, {}), nginx.get(workers, {}), workers)
         print()
     notes = []
     for key, _, _, label in WORKLOADS:
-        ours = keel.get(key)
+        ours = keel.get("1", {}).get(key)
         if not available(ours):
             notes.append(f"{label}: {NOT_AVAILABLE} ({ours['reason']})")
     for note in notes:
         print(f"- {note}")
-    limited = [keel.get("limited")] + [nginx.get(w, {}).get("limited") for w in ("1", "auto")]
+    limited = [side.get(w, {}).get("limited") for side in (keel, nginx) for w in ("1", "auto")]
     if all(r is not None for r in limited) and not any(r["non_2xx"] or r["rate_limited"] for r in limited):
         print("- (c): no request was refused (no 429 from keel, no 503 from NGINX's limit_req).")
-    for name, results in [("keel", keel)] + [(f"NGINX worker_processes {w}", nginx.get(w, {})) for w in ("1", "auto")]:
+    sides = [(f"keel worker_threads {w}", keel.get(w, {})) for w in ("1", "auto")]
+    sides += [(f"NGINX worker_processes {w}", nginx.get(w, {})) for w in ("1", "auto")]
+    for name, results in sides:
         for key in ("cached", "cached_tls"):
             result = results.get(key)
             if available(result) and result and result.get("requests"):

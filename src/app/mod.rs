@@ -281,6 +281,7 @@ pub async fn run(config: Config, launch: Launch) -> Result<(), AppError> {
         version = build.version,
         commit = build.commit,
         profile = build.profile,
+        worker_threads = tokio::runtime::Handle::current().metrics().num_workers(),
         "keel starting"
     );
 

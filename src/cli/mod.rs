@@ -584,11 +584,12 @@ fn config_failure(errors: &ConfigErrors) -> ExitCode {
 
 fn serve(config: Config, sources: ConfigSources, announce: Option<Announce>) -> ExitCode {
     let log = init_logging(config.log.level, config.log.format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("keel")
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all().thread_name("keel");
+    if config.runtime.worker_threads > 0 {
+        builder.worker_threads(config.runtime.worker_threads as usize);
+    }
+    let runtime = match builder.build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("keel: cannot start the async runtime: {error}");

@@ -26,6 +26,7 @@ pub struct Config {
     pub listeners: ListenersConfig,
     pub auth: AuthConfig,
     pub lifecycle: LifecycleConfig,
+    pub runtime: RuntimeConfig,
     pub cache: CacheConfig,
     pub queue: QueueConfig,
     pub gateway: GatewayConfig,
@@ -42,6 +43,7 @@ impl Default for Config {
             listeners: ListenersConfig::default(),
             auth: AuthConfig::default(),
             lifecycle: LifecycleConfig::default(),
+            runtime: RuntimeConfig::default(),
             cache: CacheConfig::default(),
             queue: QueueConfig::default(),
             gateway: GatewayConfig::default(),
@@ -263,6 +265,20 @@ pub struct LifecycleConfig {
     /// How long SIGTERM waits for in-flight requests before closing connections.
     pub drain_timeout: Span,
 }
+
+/// The threads keel's tasks run on.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct RuntimeConfig {
+    /// Threads that run the listeners, the gateway and background tasks; 0 means one
+    /// per CPU core. Like NGINX's `worker_processes`: fewer threads than cores leaves
+    /// the rest to what shares the machine. Blocking work (SQLite, redb) has a pool
+    /// of its own.
+    pub worker_threads: u32,
+}
+
+/// Most threads `runtime.worker_threads` may ask for.
+pub const MAX_WORKER_THREADS: u32 = 1024;
 
 impl Default for LifecycleConfig {
     fn default() -> Self {

@@ -94,6 +94,15 @@ fn check_listeners(config: &Config, problem: &mut impl FnMut(&str, String)) {
             problem(path, "must be at least 1".to_owned());
         }
     }
+    if config.runtime.worker_threads > super::schema::MAX_WORKER_THREADS {
+        problem(
+            "runtime.worker_threads",
+            format!(
+                "must be at most {} (0: one per CPU core)",
+                super::schema::MAX_WORKER_THREADS
+            ),
+        );
+    }
     if listeners.api.header_read_timeout.0.is_zero() {
         problem(
             "listeners.api.header_read_timeout",

@@ -94,6 +94,11 @@ const BAD: &[(&str, &str, &str)] = &[
         "[sql]\nreaders = 0\n",
         ":2: sql.readers: 0 must be between 1 and 256",
     ),
+    (
+        "too many runtime threads",
+        "[runtime]\nworker_threads = 5000\n",
+        ":2: runtime.worker_threads: must be at most 1024",
+    ),
 ];
 
 #[test]

@@ -155,6 +155,20 @@ async fn readyz_is_503_until_storage_is_ready() {
 }
 
 #[test]
+fn runtime_worker_threads_sets_the_runtime_size() {
+    let dir = scratch();
+    let config = base_config(dir.path()) + "[runtime]\nworker_threads = 1\n";
+    let (keel, api) = Keel::start(dir.path(), &config);
+    let log = keel.wait_for_log("keel starting");
+    assert!(
+        log.lines()
+            .any(|line| line.contains("keel starting") && line.ends_with(" worker_threads=1")),
+        "{log}"
+    );
+    assert_eq!(get(api, "/healthz").status, 200);
+}
+
+#[test]
 fn sigterm_completes_the_request_in_flight_then_exits_0() {
     let dir = scratch();
     let (mut keel, addr) = Keel::start(dir.path(), &base_config(dir.path()));
