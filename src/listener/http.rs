@@ -34,21 +34,33 @@ pub struct HttpOptions {
     pub inspect_framing: bool,
 }
 
-/// Serves `router` until `shutdown`; then each connection finishes the requests in
-/// flight (HTTP/1 stops keep-alive, HTTP/2 sends GOAWAY), up to the drain timeout.
-pub async fn serve_http<S>(
-    listener: Listener,
-    router: S,
-    options: HttpOptions,
-    shutdown: CancellationToken,
-) where
-    S: tower::Service<Request, Response = Response, Error = Infallible>
+/// What an HTTP listener serves: an axum router, or any service of axum requests.
+pub trait HttpService:
+    tower::Service<Request, Response = Response, Error = Infallible, Future: Send + 'static>
+    + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S> HttpService for S where
+    S: tower::Service<Request, Response = Response, Error = Infallible, Future: Send + 'static>
         + Clone
         + Send
         + Sync
-        + 'static,
-    S::Future: Send + 'static,
+        + 'static
 {
+}
+
+/// Serves `router` until `shutdown`; then each connection finishes the requests in
+/// flight (HTTP/1 stops keep-alive, HTTP/2 sends GOAWAY), up to the drain timeout.
+pub async fn serve_http(
+    listener: Listener,
+    router: impl HttpService,
+    options: HttpOptions,
+    shutdown: CancellationToken,
+) {
     let drain = options.drain_timeout;
     let connection_shutdown = shutdown.clone();
     listener
@@ -64,20 +76,13 @@ pub async fn serve_http<S>(
         .await;
 }
 
-async fn serve_connection<S>(
+async fn serve_connection(
     stream: Stream,
     peer: SocketAddr,
-    router: S,
+    router: impl HttpService,
     options: HttpOptions,
     shutdown: CancellationToken,
-) where
-    S: tower::Service<Request, Response = Response, Error = Infallible>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
-{
+) {
     let tls = ConnectionTls(matches!(stream, Stream::Tls(_)));
     let (stream, heads) = if options.inspect_framing {
         let (stream, heads) = Inspected::new(stream);

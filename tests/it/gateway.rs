@@ -218,8 +218,7 @@ fn gateway_config(dir: &std::path::Path, upstreams: &[&Upstream], extra: &str) -
 }
 
 fn send(addr: SocketAddr, raw: &str) -> Reply {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut stream = connect(addr);
     stream.write_all(raw.as_bytes()).unwrap();
     let mut out = Vec::new();
     let _ = stream.read_to_end(&mut out);
@@ -867,8 +866,7 @@ fn nginx_as_the_upstream() {
 /// answers before it has read the upload), and whether the upload then ended, by
 /// being read or by the connection closing, within the deadline.
 fn answer_while_uploading(gw: SocketAddr, path: &str, size: usize) -> (String, bool) {
-    let mut stream = TcpStream::connect(gw).unwrap();
-    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut stream = connect(gw);
     let mut writer = stream.try_clone().unwrap();
     let head = format!("POST {path} HTTP/1.1\r\nhost: up\r\ncontent-length: {size}\r\n\r\n");
     let (ended, upload_ended) = std::sync::mpsc::channel();
@@ -976,6 +974,13 @@ fn routes_are_listed_in_matching_order_with_settings_and_counters() {
     assert_eq!(route("api")["rewrite"], "", "strip_prefix");
 }
 
+/// A client connection whose reads give up after the test deadline.
+fn connect(addr: SocketAddr) -> TcpStream {
+    let stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    stream
+}
+
 /// keel's peak resident memory so far (VmHWM), in bytes.
 fn peak_rss(keel: &Keel) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{}/status", keel.pid())).unwrap();
@@ -1027,8 +1032,7 @@ fn bodies_stream_both_ways_without_sitting_in_memory() {
     let (keel, _api, gw) = start(dir.path(), &config);
     let before = peak_rss(&keel);
 
-    let mut stream = TcpStream::connect(gw).unwrap();
-    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut stream = connect(gw);
     write!(
         stream,
         "POST /up HTTP/1.1\r\nhost: big\r\ncontent-length: {SIZE}\r\nconnection: close\r\n\r\n"
@@ -1043,8 +1047,7 @@ fn bodies_stream_both_ways_without_sitting_in_memory() {
     assert_eq!(reply.body, SIZE.to_string(), "the upstream got every byte");
 
     // The download is counted as it arrives, never kept.
-    let mut stream = TcpStream::connect(gw).unwrap();
-    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut stream = connect(gw);
     write!(
         stream,
         "GET /down HTTP/1.1\r\nhost: big\r\nconnection: close\r\n\r\n"
