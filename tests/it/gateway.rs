@@ -587,6 +587,15 @@ fn tls_picks_the_certificate_by_sni_and_plain_http_redirects() {
     let seen = a.seen.lock().unwrap().last().cloned().unwrap();
     assert_eq!(seen["x-forwarded-proto"], "https");
 
+    // HTTP/2 by ALPN: the host comes in the URI, and the upstream (HTTP/1.1) still
+    // gets it as Host.
+    let (status, body) = h2_get(client, tls_addr, "https://b.test/over-h2");
+    assert_eq!((status, body.as_str()), (200, "a 0"));
+    let seen = a.seen.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(seen[":path"], "/over-h2");
+    assert_eq!(seen["host"], "b.test");
+    assert_eq!(seen["x-forwarded-host"], "b.test");
+
     let redirect = send(
         plain,
         "GET /page?x=1 HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n\r\n",
@@ -972,6 +981,38 @@ fn routes_are_listed_in_matching_order_with_settings_and_counters() {
         "a route without a cache gets no cache series: {limited}"
     );
     assert_eq!(route("api")["rewrite"], "", "strip_prefix");
+}
+
+/// One GET over TLS with HTTP/2 negotiated by ALPN: (status, body).
+fn h2_get(config: Arc<rustls::ClientConfig>, addr: SocketAddr, url: &str) -> (u16, String) {
+    use http_body_util::BodyExt;
+    let mut config = (*config).clone();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let uri: hyper::Uri = url.parse().unwrap();
+    let name = rustls::pki_types::ServerName::try_from(uri.host().unwrap().to_owned()).unwrap();
+    let runtime = crate::support::server_runtime();
+    runtime.block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        let (mut sender, connection) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tls),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(connection);
+        let request = hyper::Request::get(uri)
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    })
 }
 
 /// A client connection whose reads give up after the test deadline.
