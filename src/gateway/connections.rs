@@ -10,6 +10,7 @@
 //! exchanges, so nothing needs to watch it; a checkout polls it once, which notices a
 //! close by the server, and drops it if it has idled longer than `idle_timeout`.
 
+use std::collections::VecDeque;
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -57,7 +58,8 @@ pub(super) struct Connections {
     address: String,
     connect_timeout: Duration,
     idle_timeout: Duration,
-    idle: Mutex<Vec<Idle>>,
+    /// Oldest at the front, newest at the back.
+    idle: Mutex<VecDeque<Idle>>,
     /// Idle connections across all servers (a gauge, so the bound is visible).
     idle_gauge: prometheus::IntGauge,
 }
@@ -73,7 +75,7 @@ impl Connections {
             address,
             connect_timeout,
             idle_timeout,
-            idle: Mutex::new(Vec::new()),
+            idle: Mutex::new(VecDeque::new()),
             idle_gauge,
         }
     }
@@ -127,13 +129,13 @@ impl Connections {
         loop {
             let mut idle = {
                 let mut list = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-                let idle = list.pop()?;
+                let idle = list.pop_back()?;
                 self.idle_gauge.dec();
                 idle
             };
             if idle.since.elapsed() >= self.idle_timeout {
                 // Everything older sits below it in the list: let it all go.
-                let stale: Vec<Idle> =
+                let stale: VecDeque<Idle> =
                     std::mem::take(&mut *self.idle.lock().unwrap_or_else(|p| p.into_inner()));
                 self.idle_gauge.sub(stale.len() as i64);
                 continue;
@@ -181,13 +183,29 @@ impl Connections {
         })
     }
 
+    /// Keeps a connection for the next request, and closes the oldest ones that have
+    /// idled past `idle_timeout`: the newest carry the traffic, so the extra
+    /// connections of a burst would otherwise linger until the next burst.
     fn give_back(&self, mut idle: Idle) {
         idle.since = Instant::now();
-        let mut list = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        if list.len() < MAX_IDLE {
-            list.push(idle);
-            self.idle_gauge.inc();
+        let mut closing = Vec::new();
+        {
+            let mut list = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            while list
+                .front()
+                .is_some_and(|oldest| oldest.since.elapsed() >= self.idle_timeout)
+            {
+                closing.extend(list.pop_front());
+                self.idle_gauge.dec();
+            }
+            if list.len() < MAX_IDLE {
+                list.push_back(idle);
+                self.idle_gauge.inc();
+            } else {
+                closing.push(idle);
+            }
         }
+        drop(closing);
     }
 }
 
@@ -442,6 +460,19 @@ mod tests {
         assert_eq!(read_body(&connections, &address).await, "hello");
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
         assert_eq!(connections.idle_gauge.get(), 1, "only the newest is kept");
+
+        // Two at once need two new connections (the idle one is past its time); when
+        // the second comes back, the first has idled past the (zero) timeout and is
+        // closed.
+        let (first, second) = tokio::join!(
+            connections.send(get(&address)),
+            connections.send(get(&address))
+        );
+        let (first, second) = (first.unwrap(), second.unwrap());
+        first.into_body().collect().await.unwrap();
+        second.into_body().collect().await.unwrap();
+        assert_eq!(accepted.load(Ordering::SeqCst), 4);
+        assert_eq!(connections.idle_gauge.get(), 1);
     }
 
     #[tokio::test]
