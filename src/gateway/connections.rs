@@ -60,7 +60,7 @@ pub(super) struct Connections {
     idle_timeout: Duration,
     /// Oldest at the front, newest at the back.
     idle: Mutex<VecDeque<Idle>>,
-    /// Idle connections across all servers (a gauge, so the bound is visible).
+    /// This server's `keel_gateway_upstream_idle_connections`, so the bound is visible.
     idle_gauge: prometheus::IntGauge,
 }
 

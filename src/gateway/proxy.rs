@@ -440,6 +440,14 @@ async fn proxy(
     {
         headers.insert(X_FORWARDED_HOST, value);
     }
+    // HTTP/2 clients name the host in the URI, not in a Host header; the upstream
+    // speaks HTTP/1.1 and needs one.
+    if !headers.contains_key(header::HOST)
+        && let Some(authority) = parts.uri.authority()
+        && let Ok(value) = HeaderValue::from_str(authority.as_str())
+    {
+        headers.insert(header::HOST, value);
+    }
     let id = request_id(&headers);
     headers.insert(X_REQUEST_ID, id.clone());
     append_via(&mut headers);
@@ -451,7 +459,6 @@ async fn proxy(
     let upstream_target = route.upstream_path(path_and_query);
     let outgoing = Outgoing {
         method: parts.method.clone(),
-        authority: parts.uri.authority().map(|authority| authority.to_string()),
         headers,
         target: upstream_target,
         body: (!empty_body).then(|| {
@@ -485,8 +492,6 @@ pub(super) type UpstreamResponse = hyper::Response<PooledBody>;
 /// A request on its way to an upstream server.
 pub(super) struct Outgoing {
     pub method: Method,
-    /// The client's authority when it came in the URI (HTTP/2), for the Host header.
-    pub authority: Option<String>,
     pub headers: HeaderMap,
     /// Path and query as the upstream sees them.
     pub target: String,
@@ -511,14 +516,6 @@ pub(super) async fn send_upstream(
     let limit = route.max_body_bytes;
     let pool = &route.pool;
     pool.earn_retry();
-    // HTTP/2 clients name the host in the URI, not in a Host header; the upstream
-    // speaks HTTP/1.1 and needs one.
-    if !outgoing.headers.contains_key(header::HOST)
-        && let Some(authority) = &outgoing.authority
-        && let Ok(host) = HeaderValue::from_str(authority)
-    {
-        outgoing.headers.insert(header::HOST, host);
-    }
     let mut tried: Vec<usize> = Vec::new();
     loop {
         let Some((index, lease)) = pool.pick(&tried) else {

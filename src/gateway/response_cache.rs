@@ -318,7 +318,6 @@ impl RouteCache {
         }
         Outgoing {
             method: Method::GET,
-            authority: outgoing.authority.clone(),
             headers,
             target: outgoing.target.clone(),
             body: None,
@@ -485,7 +484,6 @@ impl RouteCache {
         );
         let outgoing = Outgoing {
             method: Method::GET,
-            authority: outgoing.authority.clone(),
             headers: outgoing.headers.clone(),
             target: outgoing.target.clone(),
             body: None,

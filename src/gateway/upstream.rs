@@ -189,9 +189,7 @@ pub struct Pool {
     balance: Balance,
     max_fails: u32,
     open_for: Duration,
-    pub connect_timeout: Duration,
     pub response_timeout: Duration,
-    pub idle_timeout: Duration,
     pub health: Option<HealthCheckConfig>,
     /// Smooth weighted round-robin state: the current weight of each server.
     current: Mutex<Vec<i64>>,
@@ -216,9 +214,7 @@ impl Pool {
             balance: config.balance,
             max_fails: config.max_fails.max(1),
             open_for: config.open_for.0,
-            connect_timeout: config.connect_timeout.0,
             response_timeout: config.response_timeout.0,
-            idle_timeout: config.idle_timeout.0,
             health: config.health.clone(),
         }
     }
