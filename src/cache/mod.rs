@@ -176,8 +176,11 @@ pub(crate) struct Shared {
     /// covers reads as absent, unless L1 holds a newer write to it. One at most: the
     /// writer finishes each before it takes the next message.
     hiding: std::sync::RwLock<Option<(Target, u64)>>,
-    /// Whether `hiding` holds one, so reads skip its lock almost always.
-    hiding_any: AtomicBool,
+    /// Odd while `hiding` holds an invalidation, bumped as one starts and as it ends:
+    /// reads skip `hiding`'s lock almost always, and a read that took an L1 entry
+    /// without the key's lock learns whether an invalidation began or ended meanwhile
+    /// (it may have evicted the entry and stopped hiding it since).
+    hiding_generation: AtomicU64,
 }
 
 impl Shared {
@@ -194,25 +197,42 @@ impl Shared {
         self.queued_ops.load(Ordering::Relaxed)
     }
 
-    /// Whether an answered invalidation hides this version of the key (`seq` 0 for a
-    /// version read from L2, which is never newer than the invalidation).
-    fn hidden(&self, key: &[u8], entry: &Entry, seq: u64) -> bool {
-        self.hiding_any.load(Ordering::Acquire)
-            && self
-                .hiding
-                .read()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .as_ref()
-                .is_some_and(|(target, at)| seq <= *at && target.covers(key, entry))
+    fn hiding_generation(&self) -> u64 {
+        self.hiding_generation.load(Ordering::Acquire)
     }
 
-    fn set_hiding(&self, hiding: Option<(Target, u64)>) {
-        let any = hiding.is_some();
+    /// Whether an answered invalidation hides this version of the key (`seq` 0 for a
+    /// version read from L2, which is never newer than the invalidation). Exact under
+    /// the key's lock, which the writer's evictions take; without it see `live_l1`.
+    fn hidden(&self, key: &[u8], entry: &Entry, seq: u64) -> bool {
+        self.hiding_generation() % 2 == 1 && self.hiding_covers(key, entry, seq)
+    }
+
+    fn hiding_covers(&self, key: &[u8], entry: &Entry, seq: u64) -> bool {
+        self.hiding
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .as_ref()
+            .is_some_and(|(target, at)| seq <= *at && target.covers(key, entry))
+    }
+
+    /// The target is in place before the generation turns odd, and stays until after it
+    /// turns even: a reader that sees an odd generation finds it, unless the
+    /// generation has moved on by the time it looks again.
+    fn start_hiding(&self, target: Target, seq: u64) {
         *self
             .hiding
             .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = hiding;
-        self.hiding_any.store(any, Ordering::Release);
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some((target, seq));
+        self.hiding_generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn stop_hiding(&self) {
+        self.hiding_generation.fetch_add(1, Ordering::AcqRel);
+        *self
+            .hiding
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
     }
 }
 
@@ -315,7 +335,7 @@ impl Cache {
             queued_ops: AtomicI64::new(0),
             controls_queued: AtomicI64::new(0),
             hiding: std::sync::RwLock::new(None),
-            hiding_any: AtomicBool::new(false),
+            hiding_generation: AtomicU64::new(0),
         });
         if let Some(remote) = store
             .as_ref()
@@ -477,11 +497,13 @@ impl Cache {
         let shared = &self.inner.shared;
         let now = now_ms();
         let mut aged = None;
+        let generation = shared.hiding_generation();
         if let Some(stored) = shared.l1.get(key) {
-            if !self.too_old(&stored, now) {
-                return Ok(self.live_l1(key, stored, now));
+            if self.too_old(&stored, now) {
+                aged = Some(stored);
+            } else if let Some(answer) = self.live_l1(key, stored, generation, now) {
+                return Ok(answer);
             }
-            aged = Some(stored);
         }
         shared.metrics.l1_misses.inc();
         let Some(store) = &self.inner.store else {
@@ -549,11 +571,30 @@ impl Cache {
         }
     }
 
-    fn live_l1(&self, key: &[u8], stored: Stored, now: u64) -> Option<Entry> {
+    /// The answer for an L1 entry read without the key's lock when the hiding
+    /// generation was `seen`; `None` when L1 no longer holds the key.
+    fn live_l1(
+        &self,
+        key: &[u8],
+        mut stored: Stored,
+        mut seen: u64,
+        now: u64,
+    ) -> Option<Option<Entry>> {
         let shared = &self.inner.shared;
-        if shared.hidden(key, &stored.entry, stored.seq) {
-            shared.metrics.l1_misses.inc();
-            return None;
+        loop {
+            let hidden = seen % 2 == 1 && shared.hiding_covers(key, &stored.entry, stored.seq);
+            let generation = shared.hiding_generation();
+            if generation == seen {
+                if hidden {
+                    shared.metrics.l1_misses.inc();
+                    return Some(None);
+                }
+                break;
+            }
+            // An invalidation began or ended since the read: it may have evicted this
+            // entry and stopped hiding it already. Read the key again.
+            seen = generation;
+            stored = shared.l1.peek(key)?;
         }
         if stored.entry.is_expired(now) {
             shared.metrics.l1_misses.inc();
@@ -561,10 +602,10 @@ impl Cache {
             shared.l1.remove_if(key, |current| {
                 current.seq == stored.seq && current.entry.is_expired(now)
             });
-            return None;
+            return Some(None);
         }
         shared.metrics.l1_hits.inc();
-        Some(stored.entry)
+        Some(Some(stored.entry))
     }
 
     /// Stores a value unconditionally.

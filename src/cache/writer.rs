@@ -293,7 +293,7 @@ impl Writer {
     async fn invalidate(&self, target: Target, seq: u64) -> Result<Invalidated, StoreError> {
         let started = Instant::now();
         if let Some(keys) = self.store.covered_keys(&target).await? {
-            self.shared.set_hiding(Some((target, seq)));
+            self.shared.start_hiding(target, seq);
             tracing::debug!(
                 keys = keys.len(),
                 list_ms = started.elapsed().as_millis() as u64,
@@ -342,7 +342,7 @@ impl Writer {
             self.commit(ops, Vec::new(), durability, false).await;
         }
         self.evict_l1(&keys, seq).await;
-        self.shared.set_hiding(None);
+        self.shared.stop_hiding();
     }
 
     /// Removes expired keys from L2 in bounded steps; readers never wait for it.
@@ -417,7 +417,7 @@ mod tests {
     use bytes::Bytes;
     use tokio::sync::mpsc;
 
-    use super::super::entry::Entry;
+    use super::super::entry::{Entry, now_ms};
     use super::super::glob::Pattern;
     use super::super::store::{CacheStore, StoreError, StoreOp};
     use super::super::{Cache, CacheError, CacheMetrics, Limits, Target};
@@ -722,6 +722,32 @@ mod tests {
         );
         assert_eq!(read(&cache, b"t:1").await.as_deref(), Some(&b"new"[..]));
         assert_eq!(read(&cache, b"t:2").await, None);
+    }
+
+    /// A read that took an L1 entry just before an invalidation ran its whole course
+    /// (answered, keys deleted and evicted, hiding over) does not serve that entry: by
+    /// the time it checks, no hiding covers it, so it must notice the generation moved.
+    #[tokio::test]
+    async fn a_read_overtaken_by_a_whole_invalidation_does_not_serve_the_old_version() {
+        let (cache, mut gate) = gated(false);
+        cache.set(b"t:1", tagged("old", "t")).await.unwrap();
+        store_all(&mut gate, &[b"t:1"]).await;
+        let shared = &cache.inner.shared;
+        let seen = shared.hiding_generation();
+        let stored = shared.l1.get(&b"t:1"[..]).expect("in L1");
+
+        let invalidated = cache.invalidate(Target::Tags(vec!["t".to_owned()]));
+        assert_eq!(invalidated.await.unwrap(), 1);
+        store_all(&mut gate, &[b"t:1"]).await;
+        cache.barrier().await.unwrap();
+        assert_eq!(shared.hiding_generation(), seen + 2, "the hiding is over");
+
+        let answer = cache.live_l1(b"t:1", stored, seen, now_ms());
+        assert!(
+            !matches!(answer, Some(Some(_))),
+            "served the invalidated version: {answer:?}"
+        );
+        assert_eq!(read(&cache, b"t:1").await, None);
     }
 
     /// The embedded store stays write-behind: a write is answered while its batch has
