@@ -270,6 +270,21 @@ struct Inner {
 /// Cache keys of named-query results start with this; tags are `sql:t:TABLE`.
 const CACHE_PREFIX: &str = "sql:q:";
 
+/// The statement's text from its first word: leading blanks and comments skipped.
+fn after_leading_comments(sql: &str) -> &str {
+    let mut rest = sql.trim_start();
+    loop {
+        let tail = if let Some(after) = rest.strip_prefix("--") {
+            after.split_once('\n').map_or("", |(_, tail)| tail)
+        } else if let Some(after) = rest.strip_prefix("/*") {
+            after.split_once("*/").map_or("", |(_, tail)| tail)
+        } else {
+            return rest;
+        };
+        rest = tail.trim_start();
+    }
+}
+
 fn table_tag(table: &str) -> String {
     format!("sql:t:{}", table.to_ascii_lowercase())
 }

@@ -416,22 +416,7 @@ fn refuse_session_changes(sql: &str) -> Result<(), SqlError> {
 
 /// The first `n` words of the text, lowercase, after comments.
 fn first_words(sql: &str, n: usize) -> Vec<String> {
-    let mut rest = sql.trim_start();
-    loop {
-        if let Some(after) = rest.strip_prefix("--") {
-            rest = after
-                .split_once('\n')
-                .map_or("", |(_, tail)| tail)
-                .trim_start();
-        } else if let Some(after) = rest.strip_prefix("/*") {
-            rest = after
-                .split_once("*/")
-                .map_or("", |(_, tail)| tail)
-                .trim_start();
-        } else {
-            break;
-        }
-    }
+    let rest = super::after_leading_comments(sql);
     rest.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
         .filter(|word| !word.is_empty())
         .take(n)
@@ -1540,6 +1525,8 @@ mod tests {
     fn session_changes_are_refused() {
         assert!(refuse_session_changes("COMMIT").is_err());
         assert!(refuse_session_changes(" /* x */ set search_path = x").is_err());
+        assert!(refuse_session_changes("-- note\n  /* a */ -- b\nRESET ALL").is_err());
+        assert!(refuse_session_changes("-- RESET ALL\nSELECT 1").is_ok());
         assert!(refuse_session_changes("SET LOCAL work_mem = '1MB'").is_ok());
         assert!(refuse_session_changes("SELECT 1").is_ok());
         assert!(refuse_session_changes("PREPARE p AS SELECT 1").is_ok());

@@ -365,22 +365,7 @@ fn lock(pool: &Mutex<Vec<Conn>>) -> std::sync::MutexGuard<'_, Vec<Conn>> {
 }
 
 fn first_keyword_is(sql: &str, keyword: &str) -> bool {
-    let mut rest = sql.trim_start();
-    loop {
-        if let Some(after) = rest.strip_prefix("--") {
-            rest = after
-                .split_once('\n')
-                .map_or("", |(_, tail)| tail)
-                .trim_start();
-        } else if let Some(after) = rest.strip_prefix("/*") {
-            rest = after
-                .split_once("*/")
-                .map_or("", |(_, tail)| tail)
-                .trim_start();
-        } else {
-            break;
-        }
-    }
+    let rest = super::after_leading_comments(sql);
     rest.get(..keyword.len())
         .is_some_and(|head| head.eq_ignore_ascii_case(keyword))
 }
