@@ -1,9 +1,13 @@
-//! In-process hot paths of the queue and the SQL API, without sockets or disks:
+//! In-process hot paths of the queue, the SQL API and the cache, without sockets:
 //! validating an enqueue and encoding the job as stored, normalizing a statement for
-//! the statistics, and the cache key of a named query. Run with
-//! `cargo bench --bench hot_paths`.
+//! the statistics, and a cache read that L1 answers and a write L1 takes while redb
+//! stores it behind. Run with `cargo bench --bench hot_paths`.
 
+use std::sync::Arc;
+
+use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
+use keel::cache::{Cache, CacheMetrics, Entry, Limits, RedbCacheStore};
 use keel::queue::{JobLimits, JobSpec};
 use keel::sql::normalize;
 use serde_json::json;
@@ -38,5 +42,46 @@ fn sql(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, queue, sql);
+fn cache(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = runtime.block_on(async {
+        let store = RedbCacheStore::open(&dir.path().join("cache.redb"), 64 << 20).unwrap();
+        let limits = Limits {
+            max_key_bytes: 1024,
+            max_value_bytes: 1 << 20,
+        };
+        let metrics = CacheMetrics::new(&prometheus::Registry::new());
+        Cache::new(256 << 20, Some(Arc::new(store)), limits, metrics)
+    });
+    let keys: Vec<Bytes> = (0..10_000)
+        .map(|n| Bytes::from(format!("user:{n}")))
+        .collect();
+    let value = Bytes::from(vec![b'x'; 100]);
+    runtime.block_on(async {
+        for key in &keys {
+            cache.set(key, Entry::new(value.clone())).await.unwrap();
+        }
+    });
+    let mut next = 0;
+    c.bench_function("cache: get, answered by L1", |b| {
+        b.to_async(&runtime).iter(|| {
+            next = (next + 1) % keys.len();
+            let (cache, key) = (&cache, &keys[next]);
+            async move { cache.get(key).await.unwrap().expect("in L1") }
+        })
+    });
+    c.bench_function("cache: set, 100-byte value (L1, then redb behind)", |b| {
+        b.to_async(&runtime).iter(|| {
+            next = (next + 1) % keys.len();
+            let (cache, key, value) = (&cache, &keys[next], value.clone());
+            async move { cache.set(key, Entry::new(value)).await.unwrap() }
+        })
+    });
+}
+
+criterion_group!(benches, queue, sql, cache);
 criterion_main!(benches);
