@@ -236,6 +236,12 @@ impl Shared {
     }
 }
 
+/// The queue budget a write of `bytes` (key and value) takes: one unit for the write
+/// itself, one per `QUEUE_UNIT` bytes, and never more than the whole budget.
+fn queue_units(bytes: usize) -> u32 {
+    (1 + bytes.div_ceil(QUEUE_UNIT)).min(QUEUE_BUDGET_UNITS as usize) as u32
+}
+
 /// One shard of pending writes: key → (sequence, entry or `None` for a delete).
 type PendingShard = HashMap<Bytes, (u64, Option<Entry>), DefaultHashBuilder>;
 
@@ -623,36 +629,50 @@ impl Cache {
 
     /// Atomic read-modify-write of one key: `decide` sees the live current entry (if
     /// any) and says what to store. Every conditional command is built on this.
+    ///
+    /// What the write holds in the L2 queue is known only once `decide` has chosen, so
+    /// the queue budget starts at the key and grows by what the decided value needs.
+    /// When the budget cannot grow at once, `decide` runs again after waiting for room
+    /// outside the key's lock: waiting under it could wait on the writer, which takes
+    /// key locks when a shared L2 refuses a batch.
     pub async fn mutate<T>(
         &self,
         key: &[u8],
-        decide: impl FnOnce(Option<&Entry>) -> Mutation<T>,
+        mut decide: impl FnMut(Option<&Entry>) -> Mutation<T>,
     ) -> Result<T, CacheError> {
         self.check_key(key)?;
-        let budget = self.reserve(key.len()).await?;
-        // The key's lock is not held while L2 stores the write: other writes to the key
-        // go on, each ordered by its sequence.
-        let (result, ack) = {
-            let _guard = self.inner.shared.stripe(key).lock().await;
-            let current = self.current_locked(key).await?;
-            match decide(current.as_ref()) {
-                Mutation::Keep(result) => return Ok(result),
-                Mutation::Put(entry, result) => {
-                    self.check_value(&entry)?;
-                    self.check_available()?;
-                    (result, self.write(key, Some(entry), budget))
-                }
-                Mutation::Delete(result) => {
-                    if current.is_none() {
-                        return Ok(result);
+        let mut reserved = key.len();
+        loop {
+            let mut budget = self.reserve(reserved).await?;
+            // The key's lock is not held while L2 stores the write: other writes to the
+            // key go on, each ordered by its sequence.
+            let (result, ack) = {
+                let _guard = self.inner.shared.stripe(key).lock().await;
+                let current = self.current_locked(key).await?;
+                match decide(current.as_ref()) {
+                    Mutation::Keep(result) => return Ok(result),
+                    Mutation::Put(entry, result) => {
+                        self.check_value(&entry)?;
+                        self.check_available()?;
+                        let needed = key.len() + entry.value.len();
+                        if !self.grow(&mut budget, reserved, needed) {
+                            reserved = needed;
+                            continue;
+                        }
+                        (result, self.write(key, Some(entry), budget))
                     }
-                    self.check_available()?;
-                    (result, self.write(key, None, budget))
+                    Mutation::Delete(result) => {
+                        if current.is_none() {
+                            return Ok(result);
+                        }
+                        self.check_available()?;
+                        (result, self.write(key, None, budget))
+                    }
                 }
-            }
-        };
-        self.stored(ack).await?;
-        Ok(result)
+            };
+            self.stored(ack).await?;
+            return Ok(result);
+        }
     }
 
     /// Deletes a key; true if it existed.
@@ -691,15 +711,38 @@ impl Cache {
         if self.inner.writer.is_none() {
             return Ok(None);
         }
-        let units = (1 + bytes.div_ceil(QUEUE_UNIT)).min(QUEUE_BUDGET_UNITS as usize) as u32;
         let permit = self
             .inner
             .budget
             .clone()
-            .acquire_many_owned(units)
+            .acquire_many_owned(queue_units(bytes))
             .await
             .map_err(|_| CacheError::Closed)?;
         Ok(Some(permit))
+    }
+
+    /// Extends a reservation made for `reserved` bytes to `needed` without waiting;
+    /// false when the queue has no room for the difference now.
+    fn grow(
+        &self,
+        budget: &mut Option<OwnedSemaphorePermit>,
+        reserved: usize,
+        needed: usize,
+    ) -> bool {
+        let Some(permit) = budget else {
+            return true;
+        };
+        let more = queue_units(needed).saturating_sub(queue_units(reserved));
+        if more == 0 {
+            return true;
+        }
+        match self.inner.budget.clone().try_acquire_many_owned(more) {
+            Ok(extra) => {
+                permit.merge(extra);
+                true
+            }
+            Err(_) => false,
+        }
     }
 
     /// Applies a decided write to L1 and queues it for L2; with a shared L2, returns

@@ -420,7 +420,7 @@ mod tests {
     use super::super::entry::{Entry, now_ms};
     use super::super::glob::Pattern;
     use super::super::store::{CacheStore, StoreError, StoreOp};
-    use super::super::{Cache, CacheError, CacheMetrics, Limits, Target};
+    use super::super::{Cache, CacheError, CacheMetrics, Limits, Mutation, Target, queue_units};
     use super::op_key;
 
     /// An L2 whose `apply` reports each batch's keys and waits for the test to decide
@@ -748,6 +748,65 @@ mod tests {
             "served the invalidated version: {answer:?}"
         );
         assert_eq!(read(&cache, b"t:1").await, None);
+    }
+
+    /// A read-modify-write holds L2 queue room for the value it decided on (an APPEND
+    /// that grows a value, a SET NX of a large one), not only for its key; when the
+    /// queue has no room, it waits outside the key's lock and decides again.
+    #[tokio::test]
+    async fn a_read_modify_write_reserves_queue_room_for_the_value_it_decided_on() {
+        let (cache, mut gate) = gated(false);
+        cache.set(b"first", entry("x")).await.unwrap();
+        assert_eq!(gate.next_batch().await, [&b"first"[..]]);
+        // The writer waits in the gate: later writes stay queued, holding their room.
+        let budget = cache.inner.budget.clone();
+        let room = budget.available_permits();
+        let value = Bytes::from(vec![b'v'; 1000]);
+        let stored = |_: Option<&Entry>| Mutation::Put(Entry::new(value.clone()), ());
+        cache.mutate(b"k", stored).await.unwrap();
+        let held = queue_units(b"k".len() + 1000) as usize;
+        assert_eq!(room - budget.available_permits(), held);
+
+        // Room for the key alone, not for the value: the write waits for room.
+        let hog = budget
+            .clone()
+            .try_acquire_many_owned((budget.available_permits() - 3) as u32)
+            .unwrap();
+        let decided = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let waiting = tokio::spawn({
+            let (cache, decided, value) = (cache.clone(), decided.clone(), value.clone());
+            async move {
+                cache
+                    .mutate(b"j", |_| {
+                        decided.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        Mutation::Put(Entry::new(value.clone()), ())
+                    })
+                    .await
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while decided.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("decided once within 10 s");
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!waiting.is_finished(), "queued past the budget");
+        assert_eq!(
+            read(&cache, b"j").await,
+            None,
+            "nothing stored while it waits"
+        );
+        drop(hog);
+        waiting.await.unwrap().unwrap();
+        assert_eq!(decided.load(std::sync::atomic::Ordering::Relaxed), 2);
+        assert_eq!(read(&cache, b"j").await, Some(value));
+
+        gate.answer(Ok(()));
+        store_all(&mut gate, &[b"k", b"j"]).await;
     }
 
     /// The embedded store stays write-behind: a write is answered while its batch has

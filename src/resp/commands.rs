@@ -306,7 +306,7 @@ pub(super) async fn execute(
             match cache
                 .mutate(&args[1], |current| match current {
                     Some(_) => Mutation::Keep(0),
-                    None => Mutation::Put(Entry::new(value), 1),
+                    None => Mutation::Put(Entry::new(value.clone()), 1),
                 })
                 .await
             {
@@ -627,7 +627,7 @@ async fn set(cache: &Cache, args: &[Bytes]) -> Result<Reply, Reply> {
             };
             Mutation::Put(
                 Entry {
-                    value,
+                    value: value.clone(),
                     expires_at,
                     tags: None,
                 },
