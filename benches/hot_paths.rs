@@ -1,7 +1,7 @@
 //! In-process hot paths of the queue, the SQL API and the cache, without sockets:
 //! validating an enqueue and encoding the job as stored, normalizing a statement for
-//! the statistics, and a cache read that L1 answers and a write L1 takes while redb
-//! stores it behind. Run with `cargo bench --bench hot_paths`.
+//! the statistics, and a cache read that L1 answers, a write L1 takes while redb
+//! stores it behind, and an invalidation. Run with `cargo bench --bench hot_paths`.
 
 use std::sync::Arc;
 
@@ -79,6 +79,17 @@ fn cache(c: &mut Criterion) {
             next = (next + 1) % keys.len();
             let (cache, key, value) = (&cache, &keys[next], value.clone());
             async move { cache.set(key, Entry::new(value)).await.unwrap() }
+        })
+    });
+    // A SQL write to a table some cached named query reads pays this before it is
+    // answered, even when no result is cached at the moment.
+    c.bench_function("cache: invalidate a tag no key carries", |b| {
+        b.to_async(&runtime).iter(|| {
+            let cache = &cache;
+            async move {
+                let tags = keel::cache::Target::Tags(vec!["sql:t:nothing".to_owned()]);
+                cache.invalidate(tags).await.unwrap()
+            }
         })
     });
 }
