@@ -225,40 +225,24 @@ fn track_body(request: hyper::Request<Body>) -> (hyper::Request<Body>, Option<Ar
     }
     let sent = Arc::new(AtomicBool::new(false));
     let flag = sent.clone();
-    let request = request.map(|inner| Body::new(TrackedBody { inner, sent: flag }));
+    // The flag goes up when the body (and the closure holding it) is dropped.
+    let raised = SentOnDrop(flag);
+    let request = request.map(|inner| {
+        Body::new(http_body_util::BodyExt::map_frame(inner, move |frame| {
+            let _ = &raised;
+            frame
+        }))
+    });
     (request, Some(sent))
 }
 
-/// A request body that raises its flag when dropped: the connection drops it once it
-/// has written the last byte (or failed), without always polling it to its end.
-struct TrackedBody {
-    inner: Body,
-    sent: Arc<AtomicBool>,
-}
+/// Raises a request body's flag when dropped: the connection drops the body once it has
+/// written the last byte (or failed), without always polling it to its end.
+struct SentOnDrop(Arc<AtomicBool>);
 
-impl hyper::body::Body for TrackedBody {
-    type Data = bytes::Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for TrackedBody {
+impl Drop for SentOnDrop {
     fn drop(&mut self) {
-        self.sent.store(true, Ordering::Release);
+        self.0.store(true, Ordering::Release);
     }
 }
 
